@@ -1,0 +1,132 @@
+"""Configs are frozen dataclasses; experiments are Python files whose `get_config()` returns one.
+
+`--set rec.backbone=gru4rec` style overrides are parsed against the field types, so a typo or a
+wrong type fails at start-up with the list of valid keys instead of hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which dataset to read and how to turn it into leave-one-out sequences."""
+  name: str = "ml-100k"
+  format: str = "recbole"  # recbole | amazon | movielens
+  path: str = ""  # "" = the embedded ml-100k asset
+  on_error: str = "raise"  # raise | skip (malformed lines)
+  min_rating: float | None = None
+  user_core: int = 0
+  item_core: int = 0
+  time_order: str = "recbole"  # recbole: (float32 scaled time, file position); exact: (time, position)
+  max_seq_len: int = 50
+  item_text_max_chars: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; -1 takes the devices the other axes leave over."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def axes(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "ml100k_smollm2"
+  seed: int = 0
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+  """Runs `get_config()` from a Python config file (big_vision style)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path} does not exist")
+  spec = importlib.util.spec_from_file_location(f"slim_jax_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise AttributeError(f"config file {path} defines no get_config()")
+  return module.get_config()
+
+
+def field_paths(config) -> list[str]:
+  """Every overridable dotted key of a (nested) config dataclass."""
+  paths = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      paths += [f"{field.name}.{sub}" for sub in field_paths(value)]
+    else:
+      paths.append(field.name)
+  return paths
+
+
+def _parse(text: str, kind, key: str):
+  """Parses an override value into the field's annotated type."""
+  origin, args = typing.get_origin(kind), typing.get_args(kind)
+  if origin in (typing.Union, types.UnionType):
+    if text.lower() in ("none", "null") and type(None) in args:
+      return None
+    (kind,) = [a for a in args if a is not type(None)]
+    return _parse(text, kind, key)
+  if origin is tuple:
+    item = args[0]
+    return tuple(_parse(t.strip(), item, key) for t in text.split(",") if t.strip())
+  if kind is bool:
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"--set {key}={text}: expected a bool (true/false)")
+  try:
+    return kind(text)
+  except (TypeError, ValueError):
+    raise ValueError(f"--set {key}={text}: expected {getattr(kind, '__name__', kind)}") from None
+
+
+def override(config, key: str, text: str):
+  """A copy of `config` with the dotted `key` set from its string form."""
+  valid = field_paths(config)
+  if key not in valid:
+    if any(path.startswith(key + ".") for path in valid):
+      raise KeyError(f"config key {key!r} is a section; set one of its fields, e.g. "
+                     f"{next(p for p in valid if p.startswith(key + '.'))}")
+    raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+  *parents, leaf = key.split(".")
+  owner = config
+  for name in parents:
+    owner = getattr(owner, name)
+  return _replace(config, key.split("."), _parse(text, typing.get_type_hints(type(owner))[leaf], key))
+
+
+def _replace(config, names: Sequence[str], value):
+  head, *rest = names
+  return dataclasses.replace(
+      config, **{head: _replace(getattr(config, head), rest, value) if rest else value})
+
+
+def apply_overrides(config, assignments: Sequence[str]):
+  """Applies 'key.sub=value' strings in order."""
+  for assignment in assignments:
+    key, sep, text = assignment.partition("=")
+    if not sep:
+      raise ValueError(f"override {assignment!r} is not of the form key.sub=value")
+    config = override(config, key.strip(), text.strip())
+  return config
+
+
+def to_json(config) -> str:
+  return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

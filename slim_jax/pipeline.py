@@ -1,0 +1,91 @@
+"""SLIM's stages and their artifacts under one work directory.
+
+Each stage reads what earlier stages wrote, writes into `workdir/<stage>/`, and finally writes
+`workdir/<stage>/DONE` holding the config sections it ran with. A rerun skips a stage whose DONE
+matches the current config and redoes it when the config changed; a stage interrupted before
+DONE resumes from whatever partial state it keeps itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable
+
+from absl import logging
+
+from slim_jax import assets
+from slim_jax.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  run: Callable[[Config, pathlib.Path], dict]  # (config, stage dir) -> summary written to DONE
+  sections: tuple[str, ...]  # config sections whose change invalidates the stage's output
+
+
+def _fetch(cfg: Config, out: pathlib.Path) -> dict:
+  del cfg, out
+  return {name: str(p) for name, p in assets.fetch_all().items()}
+
+
+def dataset_path(cfg: Config) -> pathlib.Path:
+  return pathlib.Path(cfg.data.path) if cfg.data.path else assets.path("ml-100k")
+
+
+def _prepare(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax.data import formats, preprocess
+  raw = formats.read_dataset(cfg.data.format, dataset_path(cfg), on_error=cfg.data.on_error)
+  prepared = preprocess.prepare(raw, cfg.data)
+  preprocess.save(prepared, out)
+  stats = dict(prepared.stats)
+  print(json.dumps({"dataset": cfg.data.name, **stats}, indent=2))
+  return stats
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage for stage in (
+        Stage("fetch", _fetch, ()),
+        Stage("prepare", _prepare, ("data",)),
+    )
+}
+
+
+def load_prepared(cfg: Config, workdir: pathlib.Path):
+  """The prepared dataset, running the prepare stage first when it is not complete."""
+  from slim_jax.data import preprocess
+  run_stage("prepare", cfg, workdir)
+  return preprocess.load(workdir / "prepare")
+
+
+def _fingerprint(cfg: Config, stage: Stage) -> dict:
+  return {section: dataclasses.asdict(getattr(cfg, section)) for section in stage.sections}
+
+
+def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
+  """Runs one stage unless its output is complete for this config; returns its summary."""
+  if name not in STAGES:
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+  stage = STAGES[name]
+  out = workdir / name
+  done = out / "DONE"
+  fingerprint = _fingerprint(cfg, stage)
+  if done.is_file():
+    record = json.loads(done.read_text())
+    if record["config"] == fingerprint:
+      logging.info("stage %s: complete in %s, skipped", name, out)
+      return record["summary"]
+    logging.warning("stage %s: config changed since %s was written; running it again", name, out)
+    done.unlink()
+  out.mkdir(parents=True, exist_ok=True)
+  logging.info("stage %s: running into %s", name, out)
+  summary = stage.run(cfg, out)
+  done.write_text(json.dumps({"config": fingerprint, "summary": summary}, indent=2, default=str))
+  return summary
+
+
+def run(cfg: Config, workdir: pathlib.Path, stages: list[str]) -> dict[str, dict]:
+  workdir.mkdir(parents=True, exist_ok=True)
+  return {name: run_stage(name, cfg, workdir) for name in stages}

@@ -1,0 +1,51 @@
+"""Config files and --set overrides."""
+
+import pathlib
+
+from absl.testing import absltest
+
+from slim_jax import config
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+class OverrideTest(absltest.TestCase):
+
+  def test_nested_typed_overrides(self):
+    cfg = config.apply_overrides(config.Config(), [
+        "data.max_seq_len=100", "data.min_rating=3.5", "mesh.fsdp=2", "name=x"])
+    self.assertEqual(cfg.data.max_seq_len, 100)
+    self.assertEqual(cfg.data.min_rating, 3.5)
+    self.assertEqual(cfg.mesh.fsdp, 2)
+    self.assertEqual(cfg.name, "x")
+    self.assertIsNone(config.apply_overrides(cfg, ["data.min_rating=none"]).data.min_rating)
+
+  def test_unknown_key_lists_valid_keys(self):
+    with self.assertRaisesRegex(KeyError, r"data\.max_sq_len.*valid keys:.*data\.max_seq_len"):
+      config.apply_overrides(config.Config(), ["data.max_sq_len=3"])
+
+  def test_wrong_type(self):
+    with self.assertRaisesRegex(ValueError, r"data\.max_seq_len=abc: expected int"):
+      config.apply_overrides(config.Config(), ["data.max_seq_len=abc"])
+
+  def test_section_and_syntax_errors(self):
+    with self.assertRaisesRegex(KeyError, "is a section"):
+      config.apply_overrides(config.Config(), ["data=1"])
+    with self.assertRaisesRegex(ValueError, "key.sub=value"):
+      config.apply_overrides(config.Config(), ["data.max_seq_len"])
+
+  def test_experiment_files_load(self):
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+      source = path.read_text()
+      if "def get_config" in source:
+        with self.subTest(path.name):
+          cfg = config.load_config(path)
+          self.assertTrue(config.to_json(cfg))
+
+  def test_missing_config_file(self):
+    with self.assertRaisesRegex(FileNotFoundError, "nope.py"):
+      config.load_config(ROOT / "experiments" / "nope.py")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -66,8 +66,6 @@ def _fingerprint(cfg: Config, stage: Stage) -> dict:
 
 def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
   """Runs one stage unless its output is complete for this config; returns its summary."""
-  if name not in STAGES:
-    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
   stage = STAGES[name]
   out = workdir / name
   done = out / "DONE"
@@ -87,5 +85,8 @@ def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
 
 
 def run(cfg: Config, workdir: pathlib.Path, stages: list[str]) -> dict[str, dict]:
+  unknown = [name for name in stages if name not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
   workdir.mkdir(parents=True, exist_ok=True)
   return {name: run_stage(name, cfg, workdir) for name in stages}

@@ -1,0 +1,1 @@
+"""Datasets: readers for the public formats, preprocessing into sequences, the one data loader."""

@@ -58,6 +58,13 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
+def _on_mesh(axis, mesh: Mesh):
+  """`axis` (a name, a tuple of names or None) less the names `mesh` lacks: a rules table
+  written for {data, fsdp, tensor} then runs unchanged on a mesh with fewer axes."""
+  names = tuple(n for n in (axis if isinstance(axis, tuple) else (axis,)) if n in mesh.axis_names)
+  return names[0] if len(names) == 1 else (names or None)
+
+
 def _axis_size(mesh: Mesh, axis) -> int:
   names = axis if isinstance(axis, tuple) else (axis,)
   return math.prod(mesh.shape[name] for name in names if name is not None)
@@ -72,6 +79,7 @@ def spec_for(name: str, shape: Sequence[int], rules: Rules, mesh: Mesh) -> P:
     raise ValueError(f"no sharding rule matches parameter {name!r} (shape {tuple(shape)})")
   if len(spec) > len(shape):
     raise ValueError(f"rule {pattern!r} gives {spec} for {name!r} of rank {len(shape)}")
+  spec = P(*(_on_mesh(axis, mesh) for axis in spec))
   for dim, axis in enumerate(spec):
     if axis is None:
       continue

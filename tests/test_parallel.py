@@ -78,6 +78,11 @@ class RulesTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "rank 1"):
       parallel.param_shardings({"embed": {"embedding": np.zeros(8)}}, RULES, mesh)
 
+  def test_axes_the_mesh_lacks_are_replicated(self):
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    shardings = parallel.param_shardings(PARAMS, RULES, mesh)
+    self.assertEqual(shardings["embed"]["embedding"].spec, P(None, "fsdp"))
+
   def test_abstract_parameters(self):
     mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)

@@ -1,0 +1,172 @@
+"""SmolLM2-135M in fp32 on this machine's CPU: prefill, LoRA training and KV-cache generation
+throughput and MFU, side by side with torch/transformers/PEFT when torch is importable.
+
+  python -m experiments.bench_llama [--repeats=2] [--parts=peak,prefill,train,generate]
+
+Prints one JSON object. MFU uses analytic FLOPs (llama.forward_flops_per_token; a LoRA step
+counts twice a forward pass) over the measured fp32 matmul peak of the same framework.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from slim_jax import assets, checkpoints, generate
+from slim_jax.models import llama, lora as lora_lib
+from slim_jax.models.llama import Llama
+from slim_jax.models.lora import LoraConfig
+
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions after one warm-up (best kept).")
+_PARTS = flags.DEFINE_list("parts", ["peak", "prefill", "train", "generate"], "What to measure.")
+_TORCH = flags.DEFINE_bool("torch", importlib.util.find_spec("torch") is not None,
+                           "Also measure torch/transformers/PEFT.")
+
+BATCH, LENGTH = 4, 512
+PROMPT, NEW_TOKENS = 128, 64
+LORA = LoraConfig(rank=8, alpha=16.0, dropout=0.0,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def best_seconds(fn, repeats: int) -> float:
+  """Best wall time of fn() after one warm-up call (compilation, allocation)."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def jax_peak(repeats: int, n: int = 2048) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  return 2 * n**3 / best_seconds(lambda: matmul(a).block_until_ready(), repeats)
+
+
+def torch_peak(repeats: int, n: int = 2048) -> float:
+  import torch
+  a = torch.randn(n, n)
+  return 2 * n**3 / best_seconds(lambda: a @ a, repeats)
+
+
+def jax_benchmarks(config, params, parts, repeats) -> dict:
+  model = Llama(config)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH), np.int32)
+  results = {}
+  if "prefill" in parts:
+    forward = jax.jit(model.apply)
+    seconds = best_seconds(
+        lambda: forward({"params": params}, tokens)[0].block_until_ready(), repeats)
+    results["prefill_tokens_per_s"] = BATCH * LENGTH / seconds
+  if "train" in parts:
+    lora_model = Llama(config, LORA)
+    adapters = lora_lib.init_lora(lora_model, jax.random.key(0))
+    optimizer = optax.adamw(1e-4)
+    state = [adapters, optimizer.init(adapters)]
+    batch = {"tokens": tokens, "mask": np.ones_like(tokens, bool),
+             "loss_mask": np.ones_like(tokens, bool)}
+    step = jax.jit(functools.partial(llama.lora_train_step, lora_model, optimizer),
+                   donate_argnums=(1, 2))
+
+    def train():
+      state[0], state[1], loss = step(params, state[0], state[1], batch, jax.random.key(1))
+      loss.block_until_ready()
+
+    results["lora_train_tokens_per_s"] = BATCH * LENGTH / best_seconds(train, repeats)
+  if "generate" in parts:
+    for batch_size in (1, 16):
+      prompts = np.random.default_rng(1).integers(0, config.vocab_size, (batch_size, PROMPT))
+      mask = np.ones_like(prompts, bool)
+      run = lambda: generate.generate_tokens(
+          model, {"params": params}, prompts.astype(np.int32), mask, jax.random.key(0),
+          sampling=generate.SamplingConfig(NEW_TOKENS), stop_ids=(-1,), pad_id=0
+      ).block_until_ready()
+      results[f"generate_b{batch_size}_tokens_per_s"] = (
+          batch_size * NEW_TOKENS / best_seconds(run, repeats))
+  return results
+
+
+def torch_benchmarks(hf_dir, config, parts, repeats) -> dict:
+  import peft
+  import torch
+  import transformers
+
+  model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  tokens = torch.from_numpy(
+      np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH)))
+  results = {}
+  if "prefill" in parts:
+    with torch.no_grad():
+      seconds = best_seconds(lambda: model(input_ids=tokens).logits, repeats)
+    results["prefill_tokens_per_s"] = BATCH * LENGTH / seconds
+  if "generate" in parts:
+    for batch_size in (1, 16):
+      prompts = torch.from_numpy(
+          np.random.default_rng(1).integers(0, config.vocab_size, (batch_size, PROMPT)))
+      run = lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                   max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                   do_sample=False, pad_token_id=0)
+      with torch.no_grad():
+        results[f"generate_b{batch_size}_tokens_per_s"] = (
+            batch_size * NEW_TOKENS / best_seconds(run, repeats))
+  if "train" in parts:
+    lora_model = peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+        target_modules=list(LORA.targets), task_type="CAUSAL_LM")).train()
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad],
+                                  lr=1e-4)
+
+    def train():
+      loss = lora_model(input_ids=tokens, labels=tokens).loss
+      loss.backward()
+      optimizer.step()
+      optimizer.zero_grad()
+
+    results["lora_train_tokens_per_s"] = BATCH * LENGTH / best_seconds(train, repeats)
+  return results
+
+
+def with_mfu(results: dict, config, peak: float | None) -> dict:
+  if peak is None:
+    return results
+  flops = {"prefill_tokens_per_s": llama.forward_flops_per_token(config, LENGTH),
+           "lora_train_tokens_per_s": 2 * llama.forward_flops_per_token(config, LENGTH)}
+  mfu = {name.replace("_tokens_per_s", "_mfu"): results[name] * flops[name] / peak
+         for name in flops if name in results}
+  return {**results, "matmul_peak_gflops": peak / 1e9, **mfu}
+
+
+def main(argv):
+  del argv
+  parts, repeats = set(_PARTS.value), _REPEATS.value
+  gguf_path = assets.path("smollm2")
+  hf_dir = checkpoints.convert_gguf_to_hf(gguf_path, assets.cache_dir() / "smollm2-hf")
+  config, params, _ = checkpoints.load(hf_dir)
+  report = {"model": "SmolLM2-135M-Instruct fp32", "devices": str(jax.devices()),
+            "batch_x_length": [BATCH, LENGTH], "generate_prompt_new": [PROMPT, NEW_TOKENS],
+            "lora": f"r={LORA.rank} on {','.join(LORA.targets)}, AdamW"}
+  peak = jax_peak(repeats) if "peak" in parts else None
+  report["jax"] = with_mfu(jax_benchmarks(config, params, parts, repeats), config, peak)
+  if _TORCH.value:
+    import torch
+    peak = torch_peak(repeats) if "peak" in parts else None
+    report["torch"] = with_mfu(torch_benchmarks(hf_dir, config, parts, repeats), config, peak)
+    report["torch"]["threads"] = torch.get_num_threads()
+    report["speedup_jax_over_torch"] = {
+        name: report["jax"][name] / report["torch"][name]
+        for name in report["jax"] if name.endswith("tokens_per_s") and name in report["torch"]}
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

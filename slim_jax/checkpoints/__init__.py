@@ -1,0 +1,39 @@
+"""LLaMA checkpoints in and out: Hugging Face directories, GGUF files, tokenizers, PEFT adapters.
+
+Every later stage loads a standard Hugging Face directory; `convert_gguf_to_hf` turns the
+embedded GGUF model into one, once.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from slim_jax.checkpoints import gguf, hf
+from slim_jax.checkpoints.tokenizer import load_tokenizer, tokenizer_from_gguf
+
+
+def convert_gguf_to_hf(gguf_path, out_dir) -> pathlib.Path:
+  """Writes the HF directory (fp32 weights, tokenizer, chat template) of a GGUF LLaMA file.
+
+  Idempotent: a complete `out_dir` is left as it is.
+  """
+  out_dir = pathlib.Path(out_dir)
+  if hf.is_complete(out_dir):
+    return out_dir
+  config, tensors, meta = gguf.read_gguf(gguf_path)
+  return hf.write_hf(out_dir, config, tensors, tokenizer_from_gguf(meta, str(gguf_path)))
+
+
+def load(path, mesh=None, **overrides):
+  """(LlamaConfig, params, tokenizer) from a HF directory or a .gguf file.
+
+  `overrides` replace LlamaConfig fields (dtype, param_dtype, scan_layers, remat_policy); with a
+  mesh, parameters are placed by llama.partition_rules as they are read.
+  """
+  path = pathlib.Path(path)
+  if path.suffix == ".gguf":
+    config, tensors, meta = gguf.read_gguf(path, **overrides)
+    params = hf.params_from_reader(lambda name, index: tensors[name][index], config, mesh)
+    return config, params, tokenizer_from_gguf(meta, str(path))
+  config = hf.load_config(path, **overrides)
+  return config, hf.load_params(path, config, mesh), load_tokenizer(path)

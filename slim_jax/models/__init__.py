@@ -1,0 +1,1 @@
+"""Flax models: the LLaMA student with LoRA, and the sequential recommender backbones."""

@@ -1,0 +1,53 @@
+"""BERT4Rec (Sun et al., CIKM 2019): bidirectional self-attention trained to fill masked items.
+
+Follows RecBole's BERT4Rec: the SASRec embedding and blocks with a bidirectional mask over real
+items, an output dense + GELU + layer norm, and mask token id num_items + 1 (the table's extra
+row, never scored). Training replaces a random share of a window's items with the mask token and
+predicts them; prediction appends the mask token after the history and reads its state.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slim_jax.models.recommender import Backbone
+from slim_jax.models.sasrec import INIT, TransformerEncoder
+
+
+def mask_items(rng: jax.Array, window: jax.Array, ratio: float, mask_token: int):
+  """(inputs with a random `ratio` of the real items masked, targets: the masked items else 0)."""
+  masked = jax.random.bernoulli(rng, ratio, window.shape) & (window > 0)
+  return jnp.where(masked, mask_token, window), jnp.where(masked, window, 0)
+
+
+class BERT4Rec(Backbone):
+  layers: int = 2
+  heads: int = 2
+  inner: int = 256
+  dropout: float = 0.2
+  attn_dropout: float = 0.2
+
+  @property
+  def mask_token(self) -> int:
+    return self.num_items + 1
+
+  def setup(self):
+    self.encoder = TransformerEncoder(self.rows, self.hidden, self.max_len, self.layers,
+                                      self.heads, self.inner, self.dropout, self.attn_dropout)
+    self.out_dense = nn.Dense(self.hidden, kernel_init=INIT)
+    self.out_ln = nn.LayerNorm(1e-12)
+
+  def __call__(self, inputs, train: bool = False, last_only: bool = False):
+    batch, length = inputs.shape
+    mask = jnp.broadcast_to((inputs > 0)[:, None, None, :], (batch, 1, length, length))
+    x = self.encoder(inputs, mask, train, last_only)
+    states = self.out_ln(nn.gelu(self.out_dense(x), approximate=False))
+    return states, self.encoder.item_emb.embedding
+
+  def predict(self, inputs):
+    """The state of a mask token appended after the history (the oldest column drops out)."""
+    token = jnp.full((inputs.shape[0], 1), self.mask_token, inputs.dtype)
+    states, table = self(jnp.concatenate([inputs[:, 1:], token], 1), last_only=True)
+    return states[:, -1], table

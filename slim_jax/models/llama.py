@@ -1,0 +1,358 @@
+"""The LLaMA decoder (LLaMA-2/3, SmolLM2) in Flax linen, EasyLM style: one file, one rules table.
+
+Parameter names mirror Hugging Face's LlamaForCausalLM (embed_tokens, layers_3/self_attn/q_proj,
+mlp/gate_proj, ...; kernels [in, out]) so checkpoint conversion and PEFT key names are mechanical.
+Positions come from the attention mask (cumsum - 1), so a left-padded row gives exactly the
+logits of the unpadded sequence. Softmax and logits are computed in fp32 whatever the compute
+dtype. The optional KV cache is explicit data: `init_cache` makes it, `__call__` returns it updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from slim_jax.models.lora import LoraConfig, kaiming_uniform, lora_delta
+
+BATCH_AXES = ("data", "fsdp")  # slim_jax.parallel.BATCH_AXES; activations' batch dim
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Hugging Face rope_scaling: "linear" (positions / factor) or "llama3" (LLaMA-3.1 wavelengths)."""
+  kind: str = "linear"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  dtype: str = "float32"  # activations and matmuls
+  param_dtype: str = "float32"
+  scan_layers: bool = False  # one compiled layer body under nn.scan (params stacked on axis 0)
+  remat_policy: str = ""  # "" = no remat; else a name in jax.checkpoint_policies
+
+
+_TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+PRESETS: dict[str, LlamaConfig] = {
+    "llama2_7b": LlamaConfig(),
+    "llama2_13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40,
+                              num_heads=40, num_kv_heads=40),
+    "llama2_70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                              num_heads=64, num_kv_heads=8),
+    "llama3_8b": LlamaConfig(vocab_size=128256, intermediate_size=14336, num_kv_heads=8,
+                             rope_theta=500000.0, max_position_embeddings=8192),
+    "llama3_1_8b": LlamaConfig(vocab_size=128256, intermediate_size=14336, num_kv_heads=8,
+                               rope_theta=500000.0, max_position_embeddings=131072,
+                               rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
+    "smollm2_135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                                rope_theta=100000.0, max_position_embeddings=8192,
+                                tie_word_embeddings=True),
+    "tiny": _TINY,  # GQA, untied
+    "tiny_mha": dataclasses.replace(_TINY, num_kv_heads=4),
+    "tiny_tied": dataclasses.replace(_TINY, tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def partition_rules(config: LlamaConfig):
+  """Ordered (regex over the param path, PartitionSpec) rules for slim_jax.parallel (first match).
+
+  Megatron layout on "tensor" (column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel
+  embeddings), ZeRO-3 style on "fsdp" for the other dim. LoRA factors follow their base kernel on
+  the input side (A) or the output side (B); rank dims are never sharded. With scan_layers the
+  stacked layer axis comes first and is not sharded.
+  """
+  layer = (None,) if config.scan_layers else ()
+  column, row = ("fsdp", "tensor"), ("tensor", "fsdp")
+  return (
+      (r"embed_tokens/embedding$", P("tensor", "fsdp")),
+      (r"lm_head/kernel$", P("fsdp", "tensor")),
+      (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P(*layer, *column)),
+      (r"(o_proj|down_proj)/kernel$", P(*layer, *row)),
+      (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_a$", P(*layer, "fsdp", None)),
+      (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora_b$", P(*layer, None, "tensor")),
+      (r"(o_proj|down_proj)/lora_a$", P(*layer, "tensor", None)),
+      (r"(o_proj|down_proj)/lora_b$", P(*layer, None, "fsdp")),
+      (r"norm/scale$", P()),
+  )
+
+
+def _constrain_batch(x):
+  """Keeps activations batch-sharded when running under a mesh (jax.set_mesh); no-op otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
+def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+  """RoPE inverse frequencies [head_dim / 2] in fp32, with Hugging Face's scaling variants."""
+  dim = config.head_dim
+  inv = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(
+      np.float32)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv
+  if scaling.kind == "linear":
+    return (inv / scaling.factor).astype(np.float32)
+  if scaling.kind == "llama3":
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / scaling.low_freq_factor, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"rope_scaling kind {scaling.kind!r} is not supported (linear, llama3)")
+
+
+def rope_tables(positions, config: LlamaConfig):
+  """(sin, cos) [B, T, head_dim] in fp32 for integer positions [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies(config)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x, sin, cos):
+  """Rotates x [B, T, heads, D] by the half-split convention of Hugging Face checkpoints."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    # x / sqrt(.) rounds like torch's x * rsqrt(.); XLA's CPU rsqrt is ~1.5 ulp off
+    normed = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """A bias-free projection with an optional LoRA adapter read from the "lora" collection."""
+  features: int
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
+                        cfg.param_dtype)
+    y = x @ kernel.astype(cfg.dtype)
+    adapted = self.lora is not None and self.name in self.lora.targets
+    if adapted and (self.is_initializing() or self.has_variable("lora", "lora_a")):
+      rank = self.lora.rank
+      a = self.variable("lora", "lora_a", lambda: kaiming_uniform(
+          self.make_rng("params"), (x.shape[-1], rank), cfg.param_dtype)).value
+      b = self.variable("lora", "lora_b", lambda: jnp.zeros(
+          (rank, self.features), cfg.param_dtype)).value
+      key = self.make_rng("dropout") if self.has_rng("dropout") else None
+      y = y + lora_delta(x, a, b, self.lora, key)
+    return y
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x, cache, sin, cos, allowed, index):
+    cfg = self.config
+    batch, length, _ = x.shape
+    heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dense = lambda features, name: Linear(features, cfg, self.lora, name=name)
+    q = dense(heads * dim, "q_proj")(x).reshape(batch, length, heads, dim)
+    k = dense(kv_heads * dim, "k_proj")(x).reshape(batch, length, kv_heads, dim)
+    v = dense(kv_heads * dim, "v_proj")(x).reshape(batch, length, kv_heads, dim)
+    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+      cache = {"k": k, "v": v}
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / np.sqrt(dim).astype(np.float32)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype))
+    return dense(cfg.hidden_size, "o_proj")(out.reshape(batch, length, heads * dim)), cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = lambda features, name: Linear(features, cfg, self.lora, name=name)
+    gate = dense(cfg.intermediate_size, "gate_proj")(x)
+    silu = gate / (1 + jnp.exp(-gate))  # closer to torch's silu than XLA's CPU logistic
+    hidden = silu * dense(cfg.intermediate_size, "up_proj")(x)
+    return dense(cfg.hidden_size, "down_proj")(hidden)
+
+
+class Block(nn.Module):
+  """One decoder layer; signature (carry, scanned, *broadcast) so nn.scan can stack it."""
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x, cache, sin, cos, allowed, index):
+    cfg = self.config
+    x = _constrain_batch(x)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
+    h, cache = Attention(cfg, self.lora, name="self_attn")(
+        norm("input_layernorm")(x), cache, sin, cos, allowed, index)
+    x = x + h
+    x = x + MLP(cfg, self.lora, name="mlp")(norm("post_attention_layernorm")(x))
+    return x, cache
+
+
+class Head(nn.Module):
+  """The untied output projection, accumulated and returned in fp32."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    kernel = self.param("kernel", nn.initializers.normal(0.02),
+                        (cfg.hidden_size, cfg.vocab_size), cfg.param_dtype)
+    return jnp.matmul(x, kernel.astype(cfg.dtype), preferred_element_type=jnp.float32)
+
+
+def _block_class(config: LlamaConfig):
+  if not config.remat_policy:
+    return Block
+  policy = getattr(jax.checkpoint_policies, config.remat_policy, None)
+  if policy is None:
+    raise ValueError(f"remat_policy {config.remat_policy!r} is not in jax.checkpoint_policies")
+  return nn.remat(Block, policy=policy, prevent_cse=not config.scan_layers)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int):
+  """A zeroed KV cache for `length` slots: one {"k", "v"} per layer, stacked when scanned."""
+  shape = (batch, length, config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    shape = (config.num_layers, *shape)
+    return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+  return tuple({"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
+               for _ in range(config.num_layers))
+
+
+class Llama(nn.Module):
+  """LlamaForCausalLM. Apply with {"params": base} or {"params": base, "lora": adapters}.
+
+  __call__(tokens [B, T], mask, cache, index) -> (fp32 logits [B, T, V], cache).
+  Without a cache, `mask` [B, T] marks real tokens (default all). With a cache of S slots, the T
+  tokens are written at slots index..index+T-1 and `mask` [B, S] marks every real slot written so
+  far or now. `last_only` returns logits for the last position only (generation). LoRA dropout
+  is active exactly when a "dropout" rng is passed.
+  """
+  config: LlamaConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, tokens, mask=None, cache=None, index=0, last_only=False):
+    cfg = self.config
+    batch, length = tokens.shape
+    slots = length if cache is None else jax.tree.leaves(cache)[0].shape[-3]
+    mask = jnp.ones((batch, slots), bool) if mask is None else mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    sin, cos = rope_tables(jax.lax.dynamic_slice_in_dim(positions, index, length, 1), cfg)
+    causal = jnp.arange(slots)[None, :] <= index + jnp.arange(length)[:, None]
+    allowed = causal[None] & mask[:, None, :]  # [B, T, S]
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
+                     name="embed_tokens")
+    x = embed(tokens)
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                       length=cfg.num_layers)
+      x, cache = layers(cfg, self.lora, name="layers")(x, cache, sin, cos, allowed, index)
+    else:
+      new_cache = []
+      for i in range(cfg.num_layers):
+        x, layer_cache = block(cfg, self.lora, name=f"layers_{i}")(
+            x, None if cache is None else cache[i], sin, cos, allowed, index)
+        new_cache.append(layer_cache)
+      cache = None if cache is None else tuple(new_cache)
+    x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x)
+    if last_only:
+      x = x[:, -1:]
+    if cfg.tie_word_embeddings:
+      logits = jnp.matmul(x, embed.embedding.T.astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = Head(cfg, name="lm_head")(x)
+    return _constrain_batch(logits), cache
+
+
+def forward_flops_per_token(config: LlamaConfig, context: int) -> float:
+  """Analytic forward FLOPs per token: 2 per matmul weight (lm_head included) plus attention
+  scores and values over `context` keys. A LoRA step costs about twice this (input gradients
+  through the frozen weights, no weight gradients), full fine-tuning three times."""
+  c = config
+  per_layer = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim + (
+      3 * c.hidden_size * c.intermediate_size)
+  weights = c.num_layers * per_layer + c.hidden_size * c.vocab_size
+  return 2 * weights + 4 * c.num_layers * context * c.num_heads * c.head_dim
+
+
+def causal_lm_loss(logits, tokens, loss_mask):
+  """Mean next-token cross-entropy over positions whose *target* has loss_mask set."""
+  weights = loss_mask[:, 1:].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def lora_train_step(model: Llama, optimizer, params, lora, opt_state, batch, key):
+  """One optimizer step on the adapters only -> (lora, opt_state, loss).
+
+  `batch`: tokens [B, T], mask [B, T] (real tokens) and loss_mask [B, T] (targets to learn, e.g.
+  the rationale). Jit it with `model` and `optimizer` static; the frozen base gets no gradient.
+  """
+  def loss_fn(lora):
+    logits, _ = model.apply({"params": params, "lora": lora}, batch["tokens"], batch["mask"],
+                            rngs={"dropout": key})
+    return causal_lm_loss(logits, batch["tokens"], batch["loss_mask"])
+
+  loss, grads = jax.value_and_grad(loss_fn)(lora)
+  updates, opt_state = optimizer.update(grads, opt_state, lora)
+  return optax.apply_updates(lora, updates), opt_state, loss

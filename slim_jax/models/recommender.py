@@ -1,0 +1,164 @@
+"""The interface every sequential recommender shares (RecBole style), its config and its losses.
+
+A backbone is a linen module over item sequences LEFT-padded with 0 (most recent item in the
+last column) whose `__call__(inputs int32[B, L], train) -> (states float[B, T, H], table float[R, H])`
+returns the sequence states and the item-embedding table they are scored against
+(`scores = states @ table.T`). Causal backbones (SASRec, GRU4Rec) return one state per position
+(T = L), so a whole window trains on every next item in one pass; session-level ones (SRGNN,
+T = 1) and bidirectional ones (BERT4Rec) do not. `predict(inputs) -> (state float[B, H], table)`
+is the state that predicts the item after the last column. Row 0 of the table is padding; rows
+past `num_items` (BERT4Rec's mask token, rows padding the table to a shardable size) never score.
+Losses are plain functions of (states, table, targets), independent of the backbone, so any
+backbone trains with any loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BACKBONES = ("sasrec", "gru4rec", "srgnn", "bert4rec")
+LOSSES = ("ce", "bpr", "sampled")
+TRAIN_MODES = ("per_position", "last_position")
+
+# RecBole 1.2.1's defaults for each backbone (its model yaml files); None fields take these.
+BACKBONE_DEFAULTS = {
+    "sasrec": dict(layers=2, dropout=0.5, attn_dropout=0.5, train_mode="per_position"),
+    "gru4rec": dict(layers=1, dropout=0.3, attn_dropout=0.0, train_mode="per_position"),
+    "srgnn": dict(layers=1, dropout=0.0, attn_dropout=0.0, train_mode="last_position"),
+    "bert4rec": dict(layers=2, dropout=0.2, attn_dropout=0.2, train_mode="per_position"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecConfig:
+  """A sequential recommender and how it trains; None fields take the backbone's RecBole default."""
+  backbone: str = "sasrec"  # sasrec | gru4rec | srgnn | bert4rec
+  hidden: int = 64  # item embedding / state size
+  max_len: int = 50  # most recent items a sequence keeps
+  layers: int | None = None  # transformer blocks, GRU layers, or SRGNN gated graph steps
+  heads: int = 2
+  inner: int = 256  # transformer feed-forward size
+  gru_hidden: int = 128
+  dropout: float | None = None
+  attn_dropout: float | None = None
+  mask_ratio: float = 0.2  # BERT4Rec: share of items masked in training
+  loss: str = "ce"  # ce (softmax over all items, padding row included, as RecBole) | bpr | sampled
+  num_negatives: int = 1  # per target, for bpr and sampled softmax (uniform over items)
+  train_mode: str | None = None  # per_position (loss at every column) | last_position (prefixes)
+  lr: float = 1e-3
+  weight_decay: float = 0.0
+  warmup_steps: int = 0
+  schedule: str = "constant"  # constant | cosine (decays to 0 at the last step)
+  clip_norm: float = 5.0  # global gradient norm; 0 = no clipping
+  # Rows per step; None: 256 prefixes (last_position, RecBole's batch) or 32 windows of up to
+  # max_len targets (per_position: ~1,600 targets a step, so an epoch still takes ~75 updates).
+  batch: int | None = None
+  epochs: int = 200  # upper bound; early stopping usually ends training first
+  patience: int = 10  # validations without improvement of valid/ndcg@10 before stopping
+  eval_every: int = 1  # epochs between validations
+  eval_batch: int = 1024
+  exclude_history: bool = False  # full ranking drops items in the visible history (not the target)
+  sampled_eval: str = "uniform"  # negatives of the labelled sampled evaluation: uniform | popularity
+  sampled_negatives: int = 100
+  table_axis: str = ""  # mesh axis sharding the item table's rows ("" = replicated)
+  seed: int = 2020
+
+  def resolved(self) -> RecConfig:
+    """This config with the backbone's defaults filled in, checked."""
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"rec.backbone={self.backbone!r}: expected one of {BACKBONES}")
+    if self.loss not in LOSSES:
+      raise ValueError(f"rec.loss={self.loss!r}: expected one of {LOSSES}")
+    defaults = BACKBONE_DEFAULTS[self.backbone]
+    cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items()
+                                        if getattr(self, k) is None})
+    if cfg.train_mode not in TRAIN_MODES:
+      raise ValueError(f"rec.train_mode={cfg.train_mode!r}: expected one of {TRAIN_MODES}")
+    if cfg.batch is None:
+      cfg = dataclasses.replace(cfg, batch=32 if cfg.train_mode == "per_position" else 256)
+    if cfg.backbone == "srgnn" and cfg.train_mode != "last_position":
+      raise ValueError("rec.train_mode=per_position needs a causal backbone; srgnn encodes the "
+                       "whole session graph, use last_position")
+    if cfg.sampled_eval not in ("uniform", "popularity"):
+      raise ValueError(f"rec.sampled_eval={cfg.sampled_eval!r}: expected uniform or popularity")
+    return cfg
+
+
+def table_rows(num_items: int, backbone: str, multiple: int = 1) -> int:
+  """Rows of the item table: padding + items (+ BERT4Rec's mask token), rounded up to `multiple`."""
+  rows = num_items + 1 + (backbone == "bert4rec")
+  return -(-rows // multiple) * multiple
+
+
+class Backbone(nn.Module):
+  """Fields and the default `predict` shared by every backbone."""
+  num_items: int
+  rows: int  # item-table rows, see table_rows
+  hidden: int = 64
+  max_len: int = 50
+
+  def predict(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    states, table = self(inputs, train=False)
+    return states[:, -1], table
+
+
+def item_mask(rows: int, num_items: int) -> jax.Array:
+  """True for rows that are items a model may score: padding (0) included, extra rows not."""
+  return jnp.arange(rows) <= num_items
+
+
+def logits(states: jax.Array, table: jax.Array, num_items: int) -> jax.Array:
+  """Scores of every table row; rows past `num_items` get -inf so they never win or add mass."""
+  scores = states @ table.T
+  return jnp.where(item_mask(table.shape[0], num_items), scores, -jnp.inf)
+
+
+def cross_entropy(states, table, targets, num_items: int) -> jax.Array:
+  """Per-example softmax CE over the whole item table [N] (RecBole's CE: padding row included)."""
+  scores = logits(states, table, num_items)
+  return jax.nn.logsumexp(scores, -1) - jnp.take_along_axis(scores, targets[:, None], -1)[:, 0]
+
+
+def _pos_neg_scores(states, table, targets, negatives):
+  pos = jnp.einsum("nh,nh->n", states, table[targets])
+  neg = jnp.einsum("nh,nkh->nk", states, table[negatives])
+  return pos, neg
+
+
+def bpr(states, table, targets, negatives) -> jax.Array:
+  """Per-example BPR loss [N], averaged over the K negatives int32[N, K] of each target."""
+  pos, neg = _pos_neg_scores(states, table, targets, negatives)
+  return -jax.nn.log_sigmoid(pos[:, None] - neg).mean(-1)
+
+
+def sampled_softmax(states, table, targets, negatives) -> jax.Array:
+  """Per-example softmax CE of the target against its K sampled negatives [N].
+
+  Negatives equal to the target are dropped so a collision never pushes the target's own score.
+  Negatives are uniform, so no log-Q correction is needed.
+  """
+  pos, neg = _pos_neg_scores(states, table, targets, negatives)
+  neg = jnp.where(negatives == targets[:, None], -jnp.inf, neg)
+  scores = jnp.concatenate([pos[:, None], neg], -1)
+  return jax.nn.logsumexp(scores, -1) - pos
+
+
+def sample_negatives(rng: jax.Array, shape, num_items: int) -> jax.Array:
+  """Uniform item ids in [1, num_items] (never padding)."""
+  return jax.random.randint(rng, shape, 1, num_items + 1, dtype=jnp.int32)
+
+
+def loss(states, table, targets, rng, cfg: RecConfig, num_items: int) -> jax.Array:
+  """Mean per-example loss over states [N, H] whose target is not 0 (0 = no loss)."""
+  if cfg.loss == "ce":
+    per = cross_entropy(states, table, targets, num_items)
+  else:
+    negatives = sample_negatives(rng, (targets.shape[0], cfg.num_negatives), num_items)
+    per = (bpr if cfg.loss == "bpr" else sampled_softmax)(states, table, targets, negatives)
+  weight = (targets > 0).astype(per.dtype)
+  return (per * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+

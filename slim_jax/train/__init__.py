@@ -1,0 +1,1 @@
+"""Trainers: the one training loop and the step functions it runs (recommenders, distillation)."""

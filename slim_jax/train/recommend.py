@@ -1,0 +1,240 @@
+"""Training and evaluating a sequential recommender: model, AdamW, jitted steps, metrics.json.
+
+The train step is data parallel over the mesh's batch axes, with the item table's rows
+optionally sharded over a model axis (`rec.table_axis`) for catalogues too large to replicate.
+Evaluation ranks the full catalogue on the device in jitted batches; only a rank and a top-20
+list per user come back to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from slim_jax import metrics, parallel
+from slim_jax.data import loader
+from slim_jax.models import bert4rec, gru4rec, sasrec, srgnn
+from slim_jax.models import recommender
+from slim_jax.models.recommender import Backbone, RecConfig, table_rows
+from slim_jax.train import loop
+
+TOP_K = 20  # longest list the popularity-bias analysis reads
+VALID_METRIC = "valid/ndcg@10"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar; the step's randomness folds it into the seed
+  params: Any
+  opt_state: Any
+
+
+def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1) -> Backbone:
+  """The backbone `cfg` names, with its RecBole defaults filled in."""
+  cfg = cfg.resolved()
+  common = dict(num_items=num_items, rows=table_rows(num_items, cfg.backbone, table_multiple),
+                hidden=cfg.hidden, max_len=cfg.max_len)
+  transformer = dict(layers=cfg.layers, heads=cfg.heads, inner=cfg.inner, dropout=cfg.dropout,
+                     attn_dropout=cfg.attn_dropout)
+  if cfg.backbone == "sasrec":
+    return sasrec.SASRec(**common, **transformer)
+  if cfg.backbone == "bert4rec":
+    return bert4rec.BERT4Rec(**common, **transformer)
+  if cfg.backbone == "gru4rec":
+    return gru4rec.GRU4Rec(**common, gru_hidden=cfg.gru_hidden, layers=cfg.layers,
+                           dropout=cfg.dropout)
+  return srgnn.SRGNN(**common, steps=cfg.layers)
+
+
+def optimizer(cfg: RecConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with optional warm-up, cosine decay and global-norm clipping."""
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(total_steps, 1))
+  elif cfg.schedule == "constant":
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+                               optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+  else:
+    raise ValueError(f"rec.schedule={cfg.schedule!r}: expected constant or cosine")
+  clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+  return optax.chain(*clip, optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+def sharding_rules(cfg: RecConfig) -> parallel.Rules:
+  """Item-table rows over `rec.table_axis` (also its Adam moments); everything else replicated."""
+  return [(r"item_emb/embedding$", P(cfg.table_axis or None, None)), (r".*", P())]
+
+
+def init_state(model: Backbone, tx: optax.GradientTransformation, cfg: RecConfig,
+               mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """A TrainState placed on `mesh` by the sharding rules, and its shardings."""
+  def init():
+    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.max_len), jnp.int32))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  shardings = parallel.param_shardings(jax.eval_shape(init), sharding_rules(cfg), mesh)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def training_pair(model: Backbone, cfg: RecConfig, batch, rng):
+  """(inputs [B, L], targets [B, L] or [B]) that the loss reads from a loader batch.
+
+  BERT4Rec turns the window ending at the last target into masked inputs and their targets.
+  """
+  inputs, targets = batch["inputs"], batch["targets"]
+  if cfg.backbone == "bert4rec":
+    last = targets[:, -1] if targets.ndim == 2 else targets
+    window = jnp.concatenate([inputs[:, 1:], last[:, None]], 1)
+    return bert4rec.mask_items(rng, window, cfg.mask_ratio, model.num_items + 1)
+  return inputs, targets
+
+
+def make_train_step(model: Backbone, tx: optax.GradientTransformation, cfg: RecConfig,
+                    state_shardings, mesh: jax.sharding.Mesh) -> Callable:
+  """The jitted `step(state, batch) -> (state, {"loss", "grad_norm"})`."""
+  cfg = cfg.resolved()
+  key = jax.random.key(cfg.seed)
+
+  def step(state: TrainState, batch):
+    dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
+    inputs, targets = training_pair(model, cfg, batch, mask_rng)
+
+    def loss_of(params):
+      states, table = model.apply(params, inputs, train=True, rngs={"dropout": dropout_rng})
+      states = states[:, -1] if targets.ndim == 1 else states
+      return recommender.loss(states.reshape(-1, states.shape[-1]), table, targets.reshape(-1), negative_rng,
+                  cfg, model.num_items)
+
+    value, grads = jax.value_and_grad(loss_of)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    return state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
+
+  batch_shardings = {"inputs": parallel.batch_sharding(mesh, 2),
+                     "targets": parallel.batch_sharding(mesh, 2 if cfg.train_mode ==
+                                                        "per_position" else 1)}
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model: Backbone, cfg: RecConfig,
+                   popularity: np.ndarray | None = None) -> Callable:
+  """The jitted `eval_step(params, batch) -> {"ranks": int32[B], ...}`: full-ranking ranks.
+
+  Full ranking over the catalogue (padding excluded; the visible history too when
+  `rec.exclude_history`). Given the training `popularity` it also returns each user's "top" 20
+  items and "sampled_ranks", the rank among `rec.sampled_negatives` sampled negatives.
+  """
+  cfg = cfg.resolved()
+  key = jax.random.key(cfg.seed + 1)
+  weights = jnp.asarray(popularity) if cfg.sampled_eval == "popularity" else None
+  k = min(TOP_K, model.num_items)
+
+  @jax.jit
+  def eval_step(params, batch):
+    inputs, targets = batch["inputs"], batch["targets"]
+    state, table = model.apply(params, inputs, method="predict")
+    scores = metrics.rankable(state @ table.T, model.num_items, targets,
+                              inputs if cfg.exclude_history else None)
+    out = {"ranks": metrics.target_ranks(scores, targets)}
+    if popularity is None:
+      return out
+    keys = jax.vmap(lambda user: jax.random.fold_in(key, user))(batch["users"])
+    negatives = metrics.sample_candidates(keys, targets, model.num_items, cfg.sampled_negatives,
+                                          weights)
+    return {**out, "top": metrics.top_items(scores, k),
+            "sampled_ranks": metrics.sampled_ranks(scores, targets, negatives)}
+
+  return eval_step
+
+
+def rank_users(eval_step: Callable, params, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+  """eval_step's outputs for every valid row of `batches`, plus "users", on the host."""
+  parts = []
+  for batch in batches:
+    out = multihost_utils.process_allgather(
+        {"users": batch["users"], "valid": batch["valid"], **eval_step(params, batch)}, tiled=True)
+    valid = out.pop("valid")
+    parts.append({name: value[valid] for name, value in out.items()})
+  return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def report(ranked: dict[str, np.ndarray], popularity: np.ndarray, history_lengths: np.ndarray,
+           cfg: RecConfig) -> dict:
+  """Full-ranking metrics, popularity bias @10/@20, sparsity groups, sampled metrics (labelled)."""
+  out = metrics.ranking_metrics(ranked["ranks"])
+  for k in (10, TOP_K):
+    out.update(metrics.popularity_bias(ranked["top"], popularity, k))
+  sampled = f"sampled{cfg.sampled_negatives}_{cfg.sampled_eval}"
+  return {**out,
+          "groups": metrics.grouped_metrics(ranked["ranks"], history_lengths[ranked["users"]]),
+          sampled: metrics.ranking_metrics(ranked["sampled_ranks"])}
+
+
+def popularity_ranks(popularity: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Ranks of the targets when every user gets the same list: items by training popularity."""
+  scores = jnp.broadcast_to(jnp.asarray(popularity, jnp.float32), (len(targets), len(popularity)))
+  scores = metrics.rankable(scores, len(popularity) - 1, jnp.asarray(targets))
+  return np.asarray(metrics.target_ranks(scores, jnp.asarray(targets)))
+
+
+def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
+                      mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Trains `cfg.backbone` on `prepared` with early stopping on valid NDCG@10, evaluates the best
+  state on the test split, and writes workdir/metrics.json (also returned).
+
+  Resumes from workdir/checkpoints when a previous run was interrupted. `mesh` defaults to data
+  parallelism over every device.
+  """
+  cfg = cfg.resolved()
+  workdir = pathlib.Path(workdir)
+  mesh = mesh or parallel.make_mesh({"data": -1})
+  table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
+  model = build_model(cfg, prepared.num_items, table_multiple)
+  train_iter, steps_per_epoch = loader.next_item_training(
+      prepared, max_len=cfg.max_len, batch_size=cfg.batch, seed=cfg.seed, mesh=mesh,
+      per_position=cfg.train_mode == "per_position")
+  total_steps = cfg.epochs * steps_per_epoch
+  tx = optimizer(cfg, total_steps)
+  state, shardings = init_state(model, tx, cfg, mesh)
+  train_step = make_train_step(model, tx, cfg, shardings, mesh)
+  popularity = prepared.item_popularity()
+  eval_step = make_eval_step(model, cfg)
+  batches = lambda split: loader.next_item_eval(prepared, split, max_len=cfg.max_len,
+                                                batch_size=cfg.eval_batch, mesh=mesh)
+
+  def validate(state: TrainState) -> dict[str, float]:
+    ranked = rank_users(eval_step, state.params, batches("valid"))
+    return metrics.prefixed(metrics.ranking_metrics(ranked["ranks"]), "valid")
+
+  loop_cfg = loop.LoopConfig(steps=total_steps, eval_every=cfg.eval_every * steps_per_epoch,
+                             log_every=steps_per_epoch, metric=VALID_METRIC,
+                             patience=cfg.patience)
+  start = time.perf_counter()
+  result = loop.run(train_step, state, train_iter, validate, loop_cfg, workdir)
+  train_seconds = time.perf_counter() - start
+  results = {}
+  analyse = make_eval_step(model, cfg, popularity)
+  for split in ("valid", "test"):
+    data = prepared.split(split)
+    ranked = rank_users(analyse, result.state.params, batches(split))
+    results[split] = report(ranked, popularity, np.diff(data.history_offsets), cfg)
+    results[f"popularity_{split}"] = metrics.ranking_metrics(
+        popularity_ranks(popularity, data.targets))
+  summary = {"backbone": cfg.backbone, "config": dataclasses.asdict(cfg),
+             "steps_per_epoch": steps_per_epoch, "steps": result.step,
+             "best_step": result.best_step, "best_epoch": (result.best_step or 0) / steps_per_epoch,
+             "stopped_early": result.stopped_early, "train_seconds": train_seconds,
+             "history": result.history, **results}
+  (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
+  return summary

@@ -1,0 +1,145 @@
+"""The encoding stage: ml-100k item texts against sentence-transformers on every mesh, the cache
+(skip when complete, resume from saved chunks, start over when texts or encoder change), and the
+student-LLM encoder against transformers' LlamaModel."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import json
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from absl.testing import absltest, parameterized
+from sentence_transformers import SentenceTransformer
+
+from slim_jax import assets, encode, parallel
+from slim_jax.config import DataConfig
+from slim_jax.data import formats, preprocess
+from slim_jax.checkpoints import hf
+from slim_jax.models import bert, llama
+from tests.test_bert import cosine_distance, encode_ours, write_sentence_transformers_dir
+
+MESHES = {
+    "unsharded": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
+    "1x8_data": ({"data": 8, "fsdp": 1, "tensor": 1}, 8),
+    "2x4_tensor": ({"data": 2, "fsdp": 1, "tensor": 4}, 8),
+    "2x4_fsdp": ({"data": 2, "fsdp": 4, "tensor": 1}, 8),
+}
+
+
+def ml100k_item_texts() -> list[str]:
+  raw = formats.read_dataset("recbole", assets.path("ml-100k"))
+  return list(preprocess.prepare(raw, DataConfig()).item_text[1:])
+
+
+class ItemTextTest(parameterized.TestCase):
+  """A slice of ml-100k item texts, batches of mixed lengths with a padded last batch."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    texts = ml100k_item_texts()
+    longest = max(texts, key=len)
+    cls.texts = texts[:12] + [longest]  # 13 texts: two batches of 8, three padding rows
+    cls.cfg = encode.EncoderConfig(max_len=24, batch_size=8, buckets=(16,))  # buckets 16, 24
+    cls.embedder = encode.make_embedder(cls.cfg)
+    reference = SentenceTransformer(str(assets.path("minilm")), device="cpu")
+    reference.max_seq_length = 24
+    cls.expected = reference.encode(cls.texts, convert_to_numpy=True)
+
+  def test_texts_mix_buckets_and_truncate(self):
+    lengths = [len(t) for t in self.embedder.tokenize(self.texts)]
+    self.assertEqual(max(lengths), 24)  # the longest title is truncated
+    self.assertLess(min(lengths), 16)
+    self.assertEqual(encode.bucket_lengths(self.cfg.buckets, 24), (16, 24))
+
+  @parameterized.named_parameters(
+      (name, axes, devices) for name, (axes, devices) in MESHES.items())
+  def test_matches_sentence_transformers_on_mesh(self, axes, devices):
+    mesh = parallel.make_mesh(axes, jax.devices()[:devices])
+    directory = self.create_tempdir().full_path
+    vectors = encode.encode(self.texts, self.cfg, directory, mesh=mesh, embedder=self.embedder)
+    self.assertEqual((vectors.shape, vectors.dtype), ((13, 384), np.float32))
+    self.assertLess(cosine_distance(vectors, self.expected).max(), 1e-5)
+
+
+class CacheTest(absltest.TestCase):
+  """A tiny random sentence-transformers model keeps these fast."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    model_dir = write_sentence_transformers_dir(
+        pathlib.Path(cls.enterClassContext(tempfile.TemporaryDirectory())))
+    cls.cfg = encode.EncoderConfig(checkpoint=str(model_dir), batch_size=8)
+    cls.texts = [f"item {i} " + "word " * (i % 7) for i in range(20)]
+    cls.expected, _ = encode_ours(bert.load(model_dir), cls.texts)
+
+  def encode(self, directory, texts=None, cfg=None):
+    return encode.encode(self.texts if texts is None else texts, cfg or self.cfg, directory,
+                         chunk_size=8)
+
+  def test_chunks_assemble_in_input_order_and_are_cleaned_up(self):
+    directory = pathlib.Path(self.create_tempdir().full_path)
+    np.testing.assert_allclose(self.encode(directory), self.expected, atol=1e-6)
+    self.assertEqual(sorted(p.name for p in directory.iterdir()),
+                     [encode.EMBEDDINGS, encode.MANIFEST])
+
+  def test_resumes_from_saved_chunks(self):
+    directory = pathlib.Path(self.create_tempdir().full_path)
+    directory.joinpath(encode.MANIFEST).write_text(
+        json.dumps(encode.manifest_for(self.texts, self.cfg, 8)))
+    sentinel = np.full((8, 32), 7.0, np.float32)  # chunk 1 of 3, as left by a killed run
+    np.save(encode.chunk_path(directory, 8), sentinel)
+    vectors = self.encode(directory)
+    np.testing.assert_array_equal(vectors[8:16], sentinel)
+    np.testing.assert_allclose(vectors[:8], self.expected[:8], atol=1e-6)
+    np.testing.assert_allclose(vectors[16:], self.expected[16:], atol=1e-6)
+
+  def test_complete_is_skipped_and_changes_start_over(self):
+    directory = pathlib.Path(self.create_tempdir().full_path)
+    self.encode(directory)
+    marker = np.zeros((20, 32), np.float32)
+    np.save(directory / encode.EMBEDDINGS, marker)  # what a rerun must load, not recompute
+    np.testing.assert_array_equal(self.encode(directory), marker)
+    changed = self.texts[:-1] + ["another text"]
+    vectors = self.encode(directory, texts=changed)
+    np.testing.assert_allclose(vectors[:19], self.expected[:19], atol=1e-6)
+    shorter = self.encode(directory, texts=changed, cfg=encode.EncoderConfig(
+        checkpoint=self.cfg.checkpoint, batch_size=8, max_len=4))
+    self.assertGreater(np.abs(shorter - vectors).max(), 1e-3)
+
+
+class LlmPooledTest(absltest.TestCase):
+
+  def test_matches_transformers_llama_mean_pooled(self):
+    """The "student's pooled hidden states" encoder is LlamaModel's last_hidden_state, averaged
+    over real (right-padded) tokens and L2-normalised."""
+    config = llama.PRESETS["tiny"]
+    shapes = jax.eval_shape(lambda: llama.Llama(config).init(
+        jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(np.float32), shapes)
+    model = transformers.LlamaModel(transformers.LlamaConfig(**hf.config_to_hf(config))).eval()
+    model.load_state_dict({name.removeprefix("model."): torch.tensor(value) for name, value in
+                           hf.params_to_hf(params, config).items() if name.startswith("model.")})
+    ids = rng.integers(1, config.vocab_size, (3, 9)).astype(np.int32)
+    mask = (np.arange(9)[None] < np.array([[9], [4], [1]])).astype(np.int32)
+    with torch.no_grad():
+      hidden = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    expected = np.sum(hidden * mask[..., None], 1) / mask.sum(1, keepdims=True)
+    expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    ours = jax.jit(encode.llm_embed(config))(params, ids, mask)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()

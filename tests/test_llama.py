@@ -1,0 +1,122 @@
+"""The Flax LLaMA equals Hugging Face's LlamaForCausalLM and is invariant to padding, scan, remat
+and sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from absl.testing import absltest, parameterized
+
+from slim_jax import parallel
+from slim_jax.checkpoints import hf
+from slim_jax.models import llama
+from slim_jax.models.llama import Llama, RopeScaling
+from tests import llama_reference as ref
+
+TINY = llama.PRESETS["tiny"]
+VARIANTS = {
+    "gqa": TINY,
+    "mha": llama.PRESETS["tiny_mha"],
+    "tied": llama.PRESETS["tiny_tied"],
+    "linear_rope": dataclasses.replace(TINY, rope_scaling=RopeScaling("linear", 2.0)),
+    "llama3_rope": dataclasses.replace(
+        TINY, rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)),
+}
+
+
+def _tokens(config, shape, seed=0):
+  return np.random.default_rng(seed).integers(0, config.vocab_size, shape).astype(np.int32)
+
+
+class LlamaParityTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*VARIANTS.items())
+  def test_logits_match_transformers(self, config):
+    params = ref.random_params(config)
+    tokens = _tokens(config, (2, 40))
+    ours = ref.jax_logits(config, {"params": params}, tokens)
+    theirs = ref.torch_logits(ref.torch_model(config, params), tokens)
+    self.assertGreater(np.abs(theirs).max(), 1.0)  # not trivially small
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+  def test_inverse_frequencies_match_transformers(self):
+    config = VARIANTS["llama3_rope"]
+    hf_config = transformers.LlamaConfig(**hf.config_to_hf(config))
+    rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
+    np.testing.assert_allclose(llama.inverse_frequencies(config), rope.inv_freq.numpy(),
+                               rtol=1e-6)
+
+  def test_left_padded_rows_equal_unpadded(self):
+    params = ref.random_params(TINY)
+    tokens = _tokens(TINY, (1, 12))
+    alone = ref.jax_logits(TINY, {"params": params}, tokens)
+    padded = np.concatenate([np.zeros((1, 5), np.int32), tokens], axis=1)
+    mask = np.arange(17)[None] >= 5
+    batched = ref.jax_logits(TINY, {"params": params}, padded, mask)
+    np.testing.assert_allclose(batched[:, 5:], alone, atol=1e-5)
+
+  @parameterized.parameters("", "nothing_saveable", "dots_with_no_batch_dims_saveable")
+  def test_scan_and_remat_equal_unrolled(self, policy):
+    params = ref.random_params(TINY)
+    scanned_config = dataclasses.replace(TINY, scan_layers=True, remat_policy=policy)
+    stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    stacked["layers"] = jax.tree.map(lambda *x: jnp.stack(x), params["layers_0"],
+                                     params["layers_1"])
+    tokens, loss_mask = _tokens(TINY, (2, 16)), np.ones((2, 16))
+
+    def loss_and_grads(config, p):
+      loss = lambda p: llama.causal_lm_loss(Llama(config).apply({"params": p}, tokens)[0],
+                                            tokens, loss_mask)
+      return jax.jit(jax.value_and_grad(loss))(p)
+
+    loss, grads = loss_and_grads(TINY, params)
+    scan_loss, scan_grads = loss_and_grads(scanned_config, stacked)
+    np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
+    np.testing.assert_allclose(scan_grads["layers"]["mlp"]["up_proj"]["kernel"][1],
+                               grads["layers_1"]["mlp"]["up_proj"]["kernel"], atol=1e-6)
+
+  def test_bf16_compute_stays_close(self):
+    params = ref.random_params(TINY)
+    tokens = _tokens(TINY, (2, 16))
+    fp32 = ref.jax_logits(TINY, {"params": params}, tokens)
+    bf16_config = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
+    bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    bf16 = ref.jax_logits(bf16_config, {"params": bf16_params}, tokens)
+    self.assertEqual(bf16.dtype, np.float32)  # logits always fp32
+    np.testing.assert_allclose(bf16, fp32, atol=0.1 * np.abs(fp32).max())
+
+  def test_unknown_remat_policy_is_rejected(self):
+    config = dataclasses.replace(TINY, remat_policy="save_nothing_please")
+    with self.assertRaisesRegex(ValueError, "save_nothing_please"):
+      Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
+class ShardedLlamaTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1}, False),
+      ("fsdp2_tensor4", {"data": 1, "fsdp": 2, "tensor": 4}, False),
+      ("fsdp2_tensor4_scan", {"data": 1, "fsdp": 2, "tensor": 4}, True))
+  def test_sharded_logits_equal_unsharded(self, axes, scan):
+    config = dataclasses.replace(TINY, scan_layers=scan)
+    tensors = hf.params_to_hf(ref.random_params(TINY), TINY)
+    params = jax.device_get(hf.params_from_reader(lambda name, i: tensors[name][i], config))
+    tokens = _tokens(config, (8, 16))
+    expected = ref.jax_logits(config, {"params": params}, tokens)
+    mesh = parallel.make_mesh(axes)
+    sharded = parallel.shard_params(params, llama.partition_rules(config), mesh)
+    embedding = sharded["embed_tokens"]["embedding"]
+    self.assertEqual(embedding.addressable_shards[0].data.shape,
+                     (256 // axes["tensor"], 64 // axes["fsdp"]))
+    with jax.set_mesh(mesh):
+      batch = jax.device_put(tokens, parallel.batch_sharding(mesh, 2))
+      logits = jax.jit(Llama(config).apply)({"params": sharded}, batch)[0]
+    self.assertEqual(logits.addressable_shards[0].data.shape[0], 8 // axes["fsdp"])
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,189 @@
+"""Sequential recommender backbones and their losses: shapes, masks, graphs, loss values."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from slim_jax.models import bert4rec, recommender, srgnn
+from slim_jax.models.recommender import RecConfig
+from slim_jax.train.recommend import build_model
+
+NUM_ITEMS = 30
+INPUTS = jnp.array([[0, 0, 0, 3, 7, 3, 9, 12],
+                    [4, 5, 6, 7, 8, 9, 10, 11],
+                    [0, 0, 0, 0, 0, 0, 0, 21]], jnp.int32)
+
+
+def _model(backbone):
+  """(params, model.apply) of a small backbone."""
+  model = build_model(RecConfig(backbone=backbone, hidden=16, max_len=12, inner=32,
+                                gru_hidden=24), NUM_ITEMS)
+  return model.init(jax.random.key(0), INPUTS), model.apply
+
+
+class BackboneTest(parameterized.TestCase):
+
+  @parameterized.parameters("sasrec", "gru4rec", "srgnn", "bert4rec")
+  def test_shapes(self, backbone):
+    params, apply = _model(backbone)
+    states, table = apply(params, INPUTS)
+    steps = 1 if backbone == "srgnn" else INPUTS.shape[1]
+    self.assertEqual(states.shape, (3, steps, 16))
+    self.assertEqual(table.shape, (NUM_ITEMS + 1 + (backbone == "bert4rec"), 16))
+    state, _ = apply(params, INPUTS, method="predict")
+    self.assertEqual(state.shape, (3, 16))
+    self.assertTrue(np.isfinite(np.asarray(state)).all())
+
+  @parameterized.parameters("sasrec", "gru4rec", "srgnn", "bert4rec")
+  def test_extra_left_padding_changes_nothing(self, backbone):
+    params, apply = _model(backbone)
+    padded = jnp.pad(INPUTS, ((0, 0), (4, 0)))
+    state, _ = apply(params, INPUTS, method="predict")
+    state_padded, _ = apply(params, padded, method="predict")
+    # BERT4Rec's mask token pushes the oldest item of a full window (row 1) out; padding does not.
+    rows = np.array([0, 2] if backbone == "bert4rec" else [0, 1, 2])
+    np.testing.assert_allclose(state_padded[rows], state[rows], atol=1e-5)
+    if backbone in ("sasrec", "gru4rec"):  # every real position, not just the last
+      states, _ = apply(params, INPUTS)
+      states_padded, _ = apply(params, padded)
+      real = np.asarray(INPUTS > 0)
+      np.testing.assert_allclose(np.asarray(states_padded[:, 4:])[real], np.asarray(states)[real],
+                                 atol=1e-5)
+
+  @parameterized.parameters("sasrec", "gru4rec")
+  def test_no_position_sees_a_later_one(self, backbone):
+    params, apply = _model(backbone)
+    changed = INPUTS.at[:, 5:].set(jnp.array([1, 2, 13]))
+    states, _ = apply(params, INPUTS)
+    states_changed, _ = apply(params, changed)
+    real = np.asarray(INPUTS[:, :5] > 0)  # padded positions are never read
+    np.testing.assert_allclose(np.asarray(states_changed[:, :5])[real],
+                               np.asarray(states[:, :5])[real], atol=1e-6)
+    self.assertGreater(float(jnp.abs(states_changed[:, 5:] - states[:, 5:]).max()), 1e-3)
+
+  def test_bert4rec_sees_both_directions(self):
+    params, apply = _model("bert4rec")
+    changed = INPUTS.at[1, 7].set(13)
+    states, _ = apply(params, INPUTS)
+    states_changed, _ = apply(params, changed)
+    self.assertGreater(float(jnp.abs(states_changed[1, 0] - states[1, 0]).max()), 1e-4)
+
+  def test_bert4rec_predicts_from_an_appended_mask_token(self):
+    params, apply = _model("bert4rec")
+    state, _ = apply(params, INPUTS, method="predict")
+    shifted = jnp.concatenate([INPUTS[:, 1:], jnp.full((3, 1), NUM_ITEMS + 1)], 1)
+    states, _ = apply(params, shifted)
+    np.testing.assert_allclose(state, states[:, -1], atol=1e-5)
+
+  def test_bert4rec_masks_only_real_items(self):
+    inputs, targets = bert4rec.mask_items(jax.random.key(3), INPUTS, 0.5, NUM_ITEMS + 1)
+    masked = np.asarray(inputs == NUM_ITEMS + 1)
+    self.assertTrue(masked.any())
+    np.testing.assert_array_equal(np.asarray(targets)[masked], np.asarray(INPUTS)[masked])
+    np.testing.assert_array_equal(np.asarray(targets)[~masked], 0)
+    np.testing.assert_array_equal(np.asarray(inputs)[~masked], np.asarray(INPUTS)[~masked])
+    self.assertFalse(masked[np.asarray(INPUTS) == 0].any())
+
+  @parameterized.parameters("sasrec", "gru4rec")
+  def test_dropout_only_in_training(self, backbone):
+    params, apply = _model(backbone)
+    train = lambda seed: apply(params, INPUTS, train=True,
+                                     rngs={"dropout": jax.random.key(seed)})[0]
+    self.assertGreater(float(jnp.abs(train(1) - train(2)).max()), 1e-3)
+    np.testing.assert_array_equal(apply(params, INPUTS)[0], apply(params, INPUTS)[0])
+
+
+class SessionGraphTest(absltest.TestCase):
+
+  def test_graph_with_repeats(self):
+    # 5 -> 6 -> 5 -> 6 -> 7: the transition 5 -> 6 repeats and counts once, as in RecBole.
+    nodes, alias, a_in, a_out = srgnn.session_graph(jnp.array([[0, 0, 5, 6, 5, 6, 7]]))
+    np.testing.assert_array_equal(nodes[0], [0, 5, 6, 7, 0, 0, 0])
+    np.testing.assert_array_equal(alias[0], [0, 0, 1, 2, 1, 2, 3])
+    edges = np.zeros((7, 7))
+    edges[1, 2] = edges[2, 1] = edges[2, 3] = 1  # 5->6, 6->5, 6->7; nothing from padding
+    expected_out = edges / np.maximum(edges.sum(1, keepdims=True), 1)
+    expected_in = edges.T / np.maximum(edges.sum(0)[:, None], 1)
+    np.testing.assert_allclose(a_out[0], expected_out)
+    np.testing.assert_allclose(a_in[0], expected_in)
+    self.assertAlmostEqual(float(a_out[0, 2, 1]), 0.5)  # 6 has two successors
+    self.assertAlmostEqual(float(a_in[0, 1, 2]), 1.0)  # 5's one predecessor is 6
+
+  def test_single_item_has_no_edges(self):
+    _, alias, a_in, a_out = srgnn.session_graph(jnp.array([[0, 0, 0, 9]]))
+    np.testing.assert_array_equal(alias[0], [0, 0, 0, 1])
+    self.assertEqual(float(jnp.abs(a_in).sum() + jnp.abs(a_out).sum()), 0.0)
+
+
+class LossTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.states = jax.random.normal(jax.random.key(0), (4, 8))
+    self.table = jax.random.normal(jax.random.key(1), (7, 8))  # 5 items + padding + 1 extra row
+    self.targets = jnp.array([1, 5, 2, 0])
+
+  def test_cross_entropy_is_a_softmax_over_items_and_padding(self):
+    per = recommender.cross_entropy(self.states, self.table, self.targets, num_items=5)
+    logits = np.asarray(self.states @ self.table[:6].T, np.float64)  # the extra row never counts
+    expected = (np.log(np.exp(logits).sum(1)) - logits[np.arange(4), np.asarray(self.targets)])
+    np.testing.assert_allclose(per, expected, rtol=1e-5)
+
+  def test_zero_targets_carry_no_loss(self):
+    cfg = RecConfig(loss="ce")
+    full = recommender.loss(self.states, self.table, self.targets, jax.random.key(0), cfg, 5)
+    per = recommender.cross_entropy(self.states, self.table, self.targets, 5)
+    self.assertAlmostEqual(float(full), float(per[:3].mean()), places=5)
+
+  def test_bpr_and_sampled_softmax_by_hand(self):
+    negatives = jnp.array([[2, 3], [1, 5], [4, 4], [1, 1]])
+    s = np.asarray(self.states @ self.table.T, np.float64)
+    pos = s[np.arange(4), np.asarray(self.targets)]
+    neg = np.take_along_axis(s, np.asarray(negatives), 1)
+    np.testing.assert_allclose(recommender.bpr(self.states, self.table, self.targets, negatives),
+                               np.log1p(np.exp(neg - pos[:, None])).mean(1), atol=1e-6)
+    sampled = recommender.sampled_softmax(self.states, self.table, self.targets, negatives)
+    neg[1, 1] = -np.inf  # the negative equal to the target is dropped
+    expected = np.log(np.exp(pos) + np.exp(neg).sum(1)) - pos
+    np.testing.assert_allclose(sampled, expected, atol=1e-6)
+
+  def test_negatives_are_items(self):
+    negatives = recommender.sample_negatives(jax.random.key(0), (1000,), 5)
+    self.assertEqual(set(np.asarray(negatives).tolist()), {1, 2, 3, 4, 5})
+
+  def test_losses_never_train_rows_past_the_catalogue(self):
+    for loss in ("ce", "bpr", "sampled"):
+      cfg = RecConfig(loss=loss, num_negatives=3)
+      value = recommender.loss(self.states, self.table, self.targets, jax.random.key(0), cfg, 5)
+      grad = jax.grad(lambda t: recommender.loss(self.states, t, self.targets, jax.random.key(0),
+                                                 cfg, 5))(self.table)
+      self.assertTrue(np.isfinite(float(value)))
+      self.assertEqual(float(jnp.abs(grad[6]).sum()), 0.0, loss)  # rows past the catalogue
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_backbone_defaults(self):
+    self.assertEqual(RecConfig().resolved().dropout, 0.5)
+    gru = RecConfig(backbone="gru4rec").resolved()
+    self.assertEqual((gru.dropout, gru.layers, gru.batch), (0.3, 1, 32))
+    self.assertEqual(RecConfig(backbone="srgnn").resolved().batch, 256)
+    self.assertEqual(RecConfig(backbone="sasrec", dropout=0.2).resolved().dropout, 0.2)
+
+  def test_bad_values_name_the_field(self):
+    for bad, field in ((dict(backbone="lstm"), "rec.backbone"), (dict(loss="hinge"), "rec.loss"),
+                       (dict(backbone="srgnn", train_mode="per_position"), "train_mode")):
+      with self.assertRaisesRegex(ValueError, field):
+        dataclasses.replace(RecConfig(), **bad).resolved()
+
+  def test_table_rows(self):
+    self.assertEqual(recommender.table_rows(10, "sasrec"), 11)
+    self.assertEqual(recommender.table_rows(10, "bert4rec"), 12)
+    self.assertEqual(recommender.table_rows(10, "sasrec", 8), 16)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,346 @@
+"""Teachers: the OpenAI-compatible client against a fault-injecting server, the resumable cache,
+cost accounting, the dry run, and the local teacher through slim_jax.generate."""
+
+import collections
+import dataclasses
+import email.utils
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from absl.testing import absltest
+import numpy as np
+
+from slim_jax import prompts, teacher
+from slim_jax.prompts import PromptConfig
+from slim_jax.teacher import TeacherConfig
+from tests import fake_openai_server as fake
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+KEY_ENV = "SLIM_JAX_TEST_TEACHER_KEY"
+SECRET = "sk-test-8c1f0e2d9b7a4c6e"
+
+
+def synthetic_requests(n: int) -> list[teacher.Request]:
+  """`n` distinct prompts, as the teacher stage would build them."""
+  requests = []
+  for user in range(n):
+    history = [f"Movie {user}-{k} ({1980 + k}) | Genres: Drama" for k in range(1 + user % 7)]
+    messages = tuple(prompts.cot_messages(history, PromptConfig()))
+    requests.append(teacher.Request(user, f"u{user}", "valid", messages, len(history),
+                                    prompt_tokens=sum(len(m["content"]) for m in messages) // 4))
+  return requests
+
+
+def client_config(url: str, **changes) -> TeacherConfig:
+  """Short backoffs; the server's stalls (1.5 s) outlast the 1 s timeout."""
+  return dataclasses.replace(TeacherConfig(
+      kind="openai", base_url=url, model="gpt-test", api_key_env=KEY_ENV, concurrency=8,
+      timeout_s=1.0, max_retries=4, backoff_s=0.01, max_backoff_s=0.5), **changes)
+
+
+def served(server: fake.FakeOpenAI, requests) -> list[int]:
+  return [server.requests[fake.prompt_key(list(r.messages))] for r in requests]
+
+
+class OpenAIClientTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(absltest.mock.patch.dict(os.environ, {KEY_ENV: SECRET}))
+    self.cache = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
+
+  def test_200_prompts_with_30_percent_faults_complete_exactly_once(self):
+    requests = synthetic_requests(200)
+    cfg = client_config("")
+    with fake.FakeOpenAI(seed=1, fault_rate=0.3, api_key=SECRET) as server:
+      teacher.run_openai(requests, dataclasses.replace(cfg, base_url=server.url), self.cache)
+    records = teacher.read_cache(self.cache)
+
+    self.assertEqual(set(server.faults_served), set(fake.FAULTS))  # every fault was served
+    self.assertGreater(sum(server.faults_served.values()), 60)
+    self.assertLessEqual(server.max_in_flight, cfg.concurrency)
+    self.assertLen(records, 200)
+    self.assertEqual(collections.Counter(map(teacher.cache_key, records)).most_common(1)[0][1], 1)
+    by_user = {r["user_id"]: r for r in records}
+    for request, requested in zip(requests, served(server, requests)):
+      got = by_user[request.user_id]
+      self.assertEqual(got["status"], "ok", got)
+      self.assertEqual(got["text"], fake.rationale_for(list(request.messages)))
+      self.assertEqual(got["prompt_hash"], request.prompt_hash)
+      self.assertGreaterEqual(got["attempts"], requested)  # a timed-out connect never arrives
+
+    summary = teacher.summarize(requests, records, "gpt-test")
+    self.assertEqual((summary["ok"], summary["failed"], summary["missing"]), (200, 0, 0))
+    self.assertEqual(summary["steps"]["missing_any"], 0)
+    self.assertEqual(summary["prompt_tokens"], server.billed["prompt_tokens"])
+    self.assertEqual(summary["completion_tokens"], server.billed["completion_tokens"])
+    self.assertAlmostEqual(summary["cost_usd"], (server.billed["prompt_tokens"] * 0.0015 +
+                                                 server.billed["completion_tokens"] * 0.002) / 1000)
+    self.assertEqual(teacher.pending(requests, records, "gpt-test", retry_failures=True), [])
+
+  def test_sigkill_midway_then_rerun_requests_nothing_already_recorded(self):
+    requests = synthetic_requests(200)
+    child = textwrap.dedent("""
+        import pathlib, sys
+        from slim_jax import teacher
+        from tests.test_teacher import client_config, synthetic_requests
+        teacher.run_openai(synthetic_requests(200), client_config(sys.argv[1], concurrency=4),
+                           pathlib.Path(sys.argv[2]))
+        """)
+    with fake.FakeOpenAI(seed=2, fault_rate=0.3, latency_s=0.02, api_key=SECRET) as server:
+      process = subprocess.Popen([sys.executable, "-c", child, server.url, str(self.cache)],
+                                 cwd=REPO, stderr=subprocess.PIPE, text=True)
+      while process.poll() is None and (
+          not self.cache.exists() or self.cache.read_bytes().count(b"\n") < 40):
+        time.sleep(0.005)
+      process.send_signal(signal.SIGKILL)
+      stderr = process.communicate()[1]
+      self.assertEqual(process.returncode, -signal.SIGKILL, stderr)
+
+      recorded = teacher.read_cache(self.cache)
+      self.assertBetween(len(recorded), 40, 199)
+      before = dict(server.requests)
+      cfg = client_config(server.url)
+      teacher.run_openai(teacher.pending(requests, recorded, "gpt-test", False), cfg, self.cache)
+
+    for record in recorded:
+      key = fake.prompt_key(list(requests[record["user"]].messages))
+      self.assertEqual(server.requests[key], before[key], record)  # not requested again
+    records = teacher.read_cache(self.cache)
+    self.assertEqual(sorted(r["user"] for r in records), list(range(200)))
+    self.assertTrue(all(r["status"] == "ok" for r in records))
+    self.assertNotIn(SECRET, stderr)
+
+  def test_truncated_completions_become_failures_retried_only_when_asked(self):
+    requests = synthetic_requests(5)
+    with fake.FakeOpenAI(fault_rate=1.0, faults=["length"], faulty_attempts=(99, 99)) as server:
+      cfg = client_config(server.url, max_retries=2)
+      teacher.run_openai(requests, cfg, self.cache)
+      self.assertEqual(served(server, requests), [3] * 5)
+      records = teacher.read_cache(self.cache)
+      self.assertEqual({(r["status"], r["text"], r["finish_reason"]) for r in records},
+                       {("failed", "", "length")})
+      self.assertEqual(teacher.pending(requests, records, "gpt-test", retry_failures=False), [])
+      todo = teacher.pending(requests, records, "gpt-test", retry_failures=True)
+      teacher.run_openai(todo, cfg, self.cache)
+      self.assertEqual(served(server, requests), [6] * 5)
+      summary = teacher.summarize(requests, teacher.read_cache(self.cache), "gpt-test")
+    self.assertEqual((summary["ok"], summary["failed"], summary["records"]), (0, 5, 10))
+    self.assertEqual(summary["prompt_tokens"], server.billed["prompt_tokens"])  # paid, though
+    out = pathlib.Path(self.create_tempdir().full_path) / "rationales.jsonl"
+    teacher.write_rationales(out, requests, teacher.read_cache(self.cache), "gpt-test")
+    self.assertEqual(out.read_text(), "")
+
+  def test_api_key_is_sent_but_never_logged_or_written(self):
+    requests = synthetic_requests(30)
+    with self.assertLogs(level=logging.DEBUG) as logs:
+      with fake.FakeOpenAI(seed=3, fault_rate=0.5, api_key=SECRET) as server:
+        teacher.run_openai(requests, client_config(server.url), self.cache)
+      with fake.FakeOpenAI(api_key="another-key") as server:
+        teacher.run_openai(synthetic_requests(31)[30:], client_config(server.url), self.cache)
+    records = teacher.read_cache(self.cache)
+    self.assertEqual(collections.Counter(r["status"] for r in records), {"ok": 30, "failed": 1})
+    self.assertEqual(records[-1]["error"], "HTTP 401")  # refused at once, not retried
+    self.assertEqual(records[-1]["attempts"], 1)
+    self.assertTrue(any("attempt" in line for line in logs.output))
+    self.assertNotIn(SECRET, "\n".join(logs.output))
+    self.assertNotIn(SECRET.encode(), self.cache.read_bytes())
+
+  def test_missing_key_names_the_variable(self):
+    del os.environ[KEY_ENV]
+    with self.assertRaisesRegex(KeyError, KEY_ENV):
+      teacher.run_openai(synthetic_requests(1), client_config("http://127.0.0.1:9/v1"),
+                         self.cache)
+
+  def test_without_usage_tokens_are_counted_with_cl100k(self):
+    requests = [dataclasses.replace(r, prompt_tokens=teacher.chat_tokens(r.messages))
+                for r in synthetic_requests(4)]
+    with fake.FakeOpenAI(fault_rate=0, with_usage=False) as server:
+      teacher.run_openai(requests, client_config(server.url), self.cache)
+    for request, record in zip(requests, sorted(teacher.read_cache(self.cache),
+                                                key=lambda r: r["user"])):
+      self.assertTrue(record["estimated_tokens"])
+      self.assertEqual(record["prompt_tokens"], request.prompt_tokens)
+      self.assertEqual(record["completion_tokens"], teacher.text_tokens(record["text"]))
+      self.assertGreater(record["completion_tokens"], 20)
+
+
+class CacheTest(absltest.TestCase):
+
+  def test_torn_last_line_is_dropped_and_cut_off(self):
+    path = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "te')
+    self.assertEqual(teacher.read_cache(path), [{"a": 1}, {"a": 2}])
+    self.assertEqual(path.read_text(), '{"a": 1}\n{"a": 2}\n')
+    with teacher.CacheWriter(path) as writer:
+      writer.append({"a": 4})
+    self.assertEqual(teacher.read_cache(path), [{"a": 1}, {"a": 2}, {"a": 4}])
+
+  def test_corrupt_inner_line_names_file_and_line(self):
+    path = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
+    path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    with self.assertRaisesRegex(ValueError, "cache.jsonl:2: not a JSON record"):
+      teacher.read_cache(path)
+
+  def test_second_writer_is_refused(self):
+    path = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
+    with teacher.CacheWriter(path):
+      with self.assertRaisesRegex(RuntimeError, "being written by another run"):
+        teacher.CacheWriter(path)
+
+
+class RateLimiterTest(absltest.TestCase):
+
+  def _run(self, rpm, tpm, tokens, n):
+    clock = [0.0]
+    limiter = teacher.RateLimiter(rpm, tpm, clock=lambda: clock[0],
+                                  sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    for _ in range(n):
+      limiter.acquire(tokens)
+    return clock[0]
+
+  def test_requests_per_minute(self):
+    # 600/min: a burst of one second's worth (10) plus one, then one every 0.1 s.
+    self.assertAlmostEqual(self._run(600, 0, 1, 31), 2.0)
+
+  def test_tokens_per_minute_allows_overdraw_then_repays(self):
+    # 6000/min = 100/s; 250-token requests: the 2nd waits 1.5 s of debt, later ones 2.5 s.
+    self.assertAlmostEqual(self._run(0, 6000, 250, 4), 1.5 + 2.5 * 2)
+
+  def test_unlimited_never_waits(self):
+    self.assertEqual(self._run(0, 0, 10**6, 100), 0.0)
+
+
+class ResponseTest(absltest.TestCase):
+
+  def test_retry_after_forms(self):
+    self.assertEqual(teacher.retry_after({"retry-after": "3"}), 3.0)
+    self.assertEqual(teacher.retry_after({"retry-after-ms": "250", "retry-after": "9"}), 0.25)
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    self.assertBetween(teacher.retry_after({"retry-after": date}), 25, 31)
+    self.assertIsNone(teacher.retry_after({}))
+
+  def test_backoff_honours_retry_after_else_grows_with_jitter(self):
+    cfg = TeacherConfig(backoff_s=1.0, max_backoff_s=10.0)
+    self.assertEqual(teacher.backoff(0, cfg, 0.05), 0.05)
+    self.assertBetween(teacher.backoff(2, cfg, None), 2.0, 4.0)
+    self.assertBetween(teacher.backoff(9, cfg, 600.0), 5.0, 10.0)  # an absurd wait is capped
+
+
+class DryRunTest(absltest.TestCase):
+
+  def test_ml100k_estimate(self):
+    from slim_jax import assets
+    from slim_jax.config import DataConfig
+    from slim_jax.data import formats, preprocess
+    prepared = preprocess.prepare(
+        formats.read_dataset("recbole", assets.path("ml-100k"), "raise"), DataConfig())
+    pcfg, tcfg = PromptConfig(max_prompt_tokens=1024), TeacherConfig(kind="openai")
+    estimate = teacher.estimate_cost(tcfg, pcfg, prepared)
+    print(json.dumps(estimate, indent=1))
+    self.assertEqual(estimate["requests"], 943)
+    self.assertBetween(estimate["mean_prompt_tokens"], 200, 1024)
+    self.assertEqual(estimate["completion_tokens"], 943 * tcfg.max_tokens)
+    self.assertAlmostEqual(estimate["cost_usd"], (estimate["prompt_tokens"] * 0.0015
+                                                  + estimate["completion_tokens"] * 0.002) / 1000)
+    requests = teacher.build_requests(prepared, pcfg, teacher.chat_tokens, max_users=10)
+    self.assertLen(requests, 10)
+    self.assertLessEqual(max(r.prompt_tokens for r in requests), 1024)
+    lengths = np.diff(prepared.seq_offsets)[:10] - 2
+    self.assertTrue(all(r.history_len <= n for r, n in zip(requests, lengths)))
+    self.assertTrue(any(r.history_len < n for r, n in zip(requests, lengths)))  # truncated
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer():
+  """A byte-level tokenizer (256 byte tokens, no merges) with ChatML's specials: tiny and instant."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+  core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  core.decoder = decoders.ByteLevel()
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, chat_template=CHATML,
+                                      eos_token="<|im_end|>", pad_token="<|im_end|>")
+  tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+  return tokenizer
+
+
+def bigram_params(config, transitions: dict[int, int], seed: int = 0):
+  """LLaMA params whose attention and MLP write nothing, so the next token depends only on the
+  current one; the head maps each `transitions` key to its value by a wide margin."""
+  from flax import traverse_util
+  from slim_jax.checkpoints import hf
+  rng = np.random.default_rng(seed)
+  params = {path: (np.ones(s.shape, np.float32) if path[-1] == "scale" else
+                   np.zeros(s.shape, np.float32) if path[-2] in ("o_proj", "down_proj") else
+                   rng.normal(0, 0.02, s.shape).astype(np.float32))
+            for path, s in traverse_util.flatten_dict(hf.param_shapes(config)).items()}
+  embed = rng.normal(0, 1, params[("embed_tokens", "embedding")].shape).astype(np.float32)
+  params[("embed_tokens", "embedding")] = embed
+  for current, following in transitions.items():
+    params[("lm_head", "kernel")][:, following] += 10 * embed[current] / np.linalg.norm(
+        embed[current])
+  return traverse_util.unflatten_dict(params)
+
+
+class LocalTeacherTest(absltest.TestCase):
+
+  def test_bigram_llama_writes_the_same_records_at_zero_dollars(self):
+    from slim_jax import parallel
+    from slim_jax.checkpoints import hf
+    from slim_jax.config import DataConfig
+    from slim_jax.data import preprocess
+    from slim_jax.data.formats import RawDataset
+    from slim_jax.models import llama
+
+    tokenizer = byte_tokenizer()
+    newline, letter = tokenizer.encode("\n")[0], tokenizer.encode("A")[0]
+    config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=len(tokenizer),
+                                 max_position_embeddings=2048)
+    directory = pathlib.Path(self.create_tempdir().full_path)
+    params = bigram_params(config, {newline: letter, letter: tokenizer.eos_token_id})
+    hf.save_hf(directory / "bigram", config, params, tokenizer)
+    rows = [(f"u{u}", f"i{(u * 3 + k) % 11}", k) for u in range(6) for k in range(4 + u)]
+    users, items, times = zip(*rows)
+    prepared = preprocess.prepare(RawDataset(
+        "toy", np.asarray(users, str), np.asarray(items, str), np.asarray(times, float),
+        np.full(len(rows), np.nan, np.float32), {}, {}), DataConfig())
+
+    tcfg = TeacherConfig(kind="local", checkpoint=str(directory / "bigram"), max_tokens=4,
+                         batch_size=4, max_users=4)
+    pcfg = PromptConfig(max_prompt_tokens=680, domain="generic")
+    mesh = parallel.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+    summary = teacher.run_teacher(tcfg, pcfg, prepared, directory / "out", mesh)
+    records = teacher.read_cache(directory / "out" / "cache.jsonl")
+
+    self.assertEqual((summary["requests"], summary["ok"], summary["failed"]), (4, 4, 0))
+    self.assertEqual(sorted(r["user"] for r in records), [0, 1, 2, 3])
+    cut = 0
+    for r in records:
+      history = [prepared.item_text[i] for i in prepared.split("valid").history(r["user"])]
+      cut += r["history_len"] < len(history)
+      prompt = teacher.chat_ids(tokenizer, prompts.cot_messages(history[-r["history_len"]:], pcfg))
+      self.assertLessEqual(len(prompt), 680)
+      self.assertEqual((r["model"], r["text"], r["status"]), ("local:bigram", "A", "ok"))
+      self.assertEqual((r["prompt_tokens"], r["completion_tokens"]), (len(prompt), 1))
+      self.assertEqual(r["cost_usd"], 0.0)
+    self.assertEqual(summary["prompt_tokens"], sum(r["prompt_tokens"] for r in records))
+    self.assertBetween(cut, 1, 3)  # the budget cut some histories, not all
+    self.assertLen((directory / "out" / "rationales.jsonl").read_text().splitlines(), 4)
+    teacher.run_teacher(tcfg, pcfg, prepared, directory / "out", mesh)  # a rerun adds nothing
+    self.assertLen(teacher.read_cache(directory / "out" / "cache.jsonl"), 4)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -5,7 +5,8 @@ global batch of 8 x 1024 bf16 tokens fit in 16 GiB per device (one TPU v5e chip)
 
 Nothing is allocated: parameters, adapters, optimizer state and batch are ShapeDtypeStructs with
 their shardings; XLA lowers and compiles the sharded step, and its memory and cost analyses
-give per-device bytes and FLOPs. Prints one JSON object.
+give per-device bytes and FLOPs. Layers run under nn.scan with remat ("nothing_saveable"), as
+they would on a pod. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from slim_jax.models.lora import LoraConfig  # noqa: E402
 
 BATCH, LENGTH = 8, 1024
 CONFIG = dataclasses.replace(llama.PRESETS["llama2_7b"], dtype="bfloat16", param_dtype="bfloat16",
-                             scan_layers=False, remat_policy="nothing_saveable")
+                             scan_layers=True, remat_policy="nothing_saveable")
 TARGETS = {"q,v": ("q_proj", "v_proj"),
            "all_linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj")}
 MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1},
           "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2}}
+BATCH_DTYPES = (("tokens", jnp.int32), ("mask", jnp.bool_), ("loss_mask", jnp.bool_))
 GIB = 1 << 30
 
 
@@ -49,45 +51,56 @@ def abstract(tree, rules, mesh):
                       tree, shardings)
 
 
-def compile_step(targets: tuple[str, ...], axes: dict[str, int]) -> dict:
-  mesh = parallel.make_mesh(axes)
-  lora_config = LoraConfig(rank=8, alpha=16.0, dropout=0.05, targets=targets)
-  model = Llama(CONFIG, lora_config)
+def lora_step(lora_config: LoraConfig, config=CONFIG):
+  model = Llama(config, lora_config)
   optimizer = optax.adamw(1e-4)
-  rules = llama.partition_rules(CONFIG)
-  params = abstract(hf.param_shapes(CONFIG), rules, mesh)
+  step = jax.jit(functools.partial(llama.lora_train_step, model, optimizer), donate_argnums=(1, 2))
   lora = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["lora"])
-  lora = abstract(lora, rules, mesh)
+  return step, hf.param_shapes(config), lora, jax.eval_shape(optimizer.init, lora)
+
+
+def step_flops(lora_config: LoraConfig) -> float:
+  """Global FLOPs of one step, remat recomputation included, from XLA's cost analysis of the
+  unrolled program (the compiled scan would count its loop body once)."""
+  step, params, lora, opt_state = lora_step(lora_config, dataclasses.replace(
+      CONFIG, scan_layers=False))
+  batch = {name: jax.ShapeDtypeStruct((BATCH, LENGTH), dtype) for name, dtype in BATCH_DTYPES}
+  return step.lower(params, lora, opt_state, batch, jax.eval_shape(jax.random.key, 0)
+                    ).cost_analysis()["flops"]
+
+
+def compile_step(targets: tuple[str, ...], axes: dict[str, int]) -> dict:
+  """Per-device memory of the sharded step as XLA compiles it for the mesh."""
+  mesh = parallel.make_mesh(axes)
+  lora_config = LoraConfig(rank=8, alpha=16.0, dropout=0.05, targets=targets)
+  rules = llama.partition_rules(CONFIG)
+  step, params, lora, opt_state = lora_step(lora_config)
   # Adam's moments mirror the adapters' paths, so the same rules shard them; the count replicates
-  opt_state = abstract(jax.eval_shape(optimizer.init, lora), (*rules, (r".*", P())), mesh)
-  batch_sharding = parallel.batch_sharding(mesh, 2)
-  batch = {name: jax.ShapeDtypeStruct((BATCH, LENGTH), dtype, sharding=batch_sharding)
-           for name, dtype in (("tokens", jnp.int32), ("mask", jnp.bool_),
-                               ("loss_mask", jnp.bool_))}
+  opt_state = abstract(opt_state, (*rules, (r".*", P())), mesh)
+  params, lora = abstract(params, rules, mesh), abstract(lora, rules, mesh)
+  batch = {name: jax.ShapeDtypeStruct((BATCH, LENGTH), dtype,
+                                      sharding=parallel.batch_sharding(mesh, 2))
+           for name, dtype in BATCH_DTYPES}
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-  step = jax.jit(functools.partial(llama.lora_train_step, model, optimizer),
-                 donate_argnums=(1, 2))
   with jax.set_mesh(mesh):
-    compiled = step.lower(params, lora, opt_state, batch, key).compile()
-  memory = compiled.memory_analysis()
+    memory = step.lower(params, lora, opt_state, batch, key).compile().memory_analysis()
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  lora_count = sum(x.size for x in jax.tree.leaves(lora))
+  xla_flops = step_flops(lora_config)
   return {
-      "mesh": axes, "lora_targets": list(targets), "lora_params": lora_count,
+      "mesh": axes, "lora_targets": list(targets),
+      "lora_params": sum(x.size for x in jax.tree.leaves(lora)),
       "per_device_gib": {
           "arguments": memory.argument_size_in_bytes / GIB,
           "outputs": memory.output_size_in_bytes / GIB,
           "temporaries": memory.temp_size_in_bytes / GIB,
-          "aliased": memory.alias_size_in_bytes / GIB,
+          "donated": memory.alias_size_in_bytes / GIB,
           "total": per_device / GIB},
       "fits_16_gib": per_device < 16 * GIB,
-      "flops_per_step_per_device": cost.get("flops"),
-      "flops_per_step_analytic": BATCH * LENGTH * 2 * llama.forward_flops_per_token(
-          CONFIG, LENGTH),
+      "xla_flops_per_step": xla_flops,
+      "xla_flops_per_step_per_device": xla_flops / mesh.size,
+      "model_flops_per_step": BATCH * LENGTH * 2 * llama.forward_flops_per_token(CONFIG, LENGTH),
   }
 
 

@@ -14,6 +14,8 @@ import types
 import typing
 from collections.abc import Sequence
 
+from slim_jax.models.recommender import RecConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -47,6 +49,7 @@ class Config:
   seed: int = 0
   data: DataConfig = DataConfig()
   mesh: MeshConfig = MeshConfig()
+  rec: RecConfig = RecConfig()
 
 
 def load_config(path: str | pathlib.Path) -> Config:

@@ -5,7 +5,7 @@ lax.while_loop of single-token decode steps) serves every prompt length in the b
 stops when every row has emitted a stop token or max_new_tokens is reached. Works with LoRA
 (pass {"params", "lora"}, or merged params) and on a sharded mesh (under jax.set_mesh).
 
-  python -m slim_jax.generate --checkpoint=workdir/ml100k_smollm2/convert/smollm2 \
+  python -m slim_jax.generate --checkpoint=<HF directory or .gguf> \
       --prompt="Suggest three sci-fi movies for someone who loved Alien."
 """
 

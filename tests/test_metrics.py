@@ -1,4 +1,4 @@
-"""Ranking metrics on hand-computed rankings, sampled evaluation, popularity bias, sparsity groups."""
+"""Metrics on hand-computed rankings, sampled evaluation, popularity bias, sparsity groups."""
 
 import jax
 import jax.numpy as jnp

@@ -23,6 +23,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
+from slim_jax import parallel
 from slim_jax.models.llama import Llama, LlamaConfig, RopeScaling, partition_rules
 
 CONFIG = "config.json"
@@ -31,7 +32,7 @@ INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 HF_FILES = (CONFIG, "tokenizer.json", "tokenizer_config.json", GENERATION_CONFIG)
 
-# (index into a param, HF tensor name) -> numpy slice of the HF tensor
+# (HF tensor name, tuple of slices into it) -> that slice as a numpy array
 Reader = Callable[[str, tuple], np.ndarray]
 
 
@@ -110,8 +111,6 @@ def _reader_slice(read: Reader, path: tuple[str, ...], index: tuple, shape) -> n
 
 def params_from_reader(read: Reader, config: LlamaConfig, mesh=None):
   """Builds the "params" tree; on a mesh each device reads only its shard (partition_rules)."""
-  from slim_jax import parallel  # the mesh layer; only needed for sharded loading
-
   shapes = param_shapes(config)
   shardings = (None if mesh is None else
                parallel.param_shardings(shapes, partition_rules(config), mesh))
@@ -197,6 +196,7 @@ def _write_weights(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], s
 
 
 def is_complete(directory) -> bool:
+  """Whether `directory` holds every file write_hf writes (so conversion can be skipped)."""
   directory = pathlib.Path(directory)
   has_weights = (directory / WEIGHTS).is_file() or (directory / INDEX).is_file()
   return has_weights and all((directory / f).is_file() for f in HF_FILES)

@@ -20,8 +20,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from slim_jax.models.lora import LoraConfig, kaiming_uniform, lora_delta
-
-BATCH_AXES = ("data", "fsdp")  # slim_jax.parallel.BATCH_AXES; activations' batch dim
+from slim_jax.parallel import BATCH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +35,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+  """Architecture (Hugging Face field meanings) plus how to run it: dtypes, scan, remat."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008

@@ -1,7 +1,7 @@
 """The interface every sequential recommender shares (RecBole style), its config and its losses.
 
 A backbone is a linen module over item sequences LEFT-padded with 0 (most recent item in the
-last column) whose `__call__(inputs int32[B, L], train) -> (states float[B, T, H], table float[R, H])`
+last column) whose `__call__(inputs int32[B, L], train) -> (states [B, T, H], table [R, H])`
 returns the sequence states and the item-embedding table they are scored against
 (`scores = states @ table.T`). Causal backbones (SASRec, GRU4Rec) return one state per position
 (T = L), so a whole window trains on every next item in one pass; session-level ones (SRGNN,
@@ -62,7 +62,7 @@ class RecConfig:
   eval_every: int = 1  # epochs between validations
   eval_batch: int = 1024
   exclude_history: bool = False  # full ranking drops items in the visible history (not the target)
-  sampled_eval: str = "uniform"  # negatives of the labelled sampled evaluation: uniform | popularity
+  sampled_eval: str = "uniform"  # negatives of the sampled evaluation: uniform | popularity
   sampled_negatives: int = 100
   table_axis: str = ""  # mesh axis sharding the item table's rows ("" = replicated)
   seed: int = 2020

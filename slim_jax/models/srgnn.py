@@ -82,8 +82,8 @@ class SRGNN(Backbone):
       h = step(h, a_in, a_out)
     seq = jnp.take_along_axis(h, alias[..., None], axis=1)  # [B, L, H], node state per column
     last = seq[:, -1]
-    alpha = dense(1, "attn_out", bias=False)(
-        jax.nn.sigmoid(dense(self.hidden, "attn_last")(last)[:, None] + dense(self.hidden, "attn_seq")(seq)))
+    gate = dense(self.hidden, "attn_last")(last)[:, None] + dense(self.hidden, "attn_seq")(seq)
+    alpha = dense(1, "attn_out", bias=False)(jax.nn.sigmoid(gate))
     preference = (alpha * seq * (inputs > 0)[..., None]).sum(1)
     state = dense(self.hidden, "combine")(jnp.concatenate([preference, last], -1))
     return state[:, None], emb.embedding

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -103,8 +102,9 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
         cfg: LoopConfig, workdir: str | pathlib.Path) -> LoopResult:
   """Trains `state` with `step` on `train_iter` under `cfg`.
 
-  `train_iter` yields batches and has grain's `get_state()` / `set_state(state)` (a JSON-able
-  dict per process), saved with every checkpoint.
+  `train_iter` yields batches and has grain's `get_state()` / `set_state(state)`: a JSON-able
+  dict, saved with every checkpoint by the primary process (the one loader's iterators walk the
+  same global index order on every process, so their states agree).
 
   Resumes from the latest checkpoint in workdir/checkpoints when there is one. Stops after
   `cfg.steps`, when the iterator ends, or when `cfg.metric` has not improved for `cfg.patience`

@@ -112,8 +112,8 @@ def make_train_step(model: Backbone, tx: optax.GradientTransformation, cfg: RecC
     def loss_of(params):
       states, table = model.apply(params, inputs, train=True, rngs={"dropout": dropout_rng})
       states = states[:, -1] if targets.ndim == 1 else states
-      return recommender.loss(states.reshape(-1, states.shape[-1]), table, targets.reshape(-1), negative_rng,
-                  cfg, model.num_items)
+      return recommender.loss(states.reshape(-1, states.shape[-1]), table, targets.reshape(-1),
+                              negative_rng, cfg, model.num_items)
 
     value, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

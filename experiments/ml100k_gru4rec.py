@@ -1,0 +1,17 @@
+"""GRU4Rec on MovieLens-100K under RecBole's protocol, for comparison with RecBole 1.2.1.
+
+No filtering, leave-one-out by time (RecBole's float32 time order), full ranking over all 1,682
+items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
+patience 10 on valid NDCG@10. Training: per position (every window of 50 items trains on all 50 next items at once).
+
+  python launch.py --config=experiments/ml100k_gru4rec.py --stages=train
+"""
+
+from slim_jax.config import Config, DataConfig
+from slim_jax.models.recommender import RecConfig
+
+
+def get_config() -> Config:
+  return Config(name="ml100k_gru4rec", data=DataConfig(name="ml-100k", format="recbole"),
+                rec=RecConfig(backbone="gru4rec", hidden=64, max_len=50, loss="ce", lr=1e-3,
+                              patience=10))

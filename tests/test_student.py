@@ -1,0 +1,82 @@
+"""Student rationales: a rationale for every user from the merged student, sharded, resumable through
+the teacher's cache without generating anything twice, equal to the unmerged adapter's output."""
+
+import collections
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from slim_jax import checkpoints, generate, parallel, student, teacher
+from slim_jax.checkpoints import hf, peft
+from slim_jax.models import lora as lora_lib
+from slim_jax.models.llama import Llama
+from slim_jax.models.lora import LoraConfig
+from slim_jax.student import StudentConfig
+from tests.test_distill import CONFIG, PROMPT, make_fixture
+
+
+def random_adapter(model_dir: pathlib.Path, directory: pathlib.Path, seed: int = 1) -> None:
+  """A PEFT adapter on `model_dir` with non-zero B, so that it changes what the model writes."""
+  config = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
+  adapters = lora_lib.init_lora(Llama(CONFIG, config), jax.random.key(0))
+  rng = np.random.default_rng(seed)
+  adapters = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape), adapters)
+  peft.save_peft(directory, adapters, config, base_model=str(model_dir))
+
+
+class StudentTest(absltest.TestCase):
+
+  def test_every_user_once_resumably_and_as_the_unmerged_adapter_writes(self):
+    root = pathlib.Path(self.create_tempdir().full_path)
+    model_dir, prepared, _ = make_fixture(root)
+    random_adapter(model_dir, root / "adapter")
+    cfg = StudentConfig(max_tokens=8, batch_size=8, dtype="float32")
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    out = root / "student"
+
+    first = student.run_student(dataclasses.replace(cfg, max_users=5), PROMPT, prepared,
+                                root / "adapter", out, mesh)
+    self.assertEqual((first["requests"], first["generated"], first["ok"]), (5, 5, 5))
+    self.assertGreater(first["tokens_per_s"], 0)
+    cache = (out / "cache.jsonl").read_text()
+    summary = student.run_student(cfg, PROMPT, prepared, root / "adapter", out, mesh)
+    users = prepared.num_users
+    self.assertEqual((summary["requests"], summary["generated"], summary["ok"]),
+                     (users, users - 5, users))
+    self.assertTrue((out / "cache.jsonl").read_text().startswith(cache))
+    records = teacher.read_cache(out / "cache.jsonl")
+    self.assertEqual(collections.Counter(map(teacher.cache_key, records)).most_common(1)[0][1], 1)
+    self.assertEqual(student.run_student(cfg, PROMPT, prepared, root / "adapter", out,
+                                         mesh)["generated"], 0)
+    lines = (out / "rationales.jsonl").read_text().splitlines()
+    self.assertLen(lines, users)
+    self.assertEqual(summary["truncated"], sum(r["finish_reason"] == "length" for r in records))
+
+    # The merged, sharded student writes what the unmerged adapter writes on one device.
+    adapters, lora_config = peft.load_peft(root / "adapter")
+    tokenizer = checkpoints.load_tokenizer(model_dir)
+    requests = teacher.build_requests(prepared, PROMPT,
+                                      lambda m: len(teacher.chat_ids(tokenizer, m)), max_users=8)
+    texts = lambda model, variables: [tokenizer.decode(i, skip_special_tokens=True) for i in (
+        generate.generate_ids(model, variables,
+                              [teacher.chat_ids(tokenizer, r.messages) for r in requests],
+                              jax.random.key(0), generate.SamplingConfig(max_new_tokens=8),
+                              [tokenizer.eos_token_id], tokenizer.pad_token_id))]
+    base = hf.load_params(model_dir)
+    written = [{r["user"]: r["text"] for r in records}[q.user] for q in requests]
+    self.assertEqual(written, texts(Llama(CONFIG, lora_config), {"params": base, "lora": adapters}))
+    self.assertNotEqual(written, texts(Llama(CONFIG), {"params": base}))  # the adapter matters
+
+  def test_another_adapter_is_another_cache_model(self):
+    root = pathlib.Path(self.create_tempdir().full_path)
+    random_adapter(root, root / "a", seed=1)
+    random_adapter(root, root / "b", seed=2)
+    self.assertRegex(student.model_label(root / "a"), r"^student:[0-9a-f]{12}$")
+    self.assertNotEqual(student.model_label(root / "a"), student.model_label(root / "b"))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -2,7 +2,7 @@
 
   python launch.py                                   # the embedded default, every stage
   python launch.py --stages=fetch,prepare --workdir=/tmp/slim
-  python launch.py --config=experiments/ml100k_smollm2.py --set data.max_seq_len=100
+  python launch.py --config=experiments/ml100k_smollm2.py --set rec.max_len=100
 
 On a multi-host TPU pod, run the same command with --multiprocess on every host; JAX's
 distributed runtime then initialises from the environment (TPU metadata, SLURM, Open MPI).

@@ -14,7 +14,12 @@ import types
 import typing
 from collections.abc import Sequence
 
+from slim_jax.encode import EncoderConfig
 from slim_jax.models.recommender import RecConfig
+from slim_jax.prompts import PromptConfig
+from slim_jax.student import StudentConfig
+from slim_jax.teacher import TeacherConfig
+from slim_jax.train.distill import DistillConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +33,6 @@ class DataConfig:
   user_core: int = 0
   item_core: int = 0
   time_order: str = "recbole"  # recbole: (float32 scaled time, file position); exact: (time, position)
-  max_seq_len: int = 50
   item_text_max_chars: int = 256
 
 
@@ -45,10 +49,15 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """One experiment: a section per pipeline stage (each defined beside the code it configures)."""
   name: str = "ml100k_smollm2"
-  seed: int = 0
   data: DataConfig = DataConfig()
   mesh: MeshConfig = MeshConfig()
+  prompt: PromptConfig = PromptConfig()
+  teacher: TeacherConfig = TeacherConfig()
+  distill: DistillConfig = DistillConfig()
+  student: StudentConfig = StudentConfig()
+  encoder: EncoderConfig = EncoderConfig()
   rec: RecConfig = RecConfig()
 
 

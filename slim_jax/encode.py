@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -240,3 +240,43 @@ def encode(texts: Sequence[str], cfg: EncoderConfig, cache_dir: str | pathlib.Pa
     for start in starts:
       chunk_path(cache_dir, start).unlink()
   return vectors
+
+
+def read_rationales(path: pathlib.Path) -> list[dict]:
+  """The rows of a rationales.jsonl (teacher or student), in file order."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def rationale_vectors(rows: Sequence[Mapping], vectors: np.ndarray, num_users: int,
+                      split: str) -> tuple[np.ndarray, np.ndarray]:
+  """[U, D] vectors of each user's `split` rationale and a [U] mask of users that have one."""
+  table = np.zeros((num_users, vectors.shape[1]), np.float32)
+  present = np.zeros(num_users, bool)
+  for row, vector in zip(rows, vectors):
+    if row["split"] == split:
+      table[row["user"]], present[row["user"]] = vector, True
+  return table, present
+
+
+def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
+                 out: pathlib.Path, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Encodes every item text and every student rationale into out/*.npy.
+
+  item_vectors.npy is [I+1, D] with a zero padding row; rationale_vectors_<split>.npy is
+  [U, D] with rationale_mask_<split>.npy marking the users whose rationale exists.
+  """
+  if cfg.kind == "none":
+    return {"kind": "none"}
+  items = encode(list(prepared.item_text[1:]), cfg, out / "items", mesh=mesh)
+  np.save(out / "item_vectors.npy", np.concatenate([np.zeros_like(items[:1]), items]))
+  rows = read_rationales(rationales_path)
+  texts = encode([row["text"] for row in rows], cfg, out / "rationales", mesh=mesh)
+  summary = {"kind": cfg.kind, "items": len(items), "dim": int(items.shape[1]),
+             "rationales": len(rows)}
+  for split in sorted({row["split"] for row in rows}):
+    table, present = rationale_vectors(rows, texts, prepared.num_users, split)
+    np.save(out / f"rationale_vectors_{split}.npy", table)
+    np.save(out / f"rationale_mask_{split}.npy", present)
+    summary[f"users_with_rationale_{split}"] = int(present.sum())
+  return summary

@@ -45,19 +45,87 @@ def _prepare(cfg: Config, out: pathlib.Path) -> dict:
   return stats
 
 
+def load_prepared(workdir: pathlib.Path):
+  """The prepare stage's dataset; a clear error when that stage has not run."""
+  from slim_jax.data import preprocess
+  if not (workdir / "prepare" / "DONE").is_file():
+    raise FileNotFoundError(f"{workdir / 'prepare'} is not complete: run --stages=prepare first")
+  return preprocess.load(workdir / "prepare")
+
+
+def _mesh(cfg: Config):
+  from slim_jax import parallel
+  return parallel.make_mesh(cfg.mesh.axes())
+
+
+EMBEDDED_LLM = "smollm2-135m-instruct"  # the converted embedded GGUF, under workdir/convert/
+
+
+def llm_checkpoint(checkpoint: str, workdir: pathlib.Path) -> str:
+  """A configured checkpoint, or the HF directory the convert stage made of the embedded GGUF."""
+  return checkpoint or str(workdir / "convert" / EMBEDDED_LLM)
+
+
+def _convert(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax import checkpoints
+  del cfg
+  directory = checkpoints.convert_gguf_to_hf(assets.path("smollm2"), out / EMBEDDED_LLM)
+  print(f"converted {assets.path('smollm2').name} to the Hugging Face directory {directory}")
+  return {"checkpoint": str(directory)}
+
+
+def _teacher(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax import teacher
+  tcfg = dataclasses.replace(cfg.teacher, checkpoint=llm_checkpoint(cfg.teacher.checkpoint,
+                                                                    out.parent))
+  if tcfg.kind == "openai":
+    estimate = teacher.estimate_cost(tcfg, cfg.prompt, load_prepared(out.parent))
+    logging.info("teacher dry run: %s", json.dumps(estimate))
+  return teacher.run_teacher(tcfg, cfg.prompt, load_prepared(out.parent), out, mesh=_mesh(cfg))
+
+
+def _distill(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax.train import distill
+  dcfg = dataclasses.replace(cfg.distill, checkpoint=llm_checkpoint(cfg.distill.checkpoint,
+                                                                    out.parent))
+  return distill.run_distill(dcfg, cfg.prompt, load_prepared(out.parent),
+                             out.parent / "teacher" / "rationales.jsonl", out, mesh=_mesh(cfg))
+
+
+def _generate(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax import student
+  return student.run_student(cfg.student, cfg.prompt, load_prepared(out.parent),
+                             out.parent / "distill" / "adapter", out, mesh=_mesh(cfg))
+
+
+def _encode(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax import encode
+  return encode.encode_stage(cfg.encoder, load_prepared(out.parent),
+                             out.parent / "generate" / "rationales.jsonl", out, mesh=_mesh(cfg))
+
+
+def _train(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax.train import recommend
+  result = recommend.train_recommender(cfg.rec, load_prepared(out.parent), out,
+                                       mesh=_mesh(cfg))
+  test = result["test"]
+  print(json.dumps({"backbone": result["backbone"], "test": test}, indent=2))
+  return {"backbone": result["backbone"], "test": test}
+
+
+_UPSTREAM_OF_STUDENT = ("data", "prompt", "teacher", "distill")
 STAGES: dict[str, Stage] = {
     stage.name: stage for stage in (
         Stage("fetch", _fetch, ()),
         Stage("prepare", _prepare, ("data",)),
+        Stage("convert", _convert, ()),
+        Stage("teacher", _teacher, ("data", "prompt", "teacher")),
+        Stage("distill", _distill, _UPSTREAM_OF_STUDENT),
+        Stage("generate", _generate, (*_UPSTREAM_OF_STUDENT, "student")),
+        Stage("encode", _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
+        Stage("train", _train, ("data", "rec")),
     )
 }
-
-
-def load_prepared(cfg: Config, workdir: pathlib.Path):
-  """The prepared dataset, running the prepare stage first when it is not complete."""
-  from slim_jax.data import preprocess
-  run_stage("prepare", cfg, workdir)
-  return preprocess.load(workdir / "prepare")
 
 
 def _fingerprint(cfg: Config, stage: Stage) -> dict:

@@ -13,26 +13,30 @@ class OverrideTest(absltest.TestCase):
 
   def test_nested_typed_overrides(self):
     cfg = config.apply_overrides(config.Config(), [
-        "data.max_seq_len=100", "data.min_rating=3.5", "mesh.fsdp=2", "name=x"])
-    self.assertEqual(cfg.data.max_seq_len, 100)
+        "data.item_text_max_chars=100", "data.min_rating=3.5", "mesh.fsdp=2", "name=x"])
+    self.assertEqual(cfg.data.item_text_max_chars, 100)
     self.assertEqual(cfg.data.min_rating, 3.5)
     self.assertEqual(cfg.mesh.fsdp, 2)
     self.assertEqual(cfg.name, "x")
     self.assertIsNone(config.apply_overrides(cfg, ["data.min_rating=none"]).data.min_rating)
 
   def test_unknown_key_lists_valid_keys(self):
-    with self.assertRaisesRegex(KeyError, r"data\.max_sq_len.*valid keys:.*data\.max_seq_len"):
-      config.apply_overrides(config.Config(), ["data.max_sq_len=3"])
+    with self.assertRaisesRegex(KeyError, r"data\.max_len.*valid keys:.*rec\.max_len"):
+      config.apply_overrides(config.Config(), ["data.max_len=3"])
 
   def test_wrong_type(self):
-    with self.assertRaisesRegex(ValueError, r"data\.max_seq_len=abc: expected int"):
-      config.apply_overrides(config.Config(), ["data.max_seq_len=abc"])
+    with self.assertRaisesRegex(ValueError, r"rec\.max_len=abc: expected int"):
+      config.apply_overrides(config.Config(), ["rec.max_len=abc"])
 
   def test_section_and_syntax_errors(self):
     with self.assertRaisesRegex(KeyError, "is a section"):
       config.apply_overrides(config.Config(), ["data=1"])
     with self.assertRaisesRegex(ValueError, "key.sub=value"):
-      config.apply_overrides(config.Config(), ["data.max_seq_len"])
+      config.apply_overrides(config.Config(), ["rec.max_len"])
+
+  def test_tuple_fields(self):
+    cfg = config.apply_overrides(config.Config(), ["distill.lora_targets=q_proj,v_proj,down_proj"])
+    self.assertEqual(cfg.distill.lora_targets, ("q_proj", "v_proj", "down_proj"))
 
   def test_experiment_files_load(self):
     for path in sorted((ROOT / "experiments").glob("*.py")):

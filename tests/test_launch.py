@@ -40,10 +40,10 @@ class LaunchTest(absltest.TestCase):
 
   def test_unknown_override_fails_listing_valid_keys(self):
     result = _launch("--stages=prepare", f"--workdir={self.create_tempdir().full_path}",
-                     "--set", "data.max_len=3")
+                     "--set", "data.max_sq_len=3")
     self.assertNotEqual(result.returncode, 0)
     self.assertIn("valid keys", result.stderr)
-    self.assertIn("data.max_seq_len", result.stderr)
+    self.assertIn("data.item_text_max_chars", result.stderr)
 
   def test_unknown_stage(self):
     result = _launch("--stages=nope", f"--workdir={self.create_tempdir().full_path}")

@@ -124,7 +124,7 @@ def make_train_step(model: Backbone, tx: optax.GradientTransformation, cfg: RecC
                      "targets": parallel.batch_sharding(mesh, 2 if cfg.train_mode ==
                                                         "per_position" else 1)}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
 def make_eval_step(model: Backbone, cfg: RecConfig,

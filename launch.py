@@ -19,7 +19,9 @@ _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "ml100k_smollm
 _CONFIG = flags.DEFINE_string("config", str(_DEFAULT_CONFIG), "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/ml100k_smollm2", "Where every stage writes.")
 _STAGES = flags.DEFINE_list("stages", None, "Stages to run, in order (default: all).")
-_SET = flags.DEFINE_multi_string("set", [], "Config override key.sub=value; repeatable.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Config override key.sub=value; repeatable. preset=NAME picks the config file's "
+    "preset (e.g. quick, full) before the other overrides apply.")
 _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess", False, "Call jax.distributed.initialize() first: pass it on every host of "
     "a multi-host pod or cluster.")
@@ -35,7 +37,7 @@ def main(argv):
   logging.info("JAX process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
 
-  cfg = config_lib.apply_overrides(config_lib.load_config(_CONFIG.value), _SET.value)
+  cfg = config_lib.from_flags(_CONFIG.value, _SET.value)
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_lib.to_json(cfg))

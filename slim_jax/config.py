@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import pathlib
 import types
@@ -51,6 +52,7 @@ class MeshConfig:
 class Config:
   """One experiment: a section per pipeline stage (each defined beside the code it configures)."""
   name: str = "ml100k_smollm2"
+  preset: str = ""  # the argument get_config() was called with (e.g. quick | full)
   data: DataConfig = DataConfig()
   mesh: MeshConfig = MeshConfig()
   prompt: PromptConfig = PromptConfig()
@@ -61,8 +63,8 @@ class Config:
   rec: RecConfig = RecConfig()
 
 
-def load_config(path: str | pathlib.Path) -> Config:
-  """Runs `get_config()` from a Python config file (big_vision style)."""
+def load_config(path: str | pathlib.Path, preset: str | None = None) -> Config:
+  """Runs `get_config()` (or `get_config(preset)`) from a Python config file, big_vision style."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"config file {path} does not exist")
@@ -71,7 +73,20 @@ def load_config(path: str | pathlib.Path) -> Config:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise AttributeError(f"config file {path} defines no get_config()")
-  return module.get_config()
+  if preset is None:
+    return module.get_config()
+  if not inspect.signature(module.get_config).parameters:
+    raise ValueError(f"config file {path} has no presets; drop preset={preset}")
+  return module.get_config(preset)
+
+
+def from_flags(path: str | pathlib.Path, assignments: Sequence[str]) -> Config:
+  """The config of `path` under `--set` assignments: `preset=...` chooses what get_config
+  builds, then the other assignments override its fields (so they win over the preset)."""
+  presets = [a.partition("=")[2].strip() for a in assignments
+             if a.partition("=")[0].strip() == "preset"]
+  others = [a for a in assignments if a.partition("=")[0].strip() != "preset"]
+  return apply_overrides(load_config(path, presets[-1] if presets else None), others)
 
 
 def field_paths(config) -> list[str]:

@@ -27,6 +27,7 @@ class PromptConfig:
   history: str = "prefix"  # prefix: one rationale per user from seq[:-2]; per_split: + seq[:-1]
   max_prompt_tokens: int = 1024  # whole prompt, counted by the tokenizer that reads it
   recommend: int = 5  # concrete items asked for in step 3
+  max_words: int = 0  # asks for an answer under this many words (0 = no limit): small models ramble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,8 @@ def cot_messages(item_texts: Sequence[str], cfg: PromptConfig) -> list[dict[str,
   history = "\n".join(f"{i}. {text}" for i, text in enumerate(item_texts, 1))
   user = INSTRUCTION.format(verb=words.verb, items=words.items, kinds=words.kinds,
                             recommend=cfg.recommend, history=history)
+  if cfg.max_words:
+    user += f" Keep the whole answer under {cfg.max_words} words."
   return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 

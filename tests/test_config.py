@@ -46,6 +46,17 @@ class OverrideTest(absltest.TestCase):
           cfg = config.load_config(path)
           self.assertTrue(config.to_json(cfg))
 
+  def test_preset_is_chosen_before_other_overrides(self):
+    path = ROOT / "experiments" / "ml100k_smollm2.py"
+    quick = config.from_flags(path, [])
+    full = config.from_flags(path, ["preset=full", "teacher.max_tokens=99"])
+    self.assertEqual((quick.preset, full.preset), ("quick", "full"))
+    self.assertGreater(quick.teacher.max_users, 0)
+    self.assertEqual(full.teacher.max_users, 0)  # every user
+    self.assertEqual(full.teacher.max_tokens, 99)
+    with self.assertRaisesRegex(ValueError, "preset='huge'"):
+      config.from_flags(path, ["preset=huge"])
+
   def test_missing_config_file(self):
     with self.assertRaisesRegex(FileNotFoundError, "nope.py"):
       config.load_config(ROOT / "experiments" / "nope.py")

@@ -5,7 +5,7 @@ Evaluation follows RecBole's protocol: no filtering, leave-one-out by time, full
 
 Presets (`--set preset=NAME`):
   quick (default): the first 48 users get teacher and student rationales, short ones, and the
-    student distils for 12 steps, so the whole pipeline runs in about 20 minutes on a 2-core CPU.
+    student distils for 12 steps, so the whole pipeline runs in about 15 minutes on a 2-core CPU.
   full: every one of the 943 users, longer rationales, longer distillation.
 On a CPU the LLM stages compute in float32: XLA's CPU bfloat16 matmuls are slower.
 """

@@ -174,6 +174,14 @@ class LanguageModelBatchTest(absltest.TestCase):
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["tokens"], expected)
 
+  def test_lm_eval_batches_cover_every_example_once(self):
+    batches = list(loader.lm_eval_batches(self.prompts, self.targets, batch_size=4, buckets=(16,),
+                                          pad_id=0, mesh=None))
+    self.assertLen(batches, 2)
+    loss_tokens = sum(int(b["loss_mask"].sum()) for b in batches)
+    self.assertEqual(loss_tokens, sum(len(t) for t in self.targets))
+    self.assertFalse(batches[1]["segment_ids"][2:].any())  # the two padding rows are empty
+
   def test_text_batches_cover_every_text_in_order(self):
     batches = list(loader.text_batches(self.prompts, batch_size=4, buckets=(16,), pad_id=0, mesh=None))
     index = np.concatenate([b["index"] for b in batches])

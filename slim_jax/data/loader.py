@@ -290,6 +290,19 @@ def lm_training(prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *,
   return iterator, num_rows // batch_size
 
 
+def lm_eval_batches(prompts: Sequence[np.ndarray], targets: Sequence[np.ndarray], *,
+                    batch_size: int, buckets: Sequence[int], pad_id: int,
+                    mesh: jax.sharding.Mesh | None) -> Iterator[dict]:
+  """Every (prompt, target) example once, in order, for held-out losses; padding rows are
+  empty, so they carry no loss."""
+  empty = np.zeros(0, np.int32)
+  pick = lambda rows_of, rows: [rows_of[r] if r >= 0 else empty for r in rows]
+  return ordered_batches(
+      len(prompts),
+      lambda rows: lm_batch(pick(prompts, rows), pick(targets, rows), buckets, pad_id),
+      batch_size=batch_size, mesh=mesh)
+
+
 def text_batches(token_ids: Sequence[np.ndarray], *, batch_size: int, buckets: Sequence[int],
                  pad_id: int, mesh: jax.sharding.Mesh | None) -> Iterator[dict]:
   """Encoder batches over every text once, in order ("index" says which text a row holds)."""

@@ -145,18 +145,6 @@ def heldout_users(user_ids: Sequence[str], fraction: float, seed: int) -> set[st
   return set(np.random.default_rng(seed).permutation(users)[:count].tolist())
 
 
-def heldout_batches(prompt_ids: Sequence[np.ndarray], rationale_ids: Sequence[np.ndarray], *,
-                    batch_size: int, buckets: Sequence[int], pad_id: int, mesh):
-  """Every held-out example once, as the loader's LM batches; padding rows carry no loss."""
-  empty = np.zeros(0, np.int32)
-  pick = lambda seqs, rows: [seqs[r] if r >= 0 else empty for r in rows]
-  return loader.ordered_batches(
-      len(prompt_ids),
-      lambda rows: loader.lm_batch(pick(prompt_ids, rows), pick(rationale_ids, rows), buckets,
-                                   pad_id),
-      batch_size=batch_size, mesh=mesh)
-
-
 # ---------------------------------------------------------------------------------------------
 # The optimizer and the jitted steps.
 
@@ -309,7 +297,7 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
   train_iter, steps_per_epoch = loader.lm_training(
       [prompt_ids[i] for i in train], [rationale_ids[i] for i in train],
       batch_size=cfg.batch_size, buckets=cfg.buckets, pad_id=pad_id, seed=cfg.seed, mesh=mesh)
-  evaluate = lambda state: heldout_metrics(eval_step, base, state.lora, heldout_batches(
+  evaluate = lambda state: heldout_metrics(eval_step, base, state.lora, loader.lm_eval_batches(
       [prompt_ids[i] for i in heldout], [rationale_ids[i] for i in heldout],
       batch_size=cfg.eval_batch_size, buckets=cfg.buckets, pad_id=pad_id, mesh=mesh))
   tokens = []

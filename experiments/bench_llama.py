@@ -9,7 +9,6 @@ counts twice a forward pass) over the measured fp32 matmul peak of the same fram
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import time
@@ -17,13 +16,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
-from slim_jax import assets, checkpoints, generate
-from slim_jax.models import llama, lora as lora_lib
+from slim_jax import assets, checkpoints, generate, parallel
+from slim_jax.data import loader
+from slim_jax.models import llama
 from slim_jax.models.llama import Llama
-from slim_jax.models.lora import LoraConfig
+from slim_jax.train import distill
+from slim_jax.train.distill import DistillConfig
 
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions after one warm-up (best kept).")
 _PARTS = flags.DEFINE_list("parts", ["peak", "prefill", "train", "generate"], "What to measure.")
@@ -32,8 +32,11 @@ _TORCH = flags.DEFINE_bool("torch", importlib.util.find_spec("torch") is not Non
 
 BATCH, LENGTH = 4, 512
 PROMPT, NEW_TOKENS = 128, 64
-LORA = LoraConfig(rank=8, alpha=16.0, dropout=0.0,
-                  targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+# The distillation step with plain AdamW (no clipping), as in the PEFT loop it is compared with
+DISTILL = DistillConfig(lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,
+                        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), batch_size=BATCH,
+                        lr=1e-4, warmup_steps=0, clip_norm=0.0)
+LORA = DISTILL.lora()
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -59,7 +62,7 @@ def torch_peak(repeats: int, n: int = 2048) -> float:
   return 2 * n**3 / best_seconds(lambda: a @ a, repeats)
 
 
-def jax_benchmarks(config, params, parts, repeats) -> dict:
+def jax_benchmarks(config, params, mesh, parts, repeats) -> dict:
   model = Llama(config)
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH), np.int32)
   results = {}
@@ -70,19 +73,21 @@ def jax_benchmarks(config, params, parts, repeats) -> dict:
     results["prefill_tokens_per_s"] = BATCH * LENGTH / seconds
   if "train" in parts:
     lora_model = Llama(config, LORA)
-    adapters = lora_lib.init_lora(lora_model, jax.random.key(0))
-    optimizer = optax.adamw(1e-4)
-    state = [adapters, optimizer.init(adapters)]
-    batch = {"tokens": tokens, "mask": np.ones_like(tokens, bool),
-             "loss_mask": np.ones_like(tokens, bool)}
-    step = jax.jit(functools.partial(llama.lora_train_step, lora_model, optimizer),
-                   donate_argnums=(1, 2))
+    tx, schedule = distill.optimizer(DISTILL)
+    state, shardings = distill.init_state(lora_model, tx, DISTILL, mesh)
+    step = distill.make_train_step(lora_model, tx, schedule, DISTILL,
+                                   jax.tree.map(lambda x: x.sharding, params), shardings, mesh)
+    # empty prompts: the loss is on every token, as with labels=tokens in the PEFT loop
+    batch = parallel.global_batch(loader.lm_batch(
+        list(tokens[:, :0]), list(tokens), (LENGTH,), pad_id=0), mesh)
+    states = [state]
 
     def train():
-      state[0], state[1], loss = step(params, state[0], state[1], batch, jax.random.key(1))
-      loss.block_until_ready()
+      states[0], metrics = step(params, states[0], batch)
+      jax.block_until_ready(metrics)
 
-    results["lora_train_tokens_per_s"] = BATCH * LENGTH / best_seconds(train, repeats)
+    with jax.set_mesh(mesh):
+      results["lora_train_tokens_per_s"] = BATCH * LENGTH / best_seconds(train, repeats)
   if "generate" in parts:
     for batch_size in (1, 16):
       prompts = np.random.default_rng(1).integers(0, config.vocab_size, (batch_size, PROMPT))
@@ -151,12 +156,13 @@ def main(argv):
   parts, repeats = set(_PARTS.value), _REPEATS.value
   gguf_path = assets.path("smollm2")
   hf_dir = checkpoints.convert_gguf_to_hf(gguf_path, assets.cache_dir() / "smollm2-hf")
-  config, params, _ = checkpoints.load(hf_dir)
+  mesh = parallel.make_mesh()
+  config, params, _ = checkpoints.load(hf_dir, mesh)
   report = {"model": "SmolLM2-135M-Instruct fp32", "devices": str(jax.devices()),
             "batch_x_length": [BATCH, LENGTH], "generate_prompt_new": [PROMPT, NEW_TOKENS],
             "lora": f"r={LORA.rank} on {','.join(LORA.targets)}, AdamW"}
   peak = jax_peak(repeats) if "peak" in parts else None
-  report["jax"] = with_mfu(jax_benchmarks(config, params, parts, repeats), config, peak)
+  report["jax"] = with_mfu(jax_benchmarks(config, params, mesh, parts, repeats), config, peak)
   if _TORCH.value:
     import torch
     peak = torch_peak(repeats) if "peak" in parts else None

@@ -1,21 +1,23 @@
 """LoRA: a separate adapter pytree equal to merged weights, trained alone, sharded, and
 interchangeable with Hugging Face PEFT."""
 
-import contextlib
 import functools
+import math
 import tempfile
 
 import jax
 import numpy as np
-import optax
 import peft
 from absl.testing import absltest, parameterized
 
 from slim_jax import parallel
 from slim_jax.checkpoints import peft as peft_io
+from slim_jax.data import loader
 from slim_jax.models import llama, lora as lora_lib
 from slim_jax.models.llama import Llama
 from slim_jax.models.lora import LoraConfig
+from slim_jax.train import distill
+from slim_jax.train.distill import DistillConfig
 from tests import llama_reference as ref
 
 TINY = llama.PRESETS["tiny"]
@@ -114,30 +116,27 @@ class LoraTest(parameterized.TestCase):
 
 
 @functools.cache
-def _train(axes=None, steps=3):
-  """Losses and final adapters of a few AdamW steps, on one device or on a mesh."""
-  config = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=ALL.targets)
-  model = Llama(TINY, config)
-  params = ref.random_params(TINY)
-  adapters = lora_lib.init_lora(model, jax.random.key(0))
-  optimizer = optax.adamw(1e-2)
-  tokens = _tokens((8, 16))
-  batch = {"tokens": tokens, "mask": np.ones_like(tokens, bool),
-           "loss_mask": np.arange(16)[None].repeat(8, 0) >= 4}
-  mesh = None if axes is None else parallel.make_mesh(dict(axes))
-  if mesh is not None:
-    rules = llama.partition_rules(TINY)
-    params = parallel.shard_params(params, rules, mesh)
-    adapters = parallel.shard_params(adapters, rules, mesh)
-    batch = {k: jax.device_put(v, parallel.batch_sharding(mesh, 2)) for k, v in batch.items()}
-  opt_state = optimizer.init(adapters)
-  step = jax.jit(functools.partial(llama.lora_train_step, model, optimizer))
+def _train(axes=(("data", 1),), steps=3):
+  """Losses and final adapters of a few distillation steps (slim_jax.train.distill) on a mesh of
+  these axes; the default is one device."""
+  cfg = DistillConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=ALL.targets,
+                      batch_size=8, lr=1e-2, warmup_steps=0)
+  model = Llama(TINY, cfg.lora())
+  mesh = parallel.make_mesh(dict(axes), jax.devices()[:math.prod(size for _, size in axes)])
+  base = parallel.shard_params(ref.random_params(TINY), llama.partition_rules(TINY), mesh)
+  tx, schedule = distill.optimizer(cfg)
+  state, shardings = distill.init_state(model, tx, cfg, mesh)
+  step = distill.make_train_step(model, tx, schedule, cfg,
+                                 jax.tree.map(lambda x: x.sharding, base), shardings, mesh)
+  tokens = _tokens((8, 16))  # a 4-token prompt, then 12 target tokens to learn
+  batch = parallel.global_batch(
+      loader.lm_batch(list(tokens[:, :4]), list(tokens[:, 4:]), (16,), pad_id=0), mesh)
   losses = []
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+  with jax.set_mesh(mesh):
     for _ in range(steps):
-      adapters, opt_state, loss = step(params, adapters, opt_state, batch, jax.random.key(1))
-      losses.append(float(loss))
-  return losses, jax.device_get(adapters)
+      state, metrics = step(base, state, batch)
+      losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state.lora)
 
 
 class LoraTrainingTest(parameterized.TestCase):

@@ -341,18 +341,3 @@ def causal_lm_loss(logits, tokens, loss_mask):
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
-
-def lora_train_step(model: Llama, optimizer, params, lora, opt_state, batch, key):
-  """One optimizer step on the adapters only -> (lora, opt_state, loss).
-
-  `batch`: tokens [B, T], mask [B, T] (real tokens) and loss_mask [B, T] (targets to learn, e.g.
-  the rationale). Jit it with `model` and `optimizer` static; the frozen base gets no gradient.
-  """
-  def loss_fn(lora):
-    logits, _ = model.apply({"params": params, "lora": lora}, batch["tokens"], batch["mask"],
-                            rngs={"dropout": key})
-    return causal_lm_loss(logits, batch["tokens"], batch["loss_mask"])
-
-  loss, grads = jax.value_and_grad(loss_fn)(lora)
-  updates, opt_state = optimizer.update(grads, opt_state, lora)
-  return optax.apply_updates(lora, updates), opt_state, loss

@@ -36,8 +36,10 @@ def bench(cfg, prepared, mesh, steps: int, evals: int) -> dict:
       prepared, max_len=rec.max_len, batch_size=rec.batch, seed=rec.seed, mesh=mesh,
       per_position=rec.train_mode == "per_position")
   tx = recommend.optimizer(rec, steps)
-  state, shardings = recommend.init_state(model, tx, rec, mesh)
-  step = recommend.make_train_step(model, tx, rec, shardings, mesh)
+  side = recommend.device_sides(None, mesh)["train"]  # the plain backbone reads none
+  state, shardings = recommend.init_state(model, tx, rec, mesh, side)
+  train_step = recommend.make_train_step(model, tx, rec, shardings, mesh)
+  step = lambda state, batch: train_step(state, batch, side)
   state, metrics = step(state, next(batches))  # compile
   jax.block_until_ready(metrics)
   targets, start = 0, time.perf_counter()
@@ -51,10 +53,10 @@ def bench(cfg, prepared, mesh, steps: int, evals: int) -> dict:
   eval_step = recommend.make_eval_step(model, rec)
   valid = list(loader.next_item_eval(prepared, "valid", max_len=rec.max_len,
                                      batch_size=rec.eval_batch, mesh=mesh))
-  recommend.rank_users(eval_step, state.params, valid)  # compile
+  recommend.rank_users(eval_step, state.params, side, valid)  # compile
   start = time.perf_counter()
   for _ in range(evals):
-    ranked = recommend.rank_users(eval_step, state.params, valid)
+    ranked = recommend.rank_users(eval_step, state.params, side, valid)
   eval_seconds = (time.perf_counter() - start) / evals
   return {"train_mode": rec.train_mode, "batch": rec.batch,
           "train_examples_per_s": targets / steps / step_seconds,

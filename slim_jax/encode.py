@@ -259,6 +259,19 @@ def rationale_vectors(rows: Sequence[Mapping], vectors: np.ndarray, num_users: i
   return table, present
 
 
+def load_encoded(out: pathlib.Path) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """(item vectors [I+1, D], {split: (rationale vectors [U, D], has-rationale mask [U])}) that
+  `encode_stage` wrote to `out`."""
+  out = pathlib.Path(out)
+  if not (out / "item_vectors.npy").is_file():
+    raise FileNotFoundError(f"{out / 'item_vectors.npy'} is missing: run --stages=encode with an "
+                            "encoder.kind that encodes (minilm, llm_pooled)")
+  rationales = {path.stem.removeprefix("rationale_vectors_"):
+                (np.load(path), np.load(out / path.name.replace("vectors", "mask")))
+                for path in sorted(out.glob("rationale_vectors_*.npy"))}
+  return np.load(out / "item_vectors.npy"), rationales
+
+
 def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
                  out: pathlib.Path, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Encodes every item text and every student rationale into out/*.npy.

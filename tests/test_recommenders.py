@@ -9,7 +9,7 @@ from absl.testing import absltest, parameterized
 
 from slim_jax.models import bert4rec, recommender, srgnn
 from slim_jax.models.recommender import RecConfig
-from slim_jax.train.recommend import build_model
+from slim_jax.train.recommend import build_backbone
 
 NUM_ITEMS = 30
 INPUTS = jnp.array([[0, 0, 0, 3, 7, 3, 9, 12],
@@ -19,7 +19,7 @@ INPUTS = jnp.array([[0, 0, 0, 3, 7, 3, 9, 12],
 
 def _model(backbone):
   """(params, model.apply) of a small backbone."""
-  model = build_model(RecConfig(backbone=backbone, hidden=16, max_len=12, inner=32,
+  model = build_backbone(RecConfig(backbone=backbone, hidden=16, max_len=12, inner=32,
                                 gru_hidden=24), NUM_ITEMS)
   return model.init(jax.random.key(0), INPUTS), model.apply
 

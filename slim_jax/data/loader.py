@@ -49,7 +49,7 @@ class Sequences:
 
 
 def training_part(prepared) -> Sequences:
-  """Each user's sequence less its last two items (the valid and test targets)."""
+  """Each user's sequence less its last two items (the valid and test targets); row = user."""
   whole = Sequences.from_offsets(prepared.seq_items, prepared.seq_offsets)
   return dataclasses.replace(whole, ends=whole.ends - 2)
 
@@ -83,14 +83,15 @@ def per_position_examples(train: Sequences, max_len: int) -> tuple[np.ndarray, n
 def last_position_batch(train: Sequences, rows: np.ndarray, targets: np.ndarray,
                         max_len: int) -> Batch:
   return {"inputs": gather_left_padded(train.items, train.starts[rows], targets, max_len),
-          "targets": train.items[targets].astype(np.int32)}
+          "targets": train.items[targets].astype(np.int32), "users": rows.astype(np.int32)}
 
 
 def per_position_batch(train: Sequences, rows: np.ndarray, ends: np.ndarray,
                        max_len: int) -> Batch:
   starts = train.starts[rows]
   return {"inputs": gather_left_padded(train.items, starts, ends - 1, max_len),
-          "targets": gather_left_padded(train.items, starts + 1, ends, max_len)}
+          "targets": gather_left_padded(train.items, starts + 1, ends, max_len),
+          "users": rows.astype(np.int32)}
 
 
 def eval_batch(history: Sequences, targets: np.ndarray, users: np.ndarray, rows: np.ndarray,

@@ -1,6 +1,8 @@
 """Training and evaluating a sequential recommender: model, AdamW, jitted steps, metrics.json.
 
-The train step is data parallel over the mesh's batch axes, with the item table's rows
+Every variant trains here: a plain backbone, SLIM ID-based, SLIM ID-agnostic (`models/slim.py`);
+the zero-shot ranking has nothing to train and is only evaluated. Rationale and item-text
+vectors reach the jitted steps as a replicated `side` argument. The train step is data parallel over the mesh's batch axes, with the item table's rows
 optionally sharded over a model axis (`rec.table_axis`) for catalogues too large to replicate.
 Evaluation ranks the full catalogue on the device in jitted batches; only a rank and a top-20
 list per user come back to the host.
@@ -28,6 +30,8 @@ from slim_jax.data import loader
 from slim_jax.models import bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
 from slim_jax.models.recommender import Backbone, RecConfig, table_rows
+from slim_jax.models import slim
+from slim_jax.models.slim import SLIM, SlimConfig
 from slim_jax.train import loop
 
 TOP_K = 20  # longest list the popularity-bias analysis reads
@@ -41,7 +45,17 @@ class TrainState:
   opt_state: Any
 
 
-def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1) -> Backbone:
+def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: str = "plain",
+                slim: SlimConfig = SlimConfig()) -> SLIM:
+  """The SLIM variant `mode` of the backbone `cfg` names (no backbone for the ID-agnostic ones)."""
+  cfg = cfg.resolved()
+  backbone = None if mode in ("id_agnostic", "zero_shot") else build_backbone(cfg, num_items,
+                                                                                table_multiple)
+  return SLIM(mode, slim.checked(), num_items, table_rows(num_items, cfg.backbone, table_multiple),
+              cfg.hidden, backbone)
+
+
+def build_backbone(cfg: RecConfig, num_items: int, table_multiple: int = 1) -> Backbone:
   """The backbone `cfg` names, with its RecBole defaults filled in."""
   cfg = cfg.resolved()
   common = dict(num_items=num_items, rows=table_rows(num_items, cfg.backbone, table_multiple),
@@ -76,17 +90,18 @@ def sharding_rules(cfg: RecConfig) -> parallel.Rules:
   return [(r"item_emb/embedding$", P(cfg.table_axis or None, None)), (r".*", P())]
 
 
-def init_state(model: Backbone, tx: optax.GradientTransformation, cfg: RecConfig,
-               mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+def init_state(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
+               mesh: jax.sharding.Mesh, side) -> tuple[TrainState, Any]:
   """A TrainState placed on `mesh` by the sharding rules, and its shardings."""
   def init():
-    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.max_len), jnp.int32))
+    params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.max_len), jnp.int32),
+                        jnp.zeros((1,), jnp.int32), side)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   shardings = parallel.param_shardings(jax.eval_shape(init), sharding_rules(cfg), mesh)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def training_pair(model: Backbone, cfg: RecConfig, batch, rng):
+def training_pair(model: SLIM, cfg: RecConfig, batch, rng):
   """(inputs [B, L], targets [B, L] or [B]) that the loss reads from a loader batch.
 
   BERT4Rec turns the window ending at the last target into masked inputs and their targets.
@@ -99,18 +114,19 @@ def training_pair(model: Backbone, cfg: RecConfig, batch, rng):
   return inputs, targets
 
 
-def make_train_step(model: Backbone, tx: optax.GradientTransformation, cfg: RecConfig,
+def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
                     state_shardings, mesh: jax.sharding.Mesh) -> Callable:
-  """The jitted `step(state, batch) -> (state, {"loss", "grad_norm"})`."""
+  """The jitted `step(state, batch, side) -> (state, {"loss", "grad_norm"})`."""
   cfg = cfg.resolved()
   key = jax.random.key(cfg.seed)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, side):
     dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
     inputs, targets = training_pair(model, cfg, batch, mask_rng)
 
     def loss_of(params):
-      states, table = model.apply(params, inputs, train=True, rngs={"dropout": dropout_rng})
+      states, table = model.apply(params, inputs, batch["users"], side, train=True,
+                                  rngs={"dropout": dropout_rng})
       states = states[:, -1] if targets.ndim == 1 else states
       return recommender.loss(states.reshape(-1, states.shape[-1]), table, targets.reshape(-1),
                               negative_rng, cfg, model.num_items)
@@ -122,14 +138,15 @@ def make_train_step(model: Backbone, tx: optax.GradientTransformation, cfg: RecC
 
   batch_shardings = {"inputs": parallel.batch_sharding(mesh, 2),
                      "targets": parallel.batch_sharding(mesh, 2 if cfg.train_mode ==
-                                                        "per_position" else 1)}
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                                                        "per_position" else 1),
+                     "users": parallel.batch_sharding(mesh, 1)}
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings, parallel.replicated(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
-def make_eval_step(model: Backbone, cfg: RecConfig,
+def make_eval_step(model: SLIM, cfg: RecConfig,
                    popularity: np.ndarray | None = None) -> Callable:
-  """The jitted `eval_step(params, batch) -> {"ranks": int32[B], ...}`: full-ranking ranks.
+  """The jitted `eval_step(params, batch, side) -> {"ranks": int32[B], ...}`: full-ranking ranks.
 
   Full ranking over the catalogue (padding excluded; the visible history too when
   `rec.exclude_history`). Given the training `popularity` it also returns each user's "top" 20
@@ -141,9 +158,9 @@ def make_eval_step(model: Backbone, cfg: RecConfig,
   k = min(TOP_K, model.num_items)
 
   @jax.jit
-  def eval_step(params, batch):
+  def eval_step(params, batch, side):
     inputs, targets = batch["inputs"], batch["targets"]
-    state, table = model.apply(params, inputs, method="predict")
+    state, table = model.apply(params, inputs, batch["users"], side, method="predict")
     scores = metrics.rankable(state @ table.T, model.num_items, targets,
                               inputs if cfg.exclude_history else None)
     out = {"ranks": metrics.target_ranks(scores, targets)}
@@ -158,12 +175,13 @@ def make_eval_step(model: Backbone, cfg: RecConfig,
   return eval_step
 
 
-def rank_users(eval_step: Callable, params, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+def rank_users(eval_step: Callable, params, side, batches: Iterable[dict]) -> dict[str, np.ndarray]:
   """eval_step's outputs for every valid row of `batches`, plus "users", on the host."""
   parts = []
   for batch in batches:
     out = multihost_utils.process_allgather(
-        {"users": batch["users"], "valid": batch["valid"], **eval_step(params, batch)}, tiled=True)
+        {"users": batch["users"], "valid": batch["valid"], **eval_step(params, batch, side)},
+        tiled=True)
     valid = out.pop("valid")
     parts.append({name: value[valid] for name, value in out.items()})
   return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -188,50 +206,73 @@ def popularity_ranks(popularity: np.ndarray, targets: np.ndarray) -> np.ndarray:
   return np.asarray(metrics.target_ranks(scores, jnp.asarray(targets)))
 
 
-def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
-                      mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Trains `cfg.backbone` on `prepared` with early stopping on valid NDCG@10, evaluates the best
-  state on the test split, and writes workdir/metrics.json (also returned).
+def device_sides(sides: dict | None, mesh: jax.sharding.Mesh) -> dict[str, dict]:
+  """Each split's side inputs replicated on `mesh` ({} per split for the plain backbone)."""
+  sides = sides or {split: {} for split in slim.RATIONALE_OF_SPLIT}
+  return jax.device_put(sides, parallel.replicated(mesh))
 
-  Resumes from workdir/checkpoints when a previous run was interrupted. `mesh` defaults to data
+
+def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
+                      mesh: jax.sharding.Mesh | None = None, mode: str = "plain",
+                      slim_cfg: SlimConfig = SlimConfig(), encoded=None) -> dict:
+  """Trains the `mode` variant of `cfg.backbone` on `prepared` with early stopping on valid
+  NDCG@10, evaluates the best state on the valid and test splits, and writes
+  workdir/metrics.json (also returned) and workdir/ranked_test.npz (each test user's rank and
+  top-20 list).
+
+  `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain". Resumes
+  from workdir/checkpoints when a previous run was interrupted. `mesh` defaults to data
   parallelism over every device.
   """
   cfg = cfg.resolved()
   workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or parallel.make_mesh({"data": -1})
   table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
-  model = build_model(cfg, prepared.num_items, table_multiple)
+  model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg)
+  if mode != "plain" and encoded is None:
+    raise ValueError(f"mode {mode!r} needs rationale and item-text vectors (run the encode stage)")
+  sides = device_sides(None if mode == "plain" else
+                       slim.side_inputs(encoded[1], encoded[0], model.rows, slim_cfg), mesh)
   train_iter, steps_per_epoch = loader.next_item_training(
       prepared, max_len=cfg.max_len, batch_size=cfg.batch, seed=cfg.seed, mesh=mesh,
       per_position=cfg.train_mode == "per_position")
   total_steps = cfg.epochs * steps_per_epoch
   tx = optimizer(cfg, total_steps)
-  state, shardings = init_state(model, tx, cfg, mesh)
-  train_step = make_train_step(model, tx, cfg, shardings, mesh)
+  state, shardings = init_state(model, tx, cfg, mesh, sides["train"])
   popularity = prepared.item_popularity()
   eval_step = make_eval_step(model, cfg)
   batches = lambda split: loader.next_item_eval(prepared, split, max_len=cfg.max_len,
                                                 batch_size=cfg.eval_batch, mesh=mesh)
 
   def validate(state: TrainState) -> dict[str, float]:
-    ranked = rank_users(eval_step, state.params, batches("valid"))
+    ranked = rank_users(eval_step, state.params, sides["valid"], batches("valid"))
     return metrics.prefixed(metrics.ranking_metrics(ranked["ranks"]), "valid")
 
-  loop_cfg = loop.LoopConfig(steps=total_steps, eval_every=cfg.eval_every * steps_per_epoch,
-                             log_every=steps_per_epoch, metric=VALID_METRIC,
-                             patience=cfg.patience)
   start = time.perf_counter()
-  result = loop.run(train_step, state, train_iter, validate, loop_cfg, workdir)
+  if mode == "zero_shot":  # nothing to train
+    result = loop.LoopResult(state=state, step=0, best_step=None, best=None, stopped_early=False,
+                             history=[])
+  else:
+    step = make_train_step(model, tx, cfg, shardings, mesh)
+    train_step = lambda state, batch: step(state, batch, sides["train"])
+    loop_cfg = loop.LoopConfig(steps=total_steps, eval_every=cfg.eval_every * steps_per_epoch,
+                               log_every=steps_per_epoch, metric=VALID_METRIC,
+                               patience=cfg.patience)
+    result = loop.run(train_step, state, train_iter, validate, loop_cfg, workdir)
   train_seconds = time.perf_counter() - start
   results = {}
   analyse = make_eval_step(model, cfg, popularity)
   for split in ("valid", "test"):
     data = prepared.split(split)
-    ranked = rank_users(analyse, result.state.params, batches(split))
+    ranked = rank_users(analyse, result.state.params, sides[split], batches(split))
     results[split] = report(ranked, popularity, np.diff(data.history_offsets), cfg)
     results[f"popularity_{split}"] = metrics.ranking_metrics(
         popularity_ranks(popularity, data.targets))
-  summary = {"backbone": cfg.backbone, "config": dataclasses.asdict(cfg),
+  np.savez(workdir / "ranked_test.npz", users=ranked["users"], ranks=ranked["ranks"],
+           top=ranked["top"])
+  summary = {"backbone": cfg.backbone, "mode": mode, "config": dataclasses.asdict(cfg),
+             "slim": dataclasses.asdict(slim_cfg),
              "steps_per_epoch": steps_per_epoch, "steps": result.step,
              "best_step": result.best_step, "best_epoch": (result.best_step or 0) / steps_per_epoch,
              "stopped_early": result.stopped_early, "train_seconds": train_seconds,

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from slim_jax.encode import EncoderConfig
 from slim_jax.models.recommender import RecConfig
+from slim_jax.models.slim import SlimConfig
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig
 from slim_jax.teacher import TeacherConfig
@@ -61,6 +62,7 @@ class Config:
   student: StudentConfig = StudentConfig()
   encoder: EncoderConfig = EncoderConfig()
   rec: RecConfig = RecConfig()
+  slim: SlimConfig = SlimConfig()
 
 
 def load_config(path: str | pathlib.Path, preset: str | None = None) -> Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 from collections.abc import Callable
 
 from absl import logging
@@ -24,6 +25,9 @@ class Stage:
   name: str
   run: Callable[[Config, pathlib.Path], dict]  # (config, stage dir) -> summary written to DONE
   sections: tuple[str, ...]  # config sections whose change invalidates the stage's output
+  # Whether a config change deletes the stage's directory: true for stages whose partial state
+  # (checkpoints) belongs to one config; false for ones whose caches are keyed by their inputs.
+  restart_on_change: bool = False
 
 
 def _fetch(cfg: Config, out: pathlib.Path) -> dict:
@@ -104,16 +108,44 @@ def _encode(cfg: Config, out: pathlib.Path) -> dict:
                              out.parent / "generate" / "rationales.jsonl", out, mesh=_mesh(cfg))
 
 
+def variant_name(backbone: str, mode: str) -> str:
+  """The train stage's directory of one variant: "sasrec_id_based", or "id_agnostic" (no
+  backbone)."""
+  return mode if mode in ("id_agnostic", "zero_shot") else f"{backbone}_{mode}"
+
+
 def _train(cfg: Config, out: pathlib.Path) -> dict:
+  """Trains every variant of `slim.modes` into out/<variant>/; out/metrics.json sums them up."""
+  from slim_jax import encode
   from slim_jax.train import recommend
-  result = recommend.train_recommender(cfg.rec, load_prepared(out.parent), out,
-                                       mesh=_mesh(cfg))
-  test = result["test"]
-  print(json.dumps({"backbone": result["backbone"], "test": test}, indent=2))
-  return {"backbone": result["backbone"], "test": test}
+  modes = cfg.slim.checked().modes
+  if cfg.encoder.kind == "none" and modes != ("plain",):
+    logging.warning("encoder.kind=none: no rationale vectors, so only the plain backbone trains")
+    modes = ("plain",)
+  encoded = None if modes == ("plain",) else encode.load_encoded(out.parent / "encode")
+  prepared, mesh = load_prepared(out.parent), _mesh(cfg)
+  summary = {}
+  for mode in modes:
+    name = variant_name(cfg.rec.backbone, mode)
+    result = recommend.train_recommender(cfg.rec, prepared, out / name, mesh, mode, cfg.slim,
+                                         encoded)
+    summary[name] = {"backbone": result["backbone"], "mode": mode, "test": result["test"]}
+    print(json.dumps({name: {k: round(v, 4) for k, v in result["test"].items()
+                             if k in ("hr@10", "ndcg@10", "mrr@10")}}), flush=True)
+  (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+  return {name: {k: v for k, v in row["test"].items() if isinstance(v, float)}
+          for name, row in summary.items()}
+
+
+def _report(cfg: Config, out: pathlib.Path) -> dict:
+  from slim_jax import report
+  path = report.write_report(cfg, out.parent, out)
+  print(f"report: {path}")
+  return {"report": str(path)}
 
 
 _UPSTREAM_OF_STUDENT = ("data", "prompt", "teacher", "distill")
+_RECOMMENDERS = (*_UPSTREAM_OF_STUDENT, "student", "encoder", "rec", "slim")
 STAGES: dict[str, Stage] = {
     stage.name: stage for stage in (
         Stage("fetch", _fetch, ()),
@@ -123,13 +155,17 @@ STAGES: dict[str, Stage] = {
         Stage("distill", _distill, _UPSTREAM_OF_STUDENT),
         Stage("generate", _generate, (*_UPSTREAM_OF_STUDENT, "student")),
         Stage("encode", _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
-        Stage("train", _train, ("data", "rec")),
+        Stage("train", _train, _RECOMMENDERS, restart_on_change=True),
+        Stage("report", _report, _RECOMMENDERS, restart_on_change=True),
     )
 }
 
 
 def _fingerprint(cfg: Config, stage: Stage) -> dict:
-  return {section: dataclasses.asdict(getattr(cfg, section)) for section in stage.sections}
+  """The stage's config sections as JSON reads them back (tuples become lists), so that a
+  fingerprint compares equal to the one a DONE file holds."""
+  return json.loads(json.dumps({section: dataclasses.asdict(getattr(cfg, section))
+                                for section in stage.sections}))
 
 
 def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
@@ -145,7 +181,13 @@ def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
       return record["summary"]
     logging.warning("stage %s: config changed since %s was written; running it again", name, out)
     done.unlink()
+  started = out / "CONFIG"  # the config a (possibly interrupted) run of the stage began with
+  if (stage.restart_on_change and started.is_file()
+      and json.loads(started.read_text()) != fingerprint):
+    logging.warning("stage %s: %s holds a run of another config; starting over", name, out)
+    shutil.rmtree(out)
   out.mkdir(parents=True, exist_ok=True)
+  started.write_text(json.dumps(fingerprint, indent=2))
   logging.info("stage %s: running into %s", name, out)
   summary = stage.run(cfg, out)
   done.write_text(json.dumps({"config": fingerprint, "summary": summary}, indent=2, default=str))

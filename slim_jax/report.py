@@ -1,0 +1,214 @@
+"""report.md: what SLIM bought on this dataset, from the artifacts the earlier stages wrote.
+
+Sections: (i) accuracy of each trained variant with its improvement over the plain backbone;
+(ii) popularity bias (table and popularity.png); (iii) user-sparsity groups (table and
+sparsity.png); (iv) cost: teacher tokens and dollars against student throughput and hardware;
+(v) example users: history, the student's rationale, the top-10 list and the true next item.
+Everything is read from files (train/*/metrics.json, ranked_test.npz, stage DONE summaries,
+rationales.jsonl), so a report can be rewritten without retraining anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from slim_jax import teacher
+from slim_jax.config import Config
+
+KS = (10, 20)
+ACCURACY = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr")]
+BIAS = [f"{m}@{k}" for k in KS for m in ("mean_popularity", "long_tail", "coverage")]
+LABELS = {"plain": "plain", "id_based": "SLIM ID-based", "id_agnostic": "SLIM ID-agnostic",
+          "zero_shot": "SLIM zero-shot"}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  def cell(value):
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def label(variant: Mapping) -> str:
+  mode = LABELS[variant["mode"]]
+  return mode if variant["mode"] in ("id_agnostic", "zero_shot") else f"{variant['backbone']} {mode}"
+
+
+def relative(value: float, base: float | None) -> str:
+  return "" if base in (None, 0.0) else f"{100 * (value / base - 1):+.1f}%"
+
+
+def load_variants(train_dir: pathlib.Path) -> dict[str, dict]:
+  """Each variant's full metrics.json, by directory name, in the order the stage trained them."""
+  index = json.loads((train_dir / "metrics.json").read_text())
+  return {name: json.loads((train_dir / name / "metrics.json").read_text()) for name in index}
+
+
+def accuracy_section(variants: Mapping[str, dict]) -> str:
+  """Test HR/NDCG/MRR@{10,20} per variant; NDCG@10 and HR@10 relative to the plain backbone."""
+  plain = {v["backbone"]: v["test"] for v in variants.values() if v["mode"] == "plain"}
+  first = next(iter(variants.values()))
+  rows = [["popularity", *[first["popularity_test"][m] for m in ACCURACY], "", ""]]
+  for variant in variants.values():
+    test, base = variant["test"], plain.get(variant["backbone"])
+    rows.append([label(variant), *[test[m] for m in ACCURACY],
+                 relative(test["ndcg@10"], base and base["ndcg@10"]),
+                 relative(test["hr@10"], base and base["hr@10"])])
+  header = ["model", *[m.upper() for m in ACCURACY], "NDCG@10 vs plain",
+            "HR@10 vs plain"]
+  return markdown_table(header, rows)
+
+
+def popularity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:
+  rows = [[label(v), *[v["test"][m] for m in BIAS]] for v in variants.values()]
+  names = [label(v) for v in variants.values()]
+  _bar_plot(out / "popularity.png", names,
+            {"long-tail share@10": [v["test"]["long_tail@10"] for v in variants.values()],
+             "coverage@10": [v["test"]["coverage@10"] for v in variants.values()]},
+            "Popularity bias of the test top-10 lists")
+  return (markdown_table(["model", *BIAS], rows) + "\n\nLong tail: items outside the 20% most "
+          "popular in training. ![popularity bias](popularity.png)")
+
+
+def sparsity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:
+  groups = next(iter(variants.values()))["test"]["groups"]
+  header = ["model", *[f"G{g['group']} ({g['min_length']}-{g['max_length']})" for g in groups]]
+  rows = [[label(v), *[g["ndcg@10"] for g in v["test"]["groups"]]] for v in variants.values()]
+  _line_plot(out / "sparsity.png", [h for h in header[1:]],
+             {label(v): [g["ndcg@10"] for g in v["test"]["groups"]] for v in variants.values()},
+             "Test NDCG@10 by user history length (quintiles, G0 sparsest)")
+  return (f"Test NDCG@10 per quintile of history length ({groups[0]['users']} users each).\n\n"
+          + markdown_table(header, rows) + "\n\n![sparsity groups](sparsity.png)")
+
+
+def _stage_summary(workdir: pathlib.Path, stage: str) -> dict:
+  done = workdir / stage / "DONE"
+  return json.loads(done.read_text())["summary"] if done.is_file() else {}
+
+
+def cost_section(cfg: Config, workdir: pathlib.Path, prepared) -> str:
+  """What the teacher cost (or would cost on ChatGPT) against what the student costs to run."""
+  spent = _stage_summary(workdir, "teacher")
+  student = _stage_summary(workdir, "generate")
+  distill = _stage_summary(workdir, "distill")
+  whole = teacher.estimate_cost(dataclasses.replace(cfg.teacher, max_users=0), cfg.prompt,
+                                prepared)
+  rows = [
+      ["teacher", spent.get("model", "?"), spent.get("requests", 0),
+       spent.get("prompt_tokens", 0), spent.get("completion_tokens", 0),
+       f"${spent.get('cost_usd', 0.0):.2f}"],
+      ["ChatGPT for every user (dry run)", whole["model"], whole["requests"],
+       whole["prompt_tokens"], whole["completion_tokens"], f"${whole['cost_usd']:.2f}"],
+  ]
+  device = jax.devices()[0]
+  lines = [markdown_table(["", "model", "requests", "prompt tokens", "completion tokens",
+                           "dollars"], rows), "",
+           f"Dry-run prices: ${cfg.teacher.input_usd_per_1k}/1K input, "
+           f"${cfg.teacher.output_usd_per_1k}/1K output tokens; completions counted at "
+           f"{whole['completion_assumption']}.", ""]
+  if distill:
+    lines.append(f"- Distillation: {distill['trained_tokens']} tokens at "
+                 f"{distill['tokens_per_s']:.1f} tokens/s; held-out perplexity "
+                 f"{distill['heldout_perplexity_before']:.3f} -> "
+                 f"{distill['heldout_perplexity']:.3f}.")
+  if student:
+    lines.append(f"- Student: {student['ok']} rationales, {student['generated_tokens']} tokens "
+                 f"generated at {student['tokens_per_s']:.1f} tokens/s, $0 per token.")
+  lines.append(f"- Hardware: {jax.device_count()} x {device.device_kind} "
+               f"({jax.default_backend()}).")
+  return "\n".join(lines)
+
+
+def examples_section(prepared, workdir: pathlib.Path, variants: Mapping[str, dict],
+                     count: int = 5) -> str:
+  """`count` users with a student rationale: history, rationale, top-10 and true next item."""
+  rationales_file = workdir / "generate" / "rationales.jsonl"
+  if not rationales_file.is_file():
+    return "No student rationales were generated."
+  rationales = {row["user"]: row["text"] for row in map(json.loads, rationales_file.open())
+                if row.get("split") == "valid" and row.get("text")}
+  name = next((n for n, v in variants.items() if v["mode"] == "id_based"), next(iter(variants)))
+  ranked = np.load(workdir / "train" / name / "ranked_test.npz")
+  test = prepared.split("test")
+  title = lambda item: prepared.item_text[item].split(" | ")[0]
+  parts = [f"Top-10 lists of **{label(variants[name])}**."]
+  for row, user in enumerate(ranked["users"]):
+    if len(parts) > count or user not in rationales:
+      continue
+    top = [title(i) + (" **(hit)**" if i == test.targets[user] else "")
+           for i in ranked["top"][row][:10]]
+    history = [title(i) for i in test.history(user)[-10:]]
+    parts.append(f"### User {prepared.user_ids[user]}\n\n"
+                 f"- Last {len(history)} items: {'; '.join(history)}\n"
+                 f"- True next item: {title(test.targets[user])} "
+                 f"(rank {int(ranked['ranks'][row]) + 1})\n"
+                 f"- Top 10: {'; '.join(top)}\n\n"
+                 f"Student rationale:\n\n> " + rationales[user].strip().replace("\n", "\n> "))
+  return "\n\n".join(parts)
+
+
+def write_report(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  """Writes out/report.md and its PNG plots; returns the report's path."""
+  from slim_jax import pipeline
+  prepared = pipeline.load_prepared(workdir)
+  variants = load_variants(workdir / "train")
+  sections = [
+      f"# SLIM report: {cfg.name} ({cfg.preset or 'default'})",
+      f"Dataset {cfg.data.name}: {prepared.num_users} users, {prepared.num_items} items; "
+      "leave-one-out by time, full ranking over all items"
+      f"{', history excluded' if cfg.rec.exclude_history else ''}. Encoder: "
+      f"{cfg.encoder.kind}; fusion: {cfg.slim.fusion}"
+      f"{'; shuffled-rationale control' if cfg.slim.shuffle else ''}.",
+      "## Accuracy (test)", accuracy_section(variants),
+      "## Popularity bias (test)", popularity_section(variants, out),
+      "## User sparsity groups (test)", sparsity_section(variants, out),
+      "## Cost", cost_section(cfg, workdir, prepared),
+      "## Example users", examples_section(prepared, workdir, variants),
+  ]
+  path = out / "report.md"
+  path.write_text("\n\n".join(sections) + "\n")
+  return path
+
+
+def _figure():
+  import matplotlib
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _bar_plot(path: pathlib.Path, names: Sequence[str], series: Mapping[str, Sequence[float]],
+              title: str) -> None:
+  plt = _figure()
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  width = 0.8 / len(series)
+  for i, (name, values) in enumerate(series.items()):
+    ax.bar(np.arange(len(names)) + i * width, values, width, label=name)
+  ax.set_xticks(np.arange(len(names)) + width * (len(series) - 1) / 2, names, rotation=20,
+                ha="right")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _line_plot(path: pathlib.Path, groups: Sequence[str], series: Mapping[str, Sequence[float]],
+               title: str) -> None:
+  plt = _figure()
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for name, values in series.items():
+    ax.plot(groups, values, marker="o", label=name)
+  ax.set_ylabel("NDCG@10")
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -93,6 +93,20 @@ class LoopTest(absltest.TestCase):
     self.assertAlmostEqual(_toy_eval(result.state)["error"], result.best, places=6)
 
 
+  def test_best_checkpoint_survives_a_restart(self):
+    """A resumed run whose best evaluation came before the interruption still returns it."""
+    def diverging(state, batch):
+      state, metrics = _toy_step(state, batch)
+      return dict(state, w=jnp.where(state["step"] > 6, state["w"] + 1.0, state["w"])), metrics
+
+    cfg = loop.LoopConfig(steps=12, eval_every=2, metric="error", mode="min", progress=False)
+    workdir = self.create_tempdir().full_path
+    loop.run(diverging, _toy_state(), _toy_iterator(), _toy_eval,
+             dataclasses.replace(cfg, steps=8), workdir)
+    result = loop.run(diverging, _toy_state(), _toy_iterator(), _toy_eval, cfg, workdir)
+    self.assertEqual(result.best_step, 6)
+    self.assertAlmostEqual(_toy_eval(result.state)["error"], result.best, places=6)
+
 def synthetic_prepared(num_users=64, num_items=40, length=24, seed=0) -> Prepared:
   """Users walk the catalogue with their own stride (1, 2 or 3): the next item is predictable
   from the last two, which popularity cannot know."""

@@ -73,8 +73,11 @@ def _manager(directory: pathlib.Path, cfg: LoopConfig) -> ocp.CheckpointManager:
     policies.append(ocp.checkpoint_managers.BestN(
         get_metric_fn=lambda metrics: metrics[cfg.metric], reverse=cfg.mode == "min", n=1,
         keep_checkpoints_without_metrics=False))
+  # best_fn only makes orbax write each checkpoint's metrics to disk: without them a restarted
+  # manager sees no metrics on the earlier checkpoints and BestN deletes the best one.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      best_fn=(lambda metrics: metrics[cfg.metric]) if cfg.metric else None, best_mode=cfg.mode)
   return ocp.CheckpointManager(directory.absolute(), options=options,
                                item_names=("state", "loader", "loop"))
 

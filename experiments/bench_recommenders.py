@@ -34,7 +34,7 @@ def bench(cfg, prepared, mesh, steps: int, evals: int) -> dict:
   model = recommend.build_model(rec, prepared.num_items)
   batches, steps_per_epoch = loader.next_item_training(
       prepared, max_len=rec.max_len, batch_size=rec.batch, seed=rec.seed, mesh=mesh,
-      per_position=rec.train_mode == "per_position")
+      per_position=rec.train_mode == "per_position", stride=rec.stride)
   tx = recommend.optimizer(rec, steps)
   side = recommend.device_sides(None, mesh)["train"]  # the plain backbone reads none
   state, shardings = recommend.init_state(model, tx, rec, mesh, side)

@@ -29,7 +29,7 @@ def _rows(batch):
   return [list(row[row > 0]) for row in np.asarray(batch)]
 
 
-class SequenceBatchTest(absltest.TestCase):
+class SequenceBatchTest(parameterized.TestCase):
 
   def test_gather_left_padded(self):
     items = np.arange(1, 11, dtype=np.int32)
@@ -50,21 +50,26 @@ class SequenceBatchTest(absltest.TestCase):
       seen.add((row, len(inputs)))
     self.assertLen(seen, len(rows))
 
-  def test_per_position_windows_cover_each_target_once(self):
+  @parameterized.parameters(5, 2, 1)
+  def test_per_position_windows_cover_each_target_once(self, stride):
     prepared = _prepared(lengths=(13, 4, 30), num_items=40, distinct=True)
     train = loader.training_part(prepared)
-    rows, ends = loader.per_position_examples(train, max_len=5)
-    batch = loader.per_position_batch(train, rows, ends, max_len=5)
+    rows, ends = loader.per_position_examples(train, stride)
+    batch = loader.per_position_batch(train, rows, ends, max_len=5, stride=stride)
     inputs, targets = np.asarray(batch["inputs"]), np.asarray(batch["targets"])
-    np.testing.assert_array_equal(inputs > 0, targets > 0)
+    np.testing.assert_array_equal(targets[:, -stride:] > 0, inputs[:, -stride:] > 0)
+    np.testing.assert_array_equal(targets[:, :-stride], 0)
     for user in range(3):
       train_seq = list(prepared.sequence(user)[:-2])
       covered = []
-      for x, y in zip(_rows(inputs[rows == user]), _rows(targets[rows == user])):
+      for x, y in zip(_rows(inputs[rows == user]), targets[rows == user]):
         start = train_seq.index(x[0])
         self.assertEqual(x, train_seq[start:start + len(x)])
-        self.assertEqual(y, train_seq[start + 1:start + 1 + len(y)])  # each input's next item
-        covered += y
+        owned = [(column, item) for column, item in enumerate(y) if item]
+        for column, item in owned:  # each owned target is the item after its input column
+          self.assertEqual(item, train_seq[start + column - (len(y) - len(x)) + 1])
+        covered += [item for _, item in owned]
+        self.assertLessEqual(len(owned), stride)
       self.assertCountEqual(covered, train_seq[1:])
 
   def test_eval_batches_pad_the_last_batch(self):

@@ -66,15 +66,17 @@ def last_position_examples(train: Sequences) -> tuple[np.ndarray, np.ndarray]:
   return rows, train.starts[rows] + 1 + _ragged_arange(counts)
 
 
-def per_position_examples(train: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """(row, window end) of windows of `max_len` targets that tile each training sequence.
+def per_position_examples(train: Sequences, stride: int) -> tuple[np.ndarray, np.ndarray]:
+  """(row, window end) of windows ending every `stride` items back from each sequence's end.
 
-  The first window ends at the sequence end; earlier ones step back by `max_len` so every item
-  after the first is a target exactly once (SASRec-style loss at every position).
+  With a `stride` below the window length consecutive windows overlap, and `per_position_batch`
+  puts the loss on each window's last `stride` targets only: every item after the first is a
+  target exactly once, yet each sees up to a whole window of context (stride = window length
+  tiles the sequence, SASRec-style).
   """
   rows, ends = [], []
   for row, (start, end) in enumerate(zip(train.starts, train.ends)):
-    window_ends = np.arange(end, start + 1, -max_len)
+    window_ends = np.arange(end, start + 1, -stride)
     rows.append(np.full(len(window_ends), row))
     ends.append(window_ends)
   return np.concatenate(rows), np.concatenate(ends)
@@ -86,11 +88,15 @@ def last_position_batch(train: Sequences, rows: np.ndarray, targets: np.ndarray,
           "targets": train.items[targets].astype(np.int32), "users": rows.astype(np.int32)}
 
 
-def per_position_batch(train: Sequences, rows: np.ndarray, ends: np.ndarray,
-                       max_len: int) -> Batch:
+def per_position_batch(train: Sequences, rows: np.ndarray, ends: np.ndarray, max_len: int,
+                       stride: int | None = None) -> Batch:
+  """Windows of `max_len` inputs and their next items; targets before the last `stride` columns
+  are 0 (no loss): an overlapping later window owns them."""
   starts = train.starts[rows]
+  targets = gather_left_padded(train.items, starts + 1, ends, max_len)
+  owned = np.arange(max_len) >= max_len - (stride or max_len)
   return {"inputs": gather_left_padded(train.items, starts, ends - 1, max_len),
-          "targets": gather_left_padded(train.items, starts + 1, ends, max_len),
+          "targets": np.where(owned, targets, 0).astype(np.int32),
           "users": rows.astype(np.int32)}
 
 
@@ -256,12 +262,15 @@ def ordered_batches(num_rows: int, make_batch: Callable[[np.ndarray], Batch], *,
 
 def next_item_training(prepared, *, max_len: int, batch_size: int, seed: int,
                        mesh: jax.sharding.Mesh | None, per_position: bool,
+                       stride: int | None = None,
                        num_epochs: int | None = None) -> tuple[BatchIterator, int]:
-  """Recommender training batches and the number of batches per epoch."""
+  """Recommender training batches and the number of batches per epoch; per-position windows
+  end every `stride` items (default `max_len`: no overlap)."""
   train = training_part(prepared)
   if per_position:
-    rows, ends = per_position_examples(train, max_len)
-    make = lambda i: per_position_batch(train, rows[i], ends[i], max_len)
+    stride = stride or max_len
+    rows, ends = per_position_examples(train, stride)
+    make = lambda i: per_position_batch(train, rows[i], ends[i], max_len, stride)
   else:
     rows, ends = last_position_examples(train)
     make = lambda i: last_position_batch(train, rows[i], ends[i], max_len)

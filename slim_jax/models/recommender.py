@@ -49,6 +49,9 @@ class RecConfig:
   loss: str = "ce"  # ce (softmax over all items, padding row included, as RecBole) | bpr | sampled
   num_negatives: int = 1  # per target, for bpr and sampled softmax (uniform over items)
   train_mode: str | None = None  # per_position (loss at every column) | last_position (prefixes)
+  # per_position: windows end every `stride` items, the loss on each one's last `stride` targets
+  # (None = max_len: windows tile the sequence); smaller strides give each target more context.
+  stride: int | None = None
   lr: float = 1e-3
   weight_decay: float = 0.0
   warmup_steps: int = 0

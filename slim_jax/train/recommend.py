@@ -236,7 +236,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
                        slim.side_inputs(encoded[1], encoded[0], model.rows, slim_cfg), mesh)
   train_iter, steps_per_epoch = loader.next_item_training(
       prepared, max_len=cfg.max_len, batch_size=cfg.batch, seed=cfg.seed, mesh=mesh,
-      per_position=cfg.train_mode == "per_position")
+      per_position=cfg.train_mode == "per_position", stride=cfg.stride)
   total_steps = cfg.epochs * steps_per_epoch
   tx = optimizer(cfg, total_steps)
   state, shardings = init_state(model, tx, cfg, mesh, sides["train"])

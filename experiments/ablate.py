@@ -11,9 +11,10 @@ Needs a work directory whose prepare and generate stages are done (student ratio
 Per backbone and seed it trains the plain backbone; per encoder also SLIM ID-based for every
 fusion, the shuffled-rationale control (first fusion), the ID-agnostic ranker and the zero-shot
 ranking. Each run lands in <workdir>/ablations/runs/<name>/ and is skipped when its metrics.json
-exists, so an interrupted sweep resumes. The table (mean and standard deviation over seeds of
+exists, so an interrupted sweep resumes (runs are named by backbone, variant, encoder and seed
+only: sweep other settings into their own --out). The table (mean and standard deviation over seeds of
 test NDCG@10 and HR@10, and the change of the mean against the plain backbone) is printed as
-JSON and written to <workdir>/ablations/table.md.
+JSON and written to <workdir>/<out>/table.md.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _ENCODERS = flags.DEFINE_list("encoders", ["minilm"], "Encoder kinds: minilm, ll
 _FUSIONS = flags.DEFINE_list("fusions", ["add"], "ID-based fusions: add, concat, gate.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Recommender seeds.")
 _AGNOSTIC = flags.DEFINE_bool("agnostic", True, "Also the ID-agnostic and zero-shot rankers.")
+_OUT = flags.DEFINE_string("out", "ablations", "Subdirectory of --workdir for this sweep's runs "
+                           "and table: give each --set combination its own.")
 
 METRICS = ("ndcg@10", "hr@10")
 
@@ -126,12 +129,12 @@ def main(argv):
   del argv
   cfg = config_lib.from_flags(_CONFIG.value, _SET.value)
   workdir = pathlib.Path(_WORKDIR.value)
-  root = workdir / "ablations"
+  root = workdir / _OUT.value
   prepared, mesh = pipeline.load_prepared(workdir), parallel.make_mesh(cfg.mesh.axes())
   rationales = workdir / "generate" / "rationales.jsonl"
   encoded = {}
   for kind in _ENCODERS.value:
-    out = root / f"encode_{kind}"
+    out = workdir / "ablations" / f"encode_{kind}"  # shared by every sweep
     out.mkdir(parents=True, exist_ok=True)
     encode.encode_stage(dataclasses.replace(cfg.encoder, kind=kind), prepared, rationales, out,
                         mesh)

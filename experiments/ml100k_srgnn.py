@@ -4,14 +4,16 @@ No filtering, leave-one-out by time (RecBole's float32 time order), full ranking
 items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
 patience 10 on valid NDCG@10. Training: last position, on every training prefix as RecBole.
 
-  python launch.py --config=experiments/ml100k_srgnn.py --stages=train
+  python launch.py --config=experiments/ml100k_srgnn.py --stages=fetch,prepare,train
 """
 
 from slim_jax.config import Config, DataConfig
 from slim_jax.models.recommender import RecConfig
+from slim_jax.models.slim import SlimConfig
 
 
 def get_config() -> Config:
   return Config(name="ml100k_srgnn", data=DataConfig(name="ml-100k", format="recbole"),
                 rec=RecConfig(backbone="srgnn", hidden=64, max_len=50, loss="ce", lr=1e-3,
-                              patience=10))
+                              patience=10),
+                slim=SlimConfig(modes=("plain",)))

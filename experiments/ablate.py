@@ -28,6 +28,7 @@ from absl import app, flags, logging
 
 from slim_jax import config as config_lib
 from slim_jax import encode, parallel, pipeline
+from slim_jax.models import bert
 from slim_jax.train import recommend
 
 _CONFIG = flags.DEFINE_string("config", str(pathlib.Path(__file__).parent / "ml100k_smollm2.py"),
@@ -36,7 +37,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory with prepare and
                                required=True)
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides, as launch.py's --set.")
 _BACKBONES = flags.DEFINE_list("backbones", ["gru4rec", "sasrec"], "Backbones.")
-_ENCODERS = flags.DEFINE_list("encoders", ["minilm"], "Encoder kinds: minilm, llm_pooled.")
+_ENCODERS = flags.DEFINE_list(
+    "encoders", ["minilm"], "Encoders: minilm (frozen vectors), minilm_finetuned (trained with "
+    "the recommender), llm_pooled (the student's pooled hidden states).")
 _FUSIONS = flags.DEFINE_list("fusions", ["add"], "ID-based fusions: add, concat, gate.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Recommender seeds.")
 _AGNOSTIC = flags.DEFINE_bool("agnostic", True, "Also the ID-agnostic and zero-shot rankers.")
@@ -73,11 +76,12 @@ def plan(backbones, encoders, fusions, seeds, agnostic: bool) -> list[Run]:
     if agnostic:
       runs += [Run("-", "id_agnostic", encoder, seed) for encoder in encoders]
   if agnostic:  # deterministic: one seed is enough
-    runs += [Run("-", "zero_shot", encoder, seeds[0]) for encoder in encoders]
+    runs += [Run("-", "zero_shot", encoder, seeds[0]) for encoder in encoders
+             if encoder != "minilm_finetuned"]  # nothing trains: the same as minilm
   return runs
 
 
-def execute(run: Run, cfg, prepared, encoded: dict, root: pathlib.Path, mesh) -> dict:
+def execute(run: Run, cfg, prepared, encoded: dict, minilm, root: pathlib.Path, mesh) -> dict:
   out = root / "runs" / run.name
   if (out / "metrics.json").is_file():
     return json.loads((out / "metrics.json").read_text())
@@ -85,9 +89,17 @@ def execute(run: Run, cfg, prepared, encoded: dict, root: pathlib.Path, mesh) ->
   rec = dataclasses.replace(cfg.rec, backbone=run.backbone if run.backbone != "-" else
                             cfg.rec.backbone, seed=run.seed)
   fusion = run.variant.split("/")[1] if "/" in run.variant else cfg.slim.fusion
-  slim = dataclasses.replace(cfg.slim, fusion=fusion, shuffle=run.variant.startswith("shuffled"))
+  finetune = run.encoder == "minilm_finetuned"
+  slim = dataclasses.replace(cfg.slim, fusion=fusion, shuffle=run.variant.startswith("shuffled"),
+                             finetune_encoder=finetune)
   return recommend.train_recommender(rec, prepared, out, mesh, run.mode, slim,
-                                     encoded.get(run.encoder))
+                                     encoded.get(encoding(run.encoder)),
+                                     minilm if finetune else None)
+
+
+def encoding(encoder: str) -> str:
+  """The encode stage's kind behind an encoder name: fine-tuning starts from MiniLM's."""
+  return "minilm" if encoder == "minilm_finetuned" else encoder
 
 
 def table(runs: list[Run], results: list[dict]) -> list[dict]:
@@ -133,7 +145,7 @@ def main(argv):
   prepared, mesh = pipeline.load_prepared(workdir), parallel.make_mesh(cfg.mesh.axes())
   rationales = workdir / "generate" / "rationales.jsonl"
   encoded = {}
-  for kind in _ENCODERS.value:
+  for kind in sorted({encoding(name) for name in _ENCODERS.value}):
     out = workdir / "ablations" / f"encode_{kind}"  # shared by every sweep
     out.mkdir(parents=True, exist_ok=True)
     encode.encode_stage(dataclasses.replace(cfg.encoder, kind=kind), prepared, rationales, out,
@@ -141,7 +153,9 @@ def main(argv):
     encoded[kind] = encode.load_encoded(out)
   runs = plan(_BACKBONES.value, _ENCODERS.value, _FUSIONS.value,
               [int(s) for s in _SEEDS.value], _AGNOSTIC.value)
-  results = [execute(run, cfg, prepared, encoded, root, mesh) for run in runs]
+  minilm = (bert.load(encode.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
+            if "minilm_finetuned" in _ENCODERS.value else None)
+  results = [execute(run, cfg, prepared, encoded, minilm, root, mesh) for run in runs]
   rows = table(runs, results)
   (root / "table.md").write_text(markdown(rows) + "\n")
   print(json.dumps(rows, indent=2))

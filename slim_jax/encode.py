@@ -259,17 +259,41 @@ def rationale_vectors(rows: Sequence[Mapping], vectors: np.ndarray, num_users: i
   return table, present
 
 
-def load_encoded(out: pathlib.Path) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
-  """(item vectors [I+1, D], {split: (rationale vectors [U, D], has-rationale mask [U])}) that
-  `encode_stage` wrote to `out`."""
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """What the encode stage wrote: the SLIM recommenders' inputs."""
+  item_vectors: np.ndarray  # [I+1, D], row 0 (padding) zeros
+  rationales: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> ([U, D] vectors, [U] has one)
+  # split -> (int32 [U, T] token ids, right-padded; int32 [U] lengths): BERT-family encoders
+  # only, for fine-tuning the encoder inside the recommender's step.
+  tokens: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+def load_encoded(out: pathlib.Path) -> Encoded:
+  """The vectors (and token ids) that `encode_stage` wrote to `out`."""
   out = pathlib.Path(out)
   if not (out / "item_vectors.npy").is_file():
     raise FileNotFoundError(f"{out / 'item_vectors.npy'} is missing: run --stages=encode with an "
                             "encoder.kind that encodes (minilm, llm_pooled)")
-  rationales = {path.stem.removeprefix("rationale_vectors_"):
+  split_of = lambda path, prefix: path.stem.removeprefix(prefix)
+  rationales = {split_of(path, "rationale_vectors_"):
                 (np.load(path), np.load(out / path.name.replace("vectors", "mask")))
                 for path in sorted(out.glob("rationale_vectors_*.npy"))}
-  return np.load(out / "item_vectors.npy"), rationales
+  tokens = {split_of(path, "rationale_tokens_"): tuple(np.load(path)[k] for k in ("ids", "lengths"))
+            for path in sorted(out.glob("rationale_tokens_*.npz"))}
+  return Encoded(np.load(out / "item_vectors.npy"), rationales, tokens)
+
+
+def rationale_tokens(rows: Sequence[Mapping], token_ids: Sequence[np.ndarray], num_users: int,
+                     split: str, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each user's `split` rationale as right-padded token ids [U, max_len] and lengths [U]."""
+  ids = np.full((num_users, max_len), pad_id, np.int32)
+  lengths = np.zeros(num_users, np.int32)
+  for row, tokens in zip(rows, token_ids):
+    if row["split"] == split:
+      ids[row["user"], :len(tokens)] = tokens
+      lengths[row["user"]] = len(tokens)
+  return ids, lengths
 
 
 def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
@@ -277,7 +301,9 @@ def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
   """Encodes every item text and every student rationale into out/*.npy.
 
   item_vectors.npy is [I+1, D] with a zero padding row; rationale_vectors_<split>.npy is
-  [U, D] with rationale_mask_<split>.npy marking the users whose rationale exists.
+  [U, D] with rationale_mask_<split>.npy marking the users whose rationale exists. A MiniLM
+  encoder also writes rationale_tokens_<split>.npz (ids, lengths), so that a recommender can
+  fine-tune it (`slim.finetune_encoder`).
   """
   if cfg.kind == "none":
     return {"kind": "none"}
@@ -285,11 +311,17 @@ def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
   np.save(out / "item_vectors.npy", np.concatenate([np.zeros_like(items[:1]), items]))
   rows = read_rationales(rationales_path)
   texts = encode([row["text"] for row in rows], cfg, out / "rationales", mesh=mesh)
+  minilm = bert.load(checkpoint_dir(cfg), cfg.max_len) if cfg.kind == "minilm" else None
+  token_ids = minilm.tokenize([row["text"] for row in rows]) if minilm else []
   summary = {"kind": cfg.kind, "items": len(items), "dim": int(items.shape[1]),
              "rationales": len(rows)}
   for split in sorted({row["split"] for row in rows}):
     table, present = rationale_vectors(rows, texts, prepared.num_users, split)
     np.save(out / f"rationale_vectors_{split}.npy", table)
     np.save(out / f"rationale_mask_{split}.npy", present)
+    if minilm:
+      ids, lengths = rationale_tokens(rows, token_ids, prepared.num_users, split, minilm.max_len,
+                                      minilm.pad_id)
+      np.savez(out / f"rationale_tokens_{split}.npz", ids=ids, lengths=lengths)
     summary[f"users_with_rationale_{split}"] = int(present.sum())
   return summary

@@ -114,6 +114,18 @@ def variant_name(backbone: str, mode: str) -> str:
   return mode if mode in ("id_agnostic", "zero_shot") else f"{backbone}_{mode}"
 
 
+def finetuned_encoder(cfg: Config):
+  """The MiniLM that `slim.finetune_encoder` trains with the recommender, else None."""
+  from slim_jax import encode
+  from slim_jax.models import bert
+  if not cfg.slim.finetune_encoder:
+    return None
+  if cfg.encoder.kind != "minilm":
+    raise ValueError(f"slim.finetune_encoder trains a MiniLM (BERT) encoder; encoder.kind is "
+                     f"{cfg.encoder.kind!r}")
+  return bert.load(encode.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
+
+
 def _train(cfg: Config, out: pathlib.Path) -> dict:
   """Trains every variant of `slim.modes` into out/<variant>/; out/metrics.json sums them up."""
   from slim_jax import encode
@@ -123,12 +135,13 @@ def _train(cfg: Config, out: pathlib.Path) -> dict:
     logging.warning("encoder.kind=none: no rationale vectors, so only the plain backbone trains")
     modes = ("plain",)
   encoded = None if modes == ("plain",) else encode.load_encoded(out.parent / "encode")
+  encoder = finetuned_encoder(cfg)
   prepared, mesh = load_prepared(out.parent), _mesh(cfg)
   summary = {}
   for mode in modes:
     name = variant_name(cfg.rec.backbone, mode)
     result = recommend.train_recommender(cfg.rec, prepared, out / name, mesh, mode, cfg.slim,
-                                         encoded)
+                                         encoded, encoder)
     summary[name] = {"backbone": result["backbone"], "mode": mode, "test": result["test"]}
     print(json.dumps({name: {k: round(v, 4) for k, v in result["test"].items()
                              if k in ("hr@10", "ndcg@10", "mrr@10")}}), flush=True)

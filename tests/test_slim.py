@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from slim_jax import parallel
+from slim_jax import assets, encode, parallel
+from slim_jax.data import loader
 from slim_jax.data.formats import ItemMeta
 from slim_jax.data.preprocess import Prepared
-from slim_jax.models import slim
+from slim_jax.models import bert, slim
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
 from slim_jax.train import recommend
@@ -26,8 +27,8 @@ def _side(rows: int, seed: int = 0, present=(True, True, False, True, True)):
   rng = np.random.default_rng(seed)
   vectors = rng.normal(size=(NUM_USERS, DIM)).astype(np.float32)
   item_text = rng.normal(size=(NUM_ITEMS + 1, DIM)).astype(np.float32)
-  return slim.side_inputs({"valid": (vectors, np.array(present))}, item_text, rows,
-                          SlimConfig())
+  return slim.side_inputs(encode.Encoded(item_text, {"valid": (vectors, np.array(present))}),
+                          rows, SlimConfig())
 
 
 def _model(mode, backbone="sasrec", **slim_fields):
@@ -108,28 +109,31 @@ class ShuffleTest(absltest.TestCase):
       self.assertFalse((permutation == np.arange(count)).any())
 
   def test_every_user_gets_another_users_rationale(self):
-    vectors = np.arange(6 * 2, dtype=np.float32).reshape(6, 2)
     present = np.array([True, True, False, True, True, False])
-    shuffled, shuffled_present = slim.shuffle_rationales(vectors, present, seed=0)
-    np.testing.assert_array_equal(shuffled_present, present)
+    source = slim.shuffled_sources(present, seed=0)
     owners = np.flatnonzero(present)
-    for user in owners:
-      self.assertFalse(np.array_equal(shuffled[user], vectors[user]))
-    self.assertEqual(sorted(map(tuple, shuffled[owners])), sorted(map(tuple, vectors[owners])))
-    np.testing.assert_array_equal(shuffled[~present], vectors[~present])
+    np.testing.assert_array_equal(present[source], present)
+    self.assertFalse((source[owners] == owners).any())
+    self.assertCountEqual(source[owners], owners)
+    np.testing.assert_array_equal(source[~present], np.flatnonzero(~present))
 
   def test_side_inputs_per_split(self):
     vectors, present = np.eye(3, dtype=np.float32), np.ones(3, bool)
     test_vectors = 2 * vectors
-    sides = slim.side_inputs({"valid": (vectors, present), "test": (test_vectors, present)},
-                             np.ones((5, 3), np.float32), 7, SlimConfig())
+    sides = slim.side_inputs(encode.Encoded(np.ones((5, 3), np.float32), {
+        "valid": (vectors, present), "test": (test_vectors, present)}), 7, SlimConfig())
     np.testing.assert_array_equal(sides["train"]["rationale"], vectors)
     np.testing.assert_array_equal(sides["test"]["rationale"], test_vectors)
     self.assertEqual(sides["valid"]["item_text"].shape, (7, 3))
     np.testing.assert_array_equal(sides["valid"]["item_text"][5:], 0.0)
-    shuffled = slim.side_inputs({"valid": (vectors, present)}, np.ones((5, 3), np.float32), 7,
-                                SlimConfig(shuffle=True))
+    tokens = (np.arange(3)[:, None] * np.ones((1, 4), np.int32), np.full(3, 4, np.int32))
+    shuffled = slim.side_inputs(
+        encode.Encoded(np.ones((5, 3), np.float32), {"valid": (vectors, present)},
+                       {"valid": tokens}), 7, SlimConfig(shuffle=True, finetune_encoder=True))
     self.assertFalse((shuffled["test"]["rationale"] == vectors).all(1).any())
+    # the token ids move with the vectors: user u reads the tokens of the user whose vector it has
+    np.testing.assert_array_equal(shuffled["test"]["rationale_ids"][:, 0],
+                                  shuffled["test"]["rationale"].argmax(1))
 
 
 def genre_prepared(num_users=60, num_items=80, genres=4, length=12, seed=0):
@@ -149,7 +153,8 @@ def genre_prepared(num_users=60, num_items=80, genres=4, length=12, seed=0):
       seq_offsets=np.arange(num_users + 1, dtype=np.int64) * length, stats={})
   onehot = np.eye(genres, dtype=np.float32)
   item_vectors = np.concatenate([np.zeros((1, genres), np.float32), onehot[item_genre]])
-  return prepared, (item_vectors, {"valid": (onehot[user_genre], np.ones(num_users, bool))})
+  return prepared, encode.Encoded(item_vectors,
+                                  {"valid": (onehot[user_genre], np.ones(num_users, bool))})
 
 
 class IdAgnosticTrainingTest(parameterized.TestCase):
@@ -170,3 +175,53 @@ class IdAgnosticTrainingTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class FinetunedEncoderTest(absltest.TestCase):
+  """Ablation (b): MiniLM inside the recommender's step, trained with it."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.minilm = bert.load(assets.path("minilm"))
+    prepared, frozen = genre_prepared()
+    genres = ("dramas", "comedies", "westerns", "cartoons")
+    user_genre = frozen.rationales["valid"][0].argmax(1)
+    texts = [f"This user watches {genres[g]} and will want more {genres[g]}." for g in user_genre]
+    cls.vectors = encode.encode(texts, encode.EncoderConfig(batch_size=8),
+                                absltest.get_default_test_tmpdir() + "/finetune_vectors")
+    ids, lengths = encode.rationale_tokens(
+        [{"user": u, "split": "valid"} for u in range(len(texts))], cls.minilm.tokenize(texts),
+        len(texts), "valid", 32, cls.minilm.pad_id)
+    present = np.ones(len(texts), bool)
+    cls.prepared = prepared
+    cls.encoded = encode.Encoded(frozen.item_vectors, {"valid": (cls.vectors, present)},
+                                 {"valid": (ids, lengths)})
+    cls.cfg = RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16, batch=16)
+    cls.slim = SlimConfig(finetune_encoder=True)
+
+  def build(self):
+    model = recommend.build_model(self.cfg, self.prepared.num_items, mode="id_based",
+                                  slim=self.slim, encoder=self.minilm)
+    mesh = parallel.make_mesh({"data": -1})
+    sides = recommend.device_sides(slim.side_inputs(self.encoded, model.rows, self.slim), mesh)
+    tx = recommend.optimizer(self.cfg.resolved(), 10)
+    state, shardings = recommend.init_state(model, tx, self.cfg.resolved(), mesh, sides["train"],
+                                            self.minilm.params)
+    return model, mesh, sides, tx, state, shardings
+
+  def test_starts_as_the_frozen_encoder_and_trains(self):
+    model, mesh, sides, tx, state, shardings = self.build()
+    users = jnp.arange(8, dtype=jnp.int32)
+    vectors = model.apply(state.params, users, sides["train"], False, method="rationale")
+    np.testing.assert_allclose(vectors, self.vectors[:8], atol=1e-5)
+
+    step = recommend.make_train_step(model, tx, self.cfg.resolved(), shardings, mesh)
+    batches, _ = loader.next_item_training(self.prepared, max_len=10, batch_size=16, seed=0,
+                                           mesh=mesh, per_position=True)
+    trained, metrics = step(state, next(batches), sides["train"])
+    self.assertTrue(np.isfinite(float(metrics["loss"])))
+    before = state.params["params"]["rationale_encoder"]
+    after = trained.params["params"]["rationale_encoder"]
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)
+    self.assertTrue(changed["layer_0"]["query"]["kernel"])

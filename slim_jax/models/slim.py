@@ -6,6 +6,7 @@ every call beside the item sequence (`side_inputs` builds it), so the encoder th
 the shuffled control and the split they come from are all swapped without touching the model.
 
   side = {"rationale": float[U, D], "has_rationale": bool[U], "item_text": float[R, D]}
+  (+ "rationale_ids": int32[U, T], "rationale_lengths": int32[U] to fine-tune the encoder)
 
 `SLIM.__call__(inputs, users, side, train)` and `SLIM.predict(inputs, users, side)` keep the
 backbone interface (`models/recommender.py`) with the users of the rows added; in mode "plain"
@@ -15,13 +16,13 @@ they are exactly the backbone's, so one trainer serves every variant.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slim_jax.models import bert
 from slim_jax.models.recommender import Backbone
 
 # plain: the backbone alone; id_based: backbone fused with the rationale; id_agnostic: rationale
@@ -38,6 +39,9 @@ class SlimConfig:
   item_text: bool = False  # id_based: add projected item-text vectors to the scoring table
   shuffle: bool = False  # control: every user gets another user's rationale
   rationale_dropout: float = 0.0  # share of training rows whose rationale is zeroed
+  # Encoder ablation (b): the MiniLM runs inside the recommender's step on each row's rationale
+  # tokens and trains with it, instead of reading frozen vectors.
+  finetune_encoder: bool = False
   seed: int = 0  # of the shuffle
 
   def checked(self) -> SlimConfig:
@@ -59,13 +63,13 @@ def derangement(count: int, seed: int) -> np.ndarray:
   return permutation
 
 
-def shuffle_rationales(vectors: np.ndarray, present: np.ndarray,
-                       seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Every user who has a rationale gets a different such user's (the shuffled control)."""
+def shuffled_sources(present: np.ndarray, seed: int) -> np.ndarray:
+  """Whose rationale each user reads in the shuffled control: every user who has one gets a
+  different such user's; the others keep their (absent) own."""
   owners = np.flatnonzero(present)
-  shuffled = vectors.copy()
-  shuffled[owners] = vectors[owners[derangement(len(owners), seed)]]
-  return shuffled, present.copy()
+  source = np.arange(len(present))
+  source[owners] = owners[derangement(len(owners), seed)]
+  return source
 
 
 # The rationale each split reads, first one present: training rows and validation read the one
@@ -73,38 +77,49 @@ def shuffle_rationales(vectors: np.ndarray, present: np.ndarray,
 RATIONALE_OF_SPLIT = {"train": ("valid",), "valid": ("valid",), "test": ("test", "valid")}
 
 
-def side_inputs(rationales: Mapping[str, tuple[np.ndarray, np.ndarray]], item_text: np.ndarray,
-                rows: int, cfg: SlimConfig) -> dict[str, dict[str, np.ndarray]]:
-  """Side inputs per split from the encode stage's vectors (`encode.load_encoded`).
+def side_inputs(encoded, rows: int, cfg: SlimConfig) -> dict[str, dict[str, np.ndarray]]:
+  """Side inputs per split from what the encode stage wrote (`encode.Encoded`).
 
-  `rationales` maps a rationale split to ([U, D] vectors, [U] has-rationale mask); item-text
-  rows [I+1, D] are zero-padded to the item table's `rows`.
+  Item-text rows [I+1, D] are zero-padded to the item table's `rows`. With
+  `cfg.finetune_encoder` they also hold each user's rationale token ids and their lengths.
   """
-  padded = np.zeros((rows, item_text.shape[1]), np.float32)
-  padded[:len(item_text)] = item_text
+  padded = np.zeros((rows, encoded.item_vectors.shape[1]), np.float32)
+  padded[:len(encoded.item_vectors)] = encoded.item_vectors
   sides = {}
-  for split, sources in RATIONALE_OF_SPLIT.items():
-    source = next((s for s in sources if s in rationales), None)
+  for split, candidates in RATIONALE_OF_SPLIT.items():
+    source = next((s for s in candidates if s in encoded.rationales), None)
     if source is None:
-      raise ValueError(f"no rationale vectors for split {split!r}: have {sorted(rationales)}")
-    vectors, present = rationales[source]
-    if cfg.shuffle:
-      vectors, present = shuffle_rationales(vectors, present, cfg.seed)
-    sides[split] = {"rationale": np.asarray(vectors, np.float32),
-                    "has_rationale": np.asarray(present, bool), "item_text": padded}
+      raise ValueError(f"no rationale vectors for split {split!r}: have "
+                       f"{sorted(encoded.rationales)}")
+    vectors, present = encoded.rationales[source]
+    users = shuffled_sources(present, cfg.seed) if cfg.shuffle else np.arange(len(present))
+    sides[split] = {"rationale": np.asarray(vectors[users], np.float32),
+                    "has_rationale": np.asarray(present[users], bool), "item_text": padded}
+    if cfg.finetune_encoder:
+      if source not in encoded.tokens:
+        raise ValueError("slim.finetune_encoder needs rationale token ids: encode with "
+                         "encoder.kind=minilm")
+      ids, lengths = encoded.tokens[source]
+      sides[split].update(rationale_ids=ids[users], rationale_lengths=lengths[users])
   return sides
 
 
 class SLIM(nn.Module):
-  """A backbone in one of the MODES; the ID-agnostic modes have no backbone."""
+  """A backbone in one of the MODES; the ID-agnostic modes have no backbone. With an `encoder`
+  (a BERT config: `slim.finetune_encoder`) rationale vectors are computed from token ids by
+  its trainable copy, params/rationale_encoder, initialised from the checkpoint by the trainer."""
   mode: str
   cfg: SlimConfig
   num_items: int
   rows: int
   hidden: int
   backbone: Backbone | None = None
+  encoder: bert.BertConfig | None = None
+  pooling: bert.Pooling = bert.Pooling()
 
   def setup(self):
+    if self.encoder is not None:
+      self.rationale_encoder = bert.Bert(self.encoder)
     if self.mode == "id_based":
       self.rationale_proj = nn.Dense(self.hidden)
       if self.cfg.fusion == "concat":
@@ -121,11 +136,17 @@ class SLIM(nn.Module):
     """[B, D] rationale vectors of `users` (rows < 0 are padding), zero where a user has none."""
     safe = jnp.maximum(users, 0)
     keep = side["has_rationale"][safe] & (users >= 0)
+    if self.encoder is None:
+      vectors = side["rationale"][safe]
+    else:
+      ids = side["rationale_ids"][safe]
+      mask = (jnp.arange(ids.shape[1]) < side["rationale_lengths"][safe][:, None]).astype(jnp.int32)
+      vectors = bert.pool(self.rationale_encoder(ids, mask), mask, self.pooling)
     if train and self.cfg.rationale_dropout:
       drop = jax.random.bernoulli(self.make_rng("dropout"), self.cfg.rationale_dropout,
                                   keep.shape)
       keep = keep & ~drop
-    return jnp.where(keep[:, None], side["rationale"][safe], 0.0)
+    return jnp.where(keep[:, None], vectors, 0.0)
 
   def fuse(self, states, rationale) -> jax.Array:
     """States [B, T, H] fused with the projected rationale [B, D] by `cfg.fusion`."""

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from slim_jax import metrics, parallel
 from slim_jax.data import loader
-from slim_jax.models import bert4rec, gru4rec, sasrec, srgnn
+from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
 from slim_jax.models.recommender import Backbone, RecConfig, table_rows
 from slim_jax.models import slim
@@ -46,13 +46,19 @@ class TrainState:
 
 
 def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: str = "plain",
-                slim: SlimConfig = SlimConfig()) -> SLIM:
-  """The SLIM variant `mode` of the backbone `cfg` names (no backbone for the ID-agnostic ones)."""
+                slim: SlimConfig = SlimConfig(), encoder: bert.SentenceEncoder | None = None) -> SLIM:
+  """The SLIM variant `mode` of the backbone `cfg` names (no backbone for the ID-agnostic ones),
+  with a trainable copy of `encoder` when `slim.finetune_encoder` (and the mode reads rationales).
+  """
   cfg = cfg.resolved()
   backbone = None if mode in ("id_agnostic", "zero_shot") else build_backbone(cfg, num_items,
                                                                                 table_multiple)
+  finetune = slim.finetune_encoder and mode in ("id_based", "id_agnostic")
+  if finetune and encoder is None:
+    raise ValueError("slim.finetune_encoder needs the encoder checkpoint (a MiniLM directory)")
   return SLIM(mode, slim.checked(), num_items, table_rows(num_items, cfg.backbone, table_multiple),
-              cfg.hidden, backbone)
+              cfg.hidden, backbone, encoder.config if finetune else None,
+              encoder.pooling if finetune else bert.Pooling())
 
 
 def build_backbone(cfg: RecConfig, num_items: int, table_multiple: int = 1) -> Backbone:
@@ -91,14 +97,19 @@ def sharding_rules(cfg: RecConfig) -> parallel.Rules:
 
 
 def init_state(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
-               mesh: jax.sharding.Mesh, side) -> tuple[TrainState, Any]:
-  """A TrainState placed on `mesh` by the sharding rules, and its shardings."""
-  def init():
+               mesh: jax.sharding.Mesh, side, encoder_params=None) -> tuple[TrainState, Any]:
+  """A TrainState placed on `mesh` by the sharding rules, and its shardings; a fine-tuned
+  encoder starts from `encoder_params` (the checkpoint's)."""
+  def init(encoder_params):
     params = model.init(jax.random.key(cfg.seed), jnp.zeros((1, cfg.max_len), jnp.int32),
                         jnp.zeros((1,), jnp.int32), side)
+    if model.encoder is not None:
+      params = {"params": {**params["params"], "rationale_encoder": encoder_params}}
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  shardings = parallel.param_shardings(jax.eval_shape(init), sharding_rules(cfg), mesh)
-  return jax.jit(init, out_shardings=shardings)(), shardings
+  encoder_params = encoder_params if model.encoder is not None else None
+  shardings = parallel.param_shardings(jax.eval_shape(init, encoder_params), sharding_rules(cfg),
+                                       mesh)
+  return jax.jit(init, out_shardings=shardings)(encoder_params), shardings
 
 
 def training_pair(model: SLIM, cfg: RecConfig, batch, rng):
@@ -214,13 +225,15 @@ def device_sides(sides: dict | None, mesh: jax.sharding.Mesh) -> dict[str, dict]
 
 def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
                       mesh: jax.sharding.Mesh | None = None, mode: str = "plain",
-                      slim_cfg: SlimConfig = SlimConfig(), encoded=None) -> dict:
+                      slim_cfg: SlimConfig = SlimConfig(), encoded=None,
+                      encoder: bert.SentenceEncoder | None = None) -> dict:
   """Trains the `mode` variant of `cfg.backbone` on `prepared` with early stopping on valid
   NDCG@10, evaluates the best state on the valid and test splits, and writes
   workdir/metrics.json (also returned) and workdir/ranked_test.npz (each test user's rank and
   top-20 list).
 
-  `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain". Resumes
+  `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain"; `encoder`
+  the MiniLM that `slim.finetune_encoder` trains (from encoder.checkpoint). Resumes
   from workdir/checkpoints when a previous run was interrupted. `mesh` defaults to data
   parallelism over every device.
   """
@@ -229,17 +242,18 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or parallel.make_mesh({"data": -1})
   table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
-  model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg)
+  model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg, encoder)
   if mode != "plain" and encoded is None:
     raise ValueError(f"mode {mode!r} needs rationale and item-text vectors (run the encode stage)")
   sides = device_sides(None if mode == "plain" else
-                       slim.side_inputs(encoded[1], encoded[0], model.rows, slim_cfg), mesh)
+                       slim.side_inputs(encoded, model.rows, slim_cfg), mesh)
   train_iter, steps_per_epoch = loader.next_item_training(
       prepared, max_len=cfg.max_len, batch_size=cfg.batch, seed=cfg.seed, mesh=mesh,
       per_position=cfg.train_mode == "per_position", stride=cfg.stride)
   total_steps = cfg.epochs * steps_per_epoch
   tx = optimizer(cfg, total_steps)
-  state, shardings = init_state(model, tx, cfg, mesh, sides["train"])
+  state, shardings = init_state(model, tx, cfg, mesh, sides["train"],
+                                encoder and encoder.params)
   popularity = prepared.item_popularity()
   eval_step = make_eval_step(model, cfg)
   batches = lambda split: loader.next_item_eval(prepared, split, max_len=cfg.max_len,

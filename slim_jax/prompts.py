@@ -191,9 +191,31 @@ def split_steps(text: str) -> tuple[str, str, str]:
   return ("", "", "")
 
 
+_WORD = re.compile(r"[a-z0-9']+")
+# Each step's instruction as words (placeholders dropped), plus every domain's words: a step whose
+# text is mostly these words restates its instruction instead of answering it.
+_INSTRUCTION_WORDS = [
+    set(_WORD.findall(re.sub(r"\{\w+\}", " ", line.lower())))
+    for line in re.findall(r"^Step \d: (.*)$", INSTRUCTION, re.M)]
+_DOMAIN_WORDS = {word for d in DOMAINS.values()
+                 for word in _WORD.findall(f"{d.items} {d.verb} {d.kinds}")}
+
+
+def echoes_instruction(step: str, number: int) -> bool:
+  """Whether a step's first line only restates the prompt's instruction for step `number`."""
+  words = _WORD.findall(step.strip().split("\n", 1)[0].lower()) if step.strip() else []
+  known = _INSTRUCTION_WORDS[number - 1] | _DOMAIN_WORDS
+  return len(words) >= 4 and sum(w in known or w.isdigit() for w in words) >= 0.8 * len(words)
+
+
 def missing_steps(texts: Sequence[str]) -> dict[str, int]:
-  """How many rationales lack a step: overall and per step (a distillation quality signal)."""
-  present = np.array([[bool(step) for step in split_steps(text)] for text in texts],
-                     bool).reshape(-1, STEPS)
+  """How many rationales lack a step, overall and per step, and how many merely restate a step's
+  instruction ("echoed", which small students do): distillation quality signals."""
+  steps = [split_steps(text) for text in texts]
+  present = np.array([[bool(step) for step in row] for row in steps], bool).reshape(-1, STEPS)
+  echoed = np.array([[echoes_instruction(step, k + 1) for k, step in enumerate(row)]
+                     for row in steps], bool).reshape(-1, STEPS)
   return {"rationales": len(present), "missing_any": int((~present).any(axis=1).sum()),
-          **{f"missing_step_{k + 1}": int((~present[:, k]).sum()) for k in range(STEPS)}}
+          **{f"missing_step_{k + 1}": int((~present[:, k]).sum()) for k in range(STEPS)},
+          "echoed_any": int(echoed.any(axis=1).sum()),
+          **{f"echoed_step_{k + 1}": int(echoed[:, k].sum()) for k in range(STEPS)}}

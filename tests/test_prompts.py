@@ -124,8 +124,20 @@ class ParserTest(parameterized.TestCase):
     self.assertEqual(prompts.split_steps(texts[1]), ("Likes dramas.", "", "Heat"))
     self.assertEqual(prompts.missing_steps(texts), {
         "rationales": 5, "missing_any": 4, "missing_step_1": 3, "missing_step_2": 4,
-        "missing_step_3": 2})
+        "missing_step_3": 2, "echoed_any": 0, "echoed_step_1": 0, "echoed_step_2": 0,
+        "echoed_step_3": 0})
     self.assertEqual(prompts.missing_steps([])["rationales"], 0)
+
+  def test_restated_instructions_are_counted_as_echoes(self):
+    echo = ("Step 1: Summarize the user's preferences from this history.\n"
+            "Step 2: Based on these preferences, infer the genres the user is most likely to "
+            "want next.\nStep 3: Recommend 5 concrete movies that fit these preferences and "
+            "genres.\n\nAnswer:")
+    answer = ("Step 1: The user enjoys gritty crime dramas from the nineties.\n"
+              "Step 2: Crime, Thriller\nStep 3: 1. Heat - a crime epic")
+    counts = prompts.missing_steps([echo, answer])
+    self.assertEqual((counts["missing_any"], counts["echoed_any"]), (0, 1))
+    self.assertEqual([counts[f"echoed_step_{k}"] for k in (1, 2, 3)], [1, 1, 1])
 
 
 if __name__ == "__main__":

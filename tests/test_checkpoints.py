@@ -117,6 +117,14 @@ class HfDirectoryTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "attention_bias=True"):
       hf.config_from_hf({**hf.config_to_hf(TINY), "attention_bias": True})
 
+  def test_refuses_a_tokenizer_larger_than_the_vocabulary(self):
+    from tests.test_distill import CONFIG, random_params, word_tokenizer
+    tokenizer = word_tokenizer([" ".join(f"w{i}" for i in range(CONFIG.vocab_size))])
+    directory = hf.save_hf(pathlib.Path(self.create_tempdir().full_path) / "m", CONFIG,
+                           random_params(CONFIG), tokenizer)
+    with self.assertRaisesRegex(ValueError, r"259 tokens but the model's vocab_size is 256"):
+      checkpoints.load(directory)
+
 
 if __name__ == "__main__":
   absltest.main()

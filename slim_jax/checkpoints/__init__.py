@@ -34,6 +34,17 @@ def load(path, mesh=None, **overrides):
   if path.suffix == ".gguf":
     config, tensors, meta = gguf.read_gguf(path, **overrides)
     params = hf.params_from_reader(lambda name, index: tensors[name][index], config, mesh)
-    return config, params, tokenizer_from_gguf(meta, str(path))
-  config = hf.load_config(path, **overrides)
-  return config, hf.load_params(path, config, mesh), load_tokenizer(path)
+    tokenizer = tokenizer_from_gguf(meta, str(path))
+  else:
+    config = hf.load_config(path, **overrides)
+    params, tokenizer = hf.load_params(path, config, mesh), load_tokenizer(path)
+  check_vocabulary(tokenizer, config.vocab_size, path)
+  return config, params, tokenizer
+
+
+def check_vocabulary(tokenizer, vocab_size: int, path) -> None:
+  """A token id past the embedding table would read NaN embeddings (JAX fills out-of-range
+  gathers), so a tokenizer larger than the model is refused when the checkpoint loads."""
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                     f"vocab_size is {vocab_size}; ids past it have no embedding")

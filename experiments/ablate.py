@@ -10,11 +10,11 @@ Needs a work directory whose prepare and generate stages are done (student ratio
 
 Per backbone and seed it trains the plain backbone; per encoder also SLIM ID-based for every
 fusion, the shuffled-rationale control (first fusion), the ID-agnostic ranker and the zero-shot
-ranking. Each run lands in <workdir>/ablations/runs/<name>/ and is skipped when its metrics.json
+ranking. Each run lands in <workdir>/<out>/runs/<name>/ and is skipped when its metrics.json
 exists, so an interrupted sweep resumes (runs are named by backbone, variant, encoder and seed
-only: sweep other settings into their own --out). The table (mean and standard deviation over seeds of
-test NDCG@10 and HR@10, and the change of the mean against the plain backbone) is printed as
-JSON and written to <workdir>/<out>/table.md.
+only: sweep other settings into their own --out). The table (mean and standard deviation over
+seeds of test NDCG@10 and HR@10, and the change of the mean against the plain backbone) is
+printed as JSON and written to <workdir>/<out>/table.md.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Evaluation follows RecBole's protocol: no filtering, leave-one-out by time, full
 Presets (`--set preset=NAME`):
   quick (default): the first 48 users get teacher and student rationales, short ones, the
     student distils for 12 steps and GRU4Rec trains for 30 epochs per variant, so the whole
-    pipeline runs in about 11 minutes on a 2-core CPU (measured: 10 min 56 s). With 48 of 943 users holding a rationale,
-    it shows the pipeline working, not SLIM's effect: experiments/ablate.py measures that.
+    pipeline runs in about 11 minutes on a 2-core CPU (measured: 10 min 56 s). With 48 of 943
+    users holding a rationale, it shows the pipeline working, not SLIM's effect:
+    experiments/ablate.py measures that.
   full: every one of the 943 users, longer rationales, longer distillation.
 On a CPU the LLM stages compute in float32: XLA's CPU bfloat16 matmuls are slower.
 """

@@ -111,7 +111,8 @@ def _encode(cfg: Config, out: pathlib.Path) -> dict:
 def variant_name(backbone: str, mode: str) -> str:
   """The train stage's directory of one variant: "sasrec_id_based", or "id_agnostic" (no
   backbone)."""
-  return mode if mode in ("id_agnostic", "zero_shot") else f"{backbone}_{mode}"
+  from slim_jax.models import slim
+  return mode if mode in slim.AGNOSTIC_MODES else f"{backbone}_{mode}"
 
 
 def finetuned_encoder(cfg: Config):

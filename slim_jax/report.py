@@ -20,6 +20,7 @@ import numpy as np
 
 from slim_jax import teacher
 from slim_jax.config import Config
+from slim_jax.models.slim import AGNOSTIC_MODES
 
 KS = (10, 20)
 ACCURACY = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr")]
@@ -38,7 +39,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def label(variant: Mapping) -> str:
   mode = LABELS[variant["mode"]]
-  return mode if variant["mode"] in ("id_agnostic", "zero_shot") else f"{variant['backbone']} {mode}"
+  return mode if variant["mode"] in AGNOSTIC_MODES else f"{variant['backbone']} {mode}"
 
 
 def relative(value: float, base: float | None) -> str:

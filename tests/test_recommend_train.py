@@ -114,13 +114,19 @@ def synthetic_prepared(num_users=64, num_items=40, length=24, seed=0) -> Prepare
   starts = rng.integers(0, num_items, num_users)
   strides = rng.integers(1, 4, num_users)
   seqs = [(s + d * np.arange(length)) % num_items + 1 for s, d in zip(starts, strides)]
+  return prepared_from_sequences(seqs, num_items)
+
+
+def prepared_from_sequences(seqs, num_items: int) -> Prepared:
+  """Prepared data of equal-length item sequences (ids 1..num_items), one per user."""
+  length = len(seqs[0])
   return Prepared(
-      user_ids=np.array([f"u{u}" for u in range(num_users)]),
+      user_ids=np.array([f"u{u}" for u in range(len(seqs))]),
       item_ids=np.array([""] + [f"i{i}" for i in range(1, num_items + 1)]),
       item_text=("",) + tuple(f"item {i}" for i in range(1, num_items + 1)),
       item_meta=(ItemMeta(),) * (num_items + 1),
       seq_items=np.concatenate(seqs).astype(np.int32),
-      seq_offsets=np.arange(num_users + 1, dtype=np.int64) * length, stats={})
+      seq_offsets=np.arange(len(seqs) + 1, dtype=np.int64) * length, stats={})
 
 
 TINY = RecConfig(hidden=16, max_len=10, inner=32, gru_hidden=32, batch=16, eval_batch=64,

@@ -9,12 +9,11 @@ from absl.testing import absltest, parameterized
 
 from slim_jax import assets, encode, parallel
 from slim_jax.data import loader
-from slim_jax.data.formats import ItemMeta
-from slim_jax.data.preprocess import Prepared
 from slim_jax.models import bert, slim
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
 from slim_jax.train import recommend
+from tests.test_recommend_train import prepared_from_sequences
 
 NUM_ITEMS, NUM_USERS, DIM = 30, 5, 8
 INPUTS = jnp.array([[0, 0, 3, 7, 3, 9], [4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 21],
@@ -144,13 +143,7 @@ def genre_prepared(num_users=60, num_items=80, genres=4, length=12, seed=0):
   user_genre = rng.integers(0, genres, num_users)
   seqs = [rng.choice(np.flatnonzero(item_genre == g), length, replace=False) + 1
           for g in user_genre]
-  prepared = Prepared(
-      user_ids=np.array([f"u{u}" for u in range(num_users)]),
-      item_ids=np.array([""] + [f"i{i}" for i in range(1, num_items + 1)]),
-      item_text=("",) + tuple(f"item {i}" for i in range(1, num_items + 1)),
-      item_meta=(ItemMeta(),) * (num_items + 1),
-      seq_items=np.concatenate(seqs).astype(np.int32),
-      seq_offsets=np.arange(num_users + 1, dtype=np.int64) * length, stats={})
+  prepared = prepared_from_sequences(seqs, num_items)
   onehot = np.eye(genres, dtype=np.float32)
   item_vectors = np.concatenate([np.zeros((1, genres), np.float32), onehot[item_genre]])
   return prepared, encode.Encoded(item_vectors,

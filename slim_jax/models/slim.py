@@ -28,6 +28,7 @@ from slim_jax.models.recommender import Backbone
 # plain: the backbone alone; id_based: backbone fused with the rationale; id_agnostic: rationale
 # vs item text through learned projections; zero_shot: raw cosine of the two, nothing trained.
 MODES = ("plain", "id_based", "id_agnostic", "zero_shot")
+AGNOSTIC_MODES = ("id_agnostic", "zero_shot")  # no backbone, no item IDs
 FUSIONS = ("add", "concat", "gate")
 
 

@@ -2,10 +2,10 @@
 
 Every variant trains here: a plain backbone, SLIM ID-based, SLIM ID-agnostic (`models/slim.py`);
 the zero-shot ranking has nothing to train and is only evaluated. Rationale and item-text
-vectors reach the jitted steps as a replicated `side` argument. The train step is data parallel over the mesh's batch axes, with the item table's rows
-optionally sharded over a model axis (`rec.table_axis`) for catalogues too large to replicate.
-Evaluation ranks the full catalogue on the device in jitted batches; only a rank and a top-20
-list per user come back to the host.
+vectors reach the jitted steps as a replicated `side` argument. The train step is data parallel
+over the mesh's batch axes, with the item table's rows optionally sharded over a model axis
+(`rec.table_axis`) for catalogues too large to replicate. Evaluation ranks the full catalogue
+on the device in jitted batches; only a rank and a top-20 list per user come back to the host.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
 from slim_jax.models.recommender import Backbone, RecConfig, table_rows
 from slim_jax.models import slim
-from slim_jax.models.slim import SLIM, SlimConfig
+from slim_jax.models.slim import AGNOSTIC_MODES, SLIM, SlimConfig
 from slim_jax.train import loop
 
 TOP_K = 20  # longest list the popularity-bias analysis reads
@@ -46,13 +46,14 @@ class TrainState:
 
 
 def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: str = "plain",
-                slim: SlimConfig = SlimConfig(), encoder: bert.SentenceEncoder | None = None) -> SLIM:
+                slim: SlimConfig = SlimConfig(),
+                encoder: bert.SentenceEncoder | None = None) -> SLIM:
   """The SLIM variant `mode` of the backbone `cfg` names (no backbone for the ID-agnostic ones),
   with a trainable copy of `encoder` when `slim.finetune_encoder` (and the mode reads rationales).
   """
   cfg = cfg.resolved()
-  backbone = None if mode in ("id_agnostic", "zero_shot") else build_backbone(cfg, num_items,
-                                                                                table_multiple)
+  backbone = (None if mode in AGNOSTIC_MODES
+              else build_backbone(cfg, num_items, table_multiple))
   finetune = slim.finetune_encoder and mode in ("id_based", "id_agnostic")
   if finetune and encoder is None:
     raise ValueError("slim.finetune_encoder needs the encoder checkpoint (a MiniLM directory)")

@@ -1,7 +1,8 @@
 """Recommender speed on ml-100k, per backbone, as JSON: training examples/s, seconds per epoch,
 full-ranking evaluation users/s (all after compilation).
 
-  python -m experiments.bench_recommenders [--backbones=sasrec,gru4rec] [--steps=30]
+  python -m experiments.bench_recommenders [--backbones=sasrec,gru4rec] [--steps=30] \
+      [--set rec.train_mode=last_position]
 
 A training example is one next-item target with a loss (RecBole trains on 97,171 prefixes per
 epoch, one target each; a per-position window holds up to max_len of them). Each backbone uses
@@ -25,6 +26,7 @@ from slim_jax.train import recommend
 _BACKBONES = flags.DEFINE_list("backbones", list(BACKBONES), "Backbones to time.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Training steps to time per backbone.")
 _EVALS = flags.DEFINE_integer("evals", 10, "Full evaluations to time per backbone.")
+_SET = flags.DEFINE_multi_string("set", [], "Config override key.sub=value, as in launch.py.")
 
 _EXPERIMENTS = pathlib.Path(__file__).parent
 
@@ -71,7 +73,7 @@ def main(argv):
   mesh = parallel.make_mesh({"data": -1})
   results = {"devices": mesh.size, "backend": jax.default_backend()}
   for backbone in _BACKBONES.value:
-    cfg = config.load_config(_EXPERIMENTS / f"ml100k_{backbone}.py")
+    cfg = config.from_flags(_EXPERIMENTS / f"ml100k_{backbone}.py", _SET.value)
     results[backbone] = bench(cfg, prepared, mesh, _STEPS.value, _EVALS.value)
     print(json.dumps({backbone: results[backbone]}), flush=True)
   print(json.dumps(results, indent=2))

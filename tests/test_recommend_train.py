@@ -4,11 +4,13 @@ determinism, and models that learn (synthetic sequences; a short MovieLens-100K 
 import dataclasses
 import json
 import pathlib
+import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from tensorboardX.proto import event_pb2
 
 from slim_jax import assets, config, parallel
 from slim_jax.data import formats, loader, preprocess
@@ -41,6 +43,24 @@ def _toy_eval(state):
   return {"error": float(abs(state["w"] - 3))}
 
 
+def _tensorboard_scalars(logdir: pathlib.Path, tag: str) -> list[tuple[int, float]]:
+  """(step, value) of `tag` as TensorBoard reads the event files: a run restarted with
+  purge_step discards what an earlier run logged at or after that step."""
+  scalars = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    while data:
+      length = struct.unpack("<Q", data[:8])[0]
+      event = event_pb2.Event.FromString(data[12:12 + length])
+      data = data[12 + length + 4:]
+      if event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {step: v for step, v in scalars.items() if step < event.step}
+      for value in event.summary.value:
+        if value.tag == tag:
+          scalars[event.step] = value.simple_value
+  return sorted(scalars.items())
+
+
 class LoopTest(absltest.TestCase):
 
   def test_resumed_run_equals_uninterrupted(self):
@@ -65,6 +85,10 @@ class LoopTest(absltest.TestCase):
     steps = [json.loads(line)["step"]
              for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     self.assertEqual(steps, sorted(steps))  # rows after the crash's last checkpoint were dropped
+    rows = [json.loads(line)
+            for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    self.assertEqual(_tensorboard_scalars(pathlib.Path(workdir) / "tensorboard", "error"),
+                     [(r["step"], np.float32(r["error"])) for r in rows if "error" in r])
 
   def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(self):
     def exploding(state, batch):

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorboardX
 import tqdm
 from absl import logging
 
@@ -83,15 +84,22 @@ def _manager(directory: pathlib.Path, cfg: LoopConfig) -> ocp.CheckpointManager:
 
 
 class _Log:
-  """Rows to workdir/metrics.jsonl (written by process 0 only)."""
+  """Rows to workdir/metrics.jsonl and TensorBoard event files in workdir/tensorboard (written by
+  process 0 only). A resumed run drops what the interrupted one logged after its checkpoint."""
 
   def __init__(self, path: pathlib.Path, resume_step: int):
     self.path = path
     self.write = jax.process_index() == 0
-    if self.write and path.exists():  # rows an interrupted run wrote after its last checkpoint
+    if not self.write:
+      return
+    if path.exists():
       rows = [line for line in path.read_text().splitlines()
               if line and json.loads(line)["step"] <= resume_step]
       path.write_text("".join(line + "\n" for line in rows))
+    # A file per (re)start: file names only carry the second, and a writer truncates its file.
+    self.events = tensorboardX.SummaryWriter(
+        str(path.parent / "tensorboard"), purge_step=resume_step + 1 if resume_step else None,
+        filename_suffix=f".from_step_{resume_step}")
 
   def __call__(self, row: dict):
     logging.info("%s", " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
@@ -99,6 +107,14 @@ class _Log:
     if self.write:
       with self.path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+      for name, value in row.items():
+        if name != "step":
+          self.events.add_scalar(name, value, row["step"])
+      self.events.flush()
+
+  def close(self):
+    if self.write:
+      self.events.close()
 
 
 def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], Metrics],
@@ -203,6 +219,7 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
   elif manager.latest_step() != loop["step"]:
     save(loop["history"][-1])
   bar.close()
+  log.close()
   manager.wait_until_finished()
   if loop["best_step"] is not None and loop["best_step"] != loop["step"]:
     state = manager.restore(loop["best_step"], args=ocp.args.Composite(

@@ -22,7 +22,6 @@ from slim_jax.checkpoints import peft
 from slim_jax.config import DataConfig
 from slim_jax.data import formats, loader, preprocess
 from slim_jax.models import llama
-from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.train import distill
 from slim_jax.train.distill import DistillConfig
@@ -50,11 +49,7 @@ def bench_distill(cfg: DistillConfig, mesh) -> tuple[dict, object, object]:
   """Tokens/s of LoRA steps on random batches; returns the result and the trained adapters."""
   config, base, _ = checkpoints.load(assets.path("smollm2"), mesh, dtype=cfg.dtype,
                                      param_dtype=cfg.base_dtype)
-  model = Llama(config, cfg.lora())
-  tx, schedule = distill.optimizer(cfg)
-  state, shardings = distill.init_state(model, tx, cfg, mesh)
-  step = distill.make_train_step(model, tx, schedule, cfg,
-                                 jax.tree.map(lambda x: x.sharding, base), shardings, mesh)
+  _, state, _, step = distill.build_step(config, cfg, base, mesh)
   rng = np.random.default_rng(0)
   half = _SEQ.value // 2
   batch = parallel.global_batch(loader.lm_batch(
@@ -72,7 +67,7 @@ def bench_distill(cfg: DistillConfig, mesh) -> tuple[dict, object, object]:
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
   tokens_per_s = _STEPS.value * _BATCH.value * _SEQ.value / seconds
-  flops_per_token = 2 * llama.forward_flops_per_token(config, _SEQ.value // 2)
+  flops_per_token = llama.flops_per_token(config, _SEQ.value, "lora")
   return {"steps": _STEPS.value, "batch": _BATCH.value, "seq": _SEQ.value, "dtype": cfg.dtype,
           "lora": f"r={cfg.lora_rank} {','.join(cfg.lora_targets)}",
           "first_step_seconds": compile_seconds, "seconds_per_step": seconds / _STEPS.value,

@@ -3,8 +3,8 @@ throughput and MFU, side by side with torch/transformers/PEFT when torch is impo
 
   python -m experiments.bench_llama [--repeats=2] [--parts=peak,prefill,train,generate]
 
-Prints one JSON object. MFU uses analytic FLOPs (llama.forward_flops_per_token; a LoRA step
-counts twice a forward pass) over the measured fp32 matmul peak of the same framework.
+Prints one JSON object. MFU uses analytic FLOPs (llama.flops_per_token: causal attention; a LoRA
+step counts twice a forward pass) over the measured fp32 matmul peak of the same framework.
 """
 
 from __future__ import annotations
@@ -72,11 +72,7 @@ def jax_benchmarks(config, params, mesh, parts, repeats) -> dict:
         lambda: forward({"params": params}, tokens)[0].block_until_ready(), repeats)
     results["prefill_tokens_per_s"] = BATCH * LENGTH / seconds
   if "train" in parts:
-    lora_model = Llama(config, LORA)
-    tx, schedule = distill.optimizer(DISTILL)
-    state, shardings = distill.init_state(lora_model, tx, DISTILL, mesh)
-    step = distill.make_train_step(lora_model, tx, schedule, DISTILL,
-                                   jax.tree.map(lambda x: x.sharding, params), shardings, mesh)
+    _, state, _, step = distill.build_step(config, DISTILL, params, mesh)
     # empty prompts: the loss is on every token, as with labels=tokens in the PEFT loop
     batch = parallel.global_batch(loader.lm_batch(
         list(tokens[:, :0]), list(tokens), (LENGTH,), pad_id=0), mesh)
@@ -144,8 +140,8 @@ def torch_benchmarks(hf_dir, config, parts, repeats) -> dict:
 def with_mfu(results: dict, config, peak: float | None) -> dict:
   if peak is None:
     return results
-  flops = {"prefill_tokens_per_s": llama.forward_flops_per_token(config, LENGTH),
-           "lora_train_tokens_per_s": 2 * llama.forward_flops_per_token(config, LENGTH)}
+  flops = {"prefill_tokens_per_s": llama.flops_per_token(config, LENGTH),
+           "lora_train_tokens_per_s": llama.flops_per_token(config, LENGTH, "lora")}
   mfu = {name.replace("_tokens_per_s", "_mfu"): results[name] * flops[name] / peak
          for name in flops if name in results}
   return {**results, "matmul_peak_gflops": peak / 1e9, **mfu}

@@ -29,7 +29,6 @@ from slim_jax import parallel  # noqa: E402
 from slim_jax.checkpoints import hf  # noqa: E402
 from slim_jax.data import loader  # noqa: E402
 from slim_jax.models import llama  # noqa: E402
-from slim_jax.models.llama import Llama  # noqa: E402
 from slim_jax.train import distill  # noqa: E402
 from slim_jax.train.distill import DistillConfig  # noqa: E402
 
@@ -52,19 +51,14 @@ def abstract(tree, shardings):
 
 def lowered_step(cfg: DistillConfig, config: llama.LlamaConfig, mesh):
   """(the lowered distillation step, its abstract state) for `mesh`, on abstract inputs."""
-  model = Llama(config, cfg.lora())
-  tx, schedule = distill.optimizer(cfg)
   shapes = hf.param_shapes(config)
-  base_shardings = parallel.param_shardings(shapes, llama.partition_rules(config), mesh)
-  state = jax.eval_shape(lambda: distill.init_state(model, tx, cfg, mesh)[0])
-  state_shardings = parallel.param_shardings(state, distill.state_rules(config), mesh)
-  step = distill.make_train_step(model, tx, schedule, cfg, base_shardings, state_shardings, mesh)
+  base = abstract(shapes, parallel.param_shardings(shapes, llama.partition_rules(config), mesh))
+  _, state, _, step = distill.build_step(config, cfg, base, mesh, abstract=True)
   half = np.zeros(LENGTH // 2, np.int32)  # prompt and rationale halves: only the shapes matter
   batch = loader.lm_batch([half] * BATCH, [half] * BATCH, (LENGTH,), pad_id=0)
   batch = abstract(batch, {name: parallel.batch_sharding(mesh, 2) for name in batch})
   with jax.set_mesh(mesh):
-    lowered = step.lower(abstract(shapes, base_shardings), abstract(state, state_shardings),
-                         batch)
+    lowered = step.lower(base, state, batch)
   return lowered, state
 
 
@@ -93,7 +87,7 @@ def compile_step(targets: tuple[str, ...], axes: dict[str, int]) -> dict:
       "fits_16_gib": per_device < 16 * GIB,
       "xla_flops_per_step": xla_flops,
       "xla_flops_per_step_per_device": xla_flops / mesh.size,
-      "model_flops_per_step": BATCH * LENGTH * 2 * llama.forward_flops_per_token(CONFIG, LENGTH),
+      "model_flops_per_step": BATCH * LENGTH * llama.flops_per_token(CONFIG, LENGTH, "lora"),
   }
 
 

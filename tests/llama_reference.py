@@ -25,7 +25,7 @@ def random_params(config: LlamaConfig, seed: int = 0):
 
 
 def torch_model(config: LlamaConfig, params) -> transformers.LlamaForCausalLM:
-  """transformers' LlamaForCausalLM (fp32, eager attention) holding exactly `params`."""
+  """transformers' LlamaForCausalLM (fp32, its default sdpa attention) holding exactly `params`."""
   hf_config = transformers.LlamaConfig(**hf.config_to_hf(config))
   model = transformers.LlamaForCausalLM(hf_config).eval()
   state = {name: torch.from_numpy(np.array(value, np.float32))

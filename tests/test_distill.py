@@ -228,13 +228,9 @@ class TrainStepTest(absltest.TestCase):
     cfg = DistillConfig(lora_rank=4, lr=1e-2, warmup_steps=0, steps=2, dtype="bfloat16",
                         lora_targets=("q_proj", "down_proj"))
     mesh = one_device()
-    model = Llama(config, cfg.lora())
     base = parallel.shard_params(random_params(config), llama.partition_rules(config), mesh)
     before = jax.device_get(base)
-    tx, schedule = distill.optimizer(cfg)
-    state, shardings = distill.init_state(model, tx, cfg, mesh)
-    step = distill.make_train_step(model, tx, schedule, cfg,
-                                   jax.tree.map(lambda x: x.sharding, base), shardings, mesh)
+    _, state, _, step = distill.build_step(config, cfg, base, mesh)
     rng = np.random.default_rng(0)
     batch = loader.lm_batch([rng.integers(3, 200, 20 + k) for k in range(8)],
                             [rng.integers(3, 200, 6) for _ in range(8)], (48,), pad_id=2)

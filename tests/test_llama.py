@@ -13,6 +13,7 @@ from slim_jax import parallel
 from slim_jax.checkpoints import hf
 from slim_jax.models import llama
 from slim_jax.models.llama import Llama, RopeScaling
+from slim_jax.train import distill
 from tests import llama_reference as ref
 
 TINY = llama.PRESETS["tiny"]
@@ -42,12 +43,12 @@ class LlamaParityTest(parameterized.TestCase):
     self.assertGreater(np.abs(theirs).max(), 1.0)  # not trivially small
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
-  def test_inverse_frequencies_match_transformers(self):
-    config = VARIANTS["llama3_rope"]
+  @parameterized.named_parameters(
+      *llama.PRESETS.items(), *[(name, VARIANTS[name]) for name in ("linear_rope", "llama3_rope")])
+  def test_inverse_frequencies_equal_transformers(self, config):
     hf_config = transformers.LlamaConfig(**hf.config_to_hf(config))
     rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
-    np.testing.assert_allclose(llama.inverse_frequencies(config), rope.inv_freq.numpy(),
-                               rtol=1e-6)
+    np.testing.assert_array_equal(llama.inverse_frequencies(config), rope.inv_freq.numpy())
 
   def test_left_padded_rows_equal_unpadded(self):
     params = ref.random_params(TINY)
@@ -65,11 +66,13 @@ class LlamaParityTest(parameterized.TestCase):
     stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
     stacked["layers"] = jax.tree.map(lambda *x: jnp.stack(x), params["layers_0"],
                                      params["layers_1"])
-    tokens, loss_mask = _tokens(TINY, (2, 16)), np.ones((2, 16))
+    tokens = _tokens(TINY, (2, 16))
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "loss_mask": np.ones((2, 16))}
 
     def loss_and_grads(config, p):
-      loss = lambda p: llama.causal_lm_loss(Llama(config).apply({"params": p}, tokens)[0],
-                                            tokens, loss_mask)
+      def loss(p):
+        total, count = distill.rationale_nll(Llama(config), {"params": p}, batch)
+        return total / count
       return jax.jit(jax.value_and_grad(loss))(p)
 
     loss, grads = loss_and_grads(TINY, params)

@@ -121,13 +121,9 @@ def _train(axes=(("data", 1),), steps=3):
   these axes; the default is one device."""
   cfg = DistillConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, lora_targets=ALL.targets,
                       batch_size=8, lr=1e-2, warmup_steps=0)
-  model = Llama(TINY, cfg.lora())
   mesh = parallel.make_mesh(dict(axes), jax.devices()[:math.prod(size for _, size in axes)])
   base = parallel.shard_params(ref.random_params(TINY), llama.partition_rules(TINY), mesh)
-  tx, schedule = distill.optimizer(cfg)
-  state, shardings = distill.init_state(model, tx, cfg, mesh)
-  step = distill.make_train_step(model, tx, schedule, cfg,
-                                 jax.tree.map(lambda x: x.sharding, base), shardings, mesh)
+  _, state, _, step = distill.build_step(TINY, cfg, base, mesh)
   tokens = _tokens((8, 16))  # a 4-token prompt, then 12 target tokens to learn
   batch = parallel.global_batch(
       loader.lm_batch(list(tokens[:, :4]), list(tokens[:, 4:]), (16,), pad_id=0), mesh)

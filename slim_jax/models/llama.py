@@ -15,7 +15,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
@@ -112,8 +111,11 @@ def _constrain_batch(x):
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
   """RoPE inverse frequencies [head_dim / 2] in fp32, with Hugging Face's scaling variants."""
   dim = config.head_dim
-  inv = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(
-      np.float32)
+  # fp32 exponents as in HF, the power correctly rounded to fp32 as torch's is: numpy's fp32
+  # power is 1 ulp off for some exponents, which shifts the angle at position p by p such ulps
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  power = (np.float64(config.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+  inv = np.float32(1.0) / power
   scaling = config.rope_scaling
   if scaling is None:
     return inv
@@ -154,8 +156,9 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    # x / sqrt(.) rounds like torch's x * rsqrt(.); XLA's CPU rsqrt is ~1.5 ulp off
-    normed = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # HF's x * rsqrt(mean(x^2) + eps). torch's rsqrt is a correctly rounded 1 / sqrt, XLA's CPU
+    # rsqrt up to ~1.3 ulp off, and XLA rewrites 1 / sqrt and x / sqrt into it all the same
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -203,7 +206,7 @@ class Attention(nn.Module):
       cache = {"k": k, "v": v}
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / np.sqrt(dim).astype(np.float32)
+                        preferred_element_type=jnp.float32) * np.float32(dim ** -0.5)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.dtype))
@@ -324,20 +327,26 @@ class Llama(nn.Module):
     return _constrain_batch(logits), cache
 
 
-def forward_flops_per_token(config: LlamaConfig, context: int) -> float:
-  """Analytic forward FLOPs per token: 2 per matmul weight (lm_head included) plus attention
-  scores and values over `context` keys. A LoRA step costs about twice this (input gradients
-  through the frozen weights, no weight gradients), full fine-tuning three times."""
+_PASSES = {"forward": 1, "lora": 2, "full": 3}  # forward passes' worth of FLOPs per step
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int, step: str = "forward") -> float:
+  """Model FLOPs per token of causal sequences of `seq_len` tokens: the numerator of MFU.
+
+  The standard convention (PaLM's appendix B, 6N + 12*L*H*Q*T per trained token; MaxText's
+  calculate_tflops_training_per_device): 2 FLOPs per weight of every matmul, lm_head included
+  and the embedding lookup not, plus the attention matmuls QK^T and PV, 4 * heads * head_dim
+  FLOPs per layer and per key, over seq_len / 2 keys: the causal half of PaLM's T, as MaxText
+  halves it. Norms, softmax and activations are not counted. `step` is "forward" (prefill),
+  "full" fine-tuning (3x forward: input and weight gradients) or "lora" (2x forward: input
+  gradients through the frozen weights and no weight gradients; the rank-r adapters' own FLOPs
+  are neglected).
+  """
+  if step not in _PASSES:
+    raise ValueError(f"step {step!r} is not one of {', '.join(_PASSES)}")
   c = config
   per_layer = c.hidden_size * (2 * c.num_heads + 2 * c.num_kv_heads) * c.head_dim + (
       3 * c.hidden_size * c.intermediate_size)
   weights = c.num_layers * per_layer + c.hidden_size * c.vocab_size
-  return 2 * weights + 4 * c.num_layers * context * c.num_heads * c.head_dim
-
-
-def causal_lm_loss(logits, tokens, loss_mask):
-  """Mean next-token cross-entropy over positions whose *target* has loss_mask set."""
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
+  attention = 4 * c.num_layers * c.num_heads * c.head_dim * (seq_len / 2)
+  return _PASSES[step] * (2 * weights + attention)

@@ -17,7 +17,7 @@ import math
 import pathlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -163,14 +163,21 @@ def state_rules(config: llama.LlamaConfig) -> parallel.Rules:
   return (*llama.partition_rules(config), (r".*", P()))
 
 
-def init_state(model: Llama, tx: optax.GradientTransformation, cfg: DistillConfig, mesh
-               ) -> tuple[TrainState, Any]:
-  """Fresh adapters (B = 0: the student starts as its base) in `lora_dtype`, placed on `mesh`."""
+def init_state(model: Llama, tx: optax.GradientTransformation, cfg: DistillConfig, mesh,
+               abstract: bool = False) -> tuple[TrainState, Any]:
+  """(fresh adapters (B = 0: the student starts as its base) in `lora_dtype` with their
+  optimizer state, placed on `mesh`; its shardings). With `abstract`, ShapeDtypeStructs carrying
+  those shardings: nothing is allocated."""
   def init():
     adapters = lora_lib.init_lora(model, jax.random.key(cfg.seed))
     adapters = jax.tree.map(lambda x: x.astype(cfg.lora_dtype), adapters)
     return TrainState(jnp.zeros((), jnp.int32), adapters, tx.init(adapters))
-  shardings = parallel.param_shardings(jax.eval_shape(init), state_rules(model.config), mesh)
+  shapes = jax.eval_shape(init)
+  shardings = parallel.param_shardings(shapes, state_rules(model.config), mesh)
+  if abstract:
+    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                 sharding=sharding),
+                        shapes, shardings), shardings
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -228,6 +235,26 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
   return jax.jit(step, in_shardings=(base_shardings, state_shardings,
                                      parallel.batch_sharding(mesh, 2)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=1)
+
+
+class TrainSetup(NamedTuple):
+  model: Llama  # the student with cfg.lora()
+  state: TrainState  # fresh, on the mesh (ShapeDtypeStructs when abstract)
+  state_shardings: Any
+  step: Callable  # make_train_step's step(base, state, batch) -> (state, metrics)
+
+
+def build_step(config: llama.LlamaConfig, cfg: DistillConfig, base, mesh,
+               abstract: bool = False) -> TrainSetup:
+  """The set-up of every distillation step: the LoRA student of `config`, its optimizer, fresh
+  state and jitted step for a base laid out as `base` (arrays, or ShapeDtypeStructs with
+  shardings). `abstract` makes the state abstract too, to lower the step ahead of time."""
+  model = Llama(config, cfg.lora())
+  tx, schedule = optimizer(cfg)
+  state, state_shardings = init_state(model, tx, cfg, mesh, abstract)
+  base_shardings = jax.tree.map(lambda x: x.sharding, base)
+  return TrainSetup(model, state, state_shardings, make_train_step(
+      model, tx, schedule, cfg, base_shardings, state_shardings, mesh))
 
 
 def make_eval_step(model: Llama, base_shardings, lora_shardings, mesh) -> Callable:
@@ -288,12 +315,9 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
   heldout = [i for i, user in enumerate(users) if user in held_out]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-  model = Llama(config, cfg.lora())
-  tx, schedule = optimizer(cfg)
-  state, state_shardings = init_state(model, tx, cfg, mesh)
-  base_shardings = jax.tree.map(lambda x: x.sharding, base)
-  train_step = make_train_step(model, tx, schedule, cfg, base_shardings, state_shardings, mesh)
-  eval_step = make_eval_step(model, base_shardings, state_shardings.lora, mesh)
+  model, state, state_shardings, train_step = build_step(config, cfg, base, mesh)
+  eval_step = make_eval_step(model, jax.tree.map(lambda x: x.sharding, base),
+                             state_shardings.lora, mesh)
   train_iter, steps_per_epoch = loader.lm_training(
       [prompt_ids[i] for i in train], [rationale_ids[i] for i in train],
       batch_size=cfg.batch_size, buckets=cfg.buckets, pad_id=pad_id, seed=cfg.seed, mesh=mesh)

@@ -1,6 +1,6 @@
 """Batched sampling from the LLaMA student with a preallocated KV cache.
 
-Prompts are left-padded to a power-of-two bucket, so one compiled program (prefill, then a
+Prompts are left-padded to a bucket (a power of two or three quarters of one), so one compiled program (prefill, then a
 lax.while_loop of single-token decode steps) serves every prompt length in the bucket. The loop
 stops when every row has emitted a stop token or max_new_tokens is reached. Works with LoRA
 (pass {"params", "lora"}, or merged params) and on a sharded mesh (under jax.set_mesh).
@@ -85,8 +85,10 @@ def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: Sam
 
 
 def bucket(length: int, minimum: int = 16) -> int:
-  """The padded prompt length: the next power of two, so few programs are ever compiled."""
-  return max(minimum, 1 << (length - 1).bit_length())
+  """The padded prompt length: the next power of two or three quarters of one (16, 24, 32, 48,
+  ...), so few programs are ever compiled and padding wastes at most a third of a prefill."""
+  size = max(minimum, 1 << (length - 1).bit_length())
+  return size * 3 // 4 if size * 3 // 4 >= max(length, minimum) else size
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None):

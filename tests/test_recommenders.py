@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from slim_jax.models import bert4rec, recommender, srgnn
+from slim_jax.models import bert4rec, gru4rec, recommender, srgnn
 from slim_jax.models.recommender import RecConfig
 from slim_jax.train.recommend import build_backbone
 
@@ -25,6 +25,26 @@ def _model(backbone):
 
 
 class BackboneTest(parameterized.TestCase):
+
+  def test_gru_equals_torch_gru(self):
+    """MaskedGRU is torch.nn.GRU (RecBole's layer) with the same weights, on unmasked columns."""
+    import torch  # test-only reference
+    x = np.random.default_rng(0).normal(size=(3, 7, 5)).astype(np.float32)
+    gru = gru4rec.MaskedGRU(6)
+    params = gru.init(jax.random.key(0), x, np.ones((3, 7), bool))["params"]["cell"]
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
+    ours = gru.apply({"params": {"cell": params}}, x, np.ones((3, 7), bool))
+    gates = ("r", "z", "n")  # torch stacks the reset, update and new gates' rows
+    weight = lambda side: np.concatenate([params[side + g]["kernel"].T for g in gates])
+    bias = lambda side: np.concatenate([params[side + g].get("bias", np.zeros(6, np.float32))
+                                        for g in gates])  # flax's hr, hz have no bias
+    reference = torch.nn.GRU(5, 6, batch_first=True)
+    with torch.no_grad():
+      for name, value in (("weight_ih_l0", weight("i")), ("weight_hh_l0", weight("h")),
+                          ("bias_ih_l0", bias("i")), ("bias_hh_l0", bias("h"))):
+        getattr(reference, name).copy_(torch.from_numpy(np.asarray(value)))
+      expected = reference(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
 
   @parameterized.parameters("sasrec", "gru4rec", "srgnn", "bert4rec")
   def test_shapes(self, backbone):
@@ -169,7 +189,7 @@ class ConfigTest(absltest.TestCase):
   def test_backbone_defaults(self):
     self.assertEqual(RecConfig().resolved().dropout, 0.5)
     gru = RecConfig(backbone="gru4rec").resolved()
-    self.assertEqual((gru.dropout, gru.layers, gru.batch), (0.3, 1, 32))
+    self.assertEqual((gru.dropout, gru.layers, gru.batch), (0.3, 1, 8))
     self.assertEqual(RecConfig(backbone="srgnn").resolved().batch, 256)
     self.assertEqual(RecConfig(backbone="sasrec", dropout=0.2).resolved().dropout, 0.2)
 

@@ -98,8 +98,10 @@ def _distill(cfg: Config, out: pathlib.Path) -> dict:
 
 def _generate(cfg: Config, out: pathlib.Path) -> dict:
   from slim_jax import student
-  return student.run_student(cfg.student, cfg.prompt, load_prepared(out.parent),
-                             out.parent / "distill" / "adapter", out, mesh=_mesh(cfg))
+  checkpoint = (out.parent / "distill" / "adapter" if cfg.student.distilled
+                else llm_checkpoint(cfg.distill.checkpoint, out.parent))
+  return student.run_student(cfg.student, cfg.prompt, load_prepared(out.parent), checkpoint, out,
+                             mesh=_mesh(cfg))
 
 
 def _encode(cfg: Config, out: pathlib.Path) -> dict:

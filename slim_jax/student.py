@@ -1,9 +1,10 @@
 """The distilled student writes a rationale for every user, resumably, through the teacher's cache.
 
 The adapter is merged into the base once (W + BA, sharded like W), so decoding costs what the
-base model costs. Records go to out_dir/cache.jsonl with the teacher's writer and keys; the
-model label carries a hash of the adapter's weights, so a re-distilled adapter never reuses
-rationales of an older one. Unlike a teacher's, a completion cut at max_tokens is kept (with
+base model costs. Pointed at a base checkpoint instead of an adapter, the same code gives the
+undistilled student's rationales: the before-distillation baseline. Records go to
+out_dir/cache.jsonl with the teacher's writer and keys; the model label carries a hash of the
+adapter's weights, so a re-distilled adapter never reuses rationales of an older one. Unlike a teacher's, a completion cut at max_tokens is kept (with
 finish_reason "length"): it is still this student's rationale, and every user needs one.
 """
 
@@ -34,12 +35,20 @@ class StudentConfig:
   batch_size: int = 8  # prompts per generation call; a multiple of the batch-axis devices
   dtype: str = "bfloat16"  # merged weights and activations
   retry_failures: bool = False  # on a rerun, generate again for empty completions
+  distilled: bool = True  # False: the base model without the adapter (the undistilled baseline)
   seed: int = 0
 
 
-def model_label(adapter_dir) -> str:
-  """'student:<first 12 hex of the adapter weights' sha256>': the cache key's model."""
-  digest = hashlib.sha256((pathlib.Path(adapter_dir) / peft.WEIGHTS).read_bytes()).hexdigest()
+def is_adapter(checkpoint) -> bool:
+  return (pathlib.Path(checkpoint) / peft.CONFIG).exists()
+
+
+def model_label(checkpoint) -> str:
+  """The cache key's model: 'student:<first 12 hex of the adapter weights' sha256>' for an
+  adapter, 'base:<directory name>' for a base checkpoint."""
+  if not is_adapter(checkpoint):
+    return f"base:{pathlib.Path(checkpoint).name}"
+  digest = hashlib.sha256((pathlib.Path(checkpoint) / peft.WEIGHTS).read_bytes()).hexdigest()
   return f"student:{digest[:12]}"
 
 
@@ -52,11 +61,16 @@ def base_checkpoint(adapter_dir) -> pathlib.Path:
   return pathlib.Path(base)
 
 
-def load_student(adapter_dir, mesh, dtype: str):
-  """(model, {"params": base with the adapter merged}, tokenizer), sharded by the LLaMA rules."""
-  config, params, tokenizer = checkpoints.load(base_checkpoint(adapter_dir), mesh, dtype=dtype,
+def load_student(checkpoint, mesh, dtype: str):
+  """(model, {"params": ...}, tokenizer), sharded by the LLaMA rules: the base of an adapter
+  directory with the adapter merged, or a base checkpoint as it is."""
+  if not is_adapter(checkpoint):
+    config, params, tokenizer = checkpoints.load(checkpoint, mesh, dtype=dtype,
+                                                 param_dtype=dtype)
+    return Llama(config), {"params": params}, tokenizer
+  config, params, tokenizer = checkpoints.load(base_checkpoint(checkpoint), mesh, dtype=dtype,
                                                param_dtype=dtype)
-  adapters, lora_config = peft.load_peft(adapter_dir, scan_layers=config.scan_layers)
+  adapters, lora_config = peft.load_peft(checkpoint, scan_layers=config.scan_layers)
   shardings = jax.tree.map(lambda x: x.sharding, params)
   merged = jax.jit(lambda p, a: lora_lib.merge(p, a, lora_config),
                    out_shardings=shardings)(params, adapters)
@@ -96,17 +110,17 @@ def generate_records(requests: Sequence[teacher.Request], cfg: StudentConfig, mo
   return produced, time.monotonic() - start
 
 
-def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, adapter_dir, out_dir,
+def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, out_dir,
                 mesh=None) -> dict:
   """Writes out_dir/cache.jsonl (resumable log) and out_dir/rationales.jsonl: a rationale per
   user (and per split with prompt.history=per_split) from the history visible at prediction
-  time, by the base model of `adapter_dir` with the adapter merged. Returns a summary with the
+  time, by `checkpoint`: an adapter directory (merged into its base) or a base checkpoint. Returns a summary with the
   teacher's counts plus this run's generated tokens and tokens/s."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cache, label = out_dir / "cache.jsonl", model_label(adapter_dir)
+  cache, label = out_dir / "cache.jsonl", model_label(checkpoint)
   mesh = mesh or parallel.make_mesh()
-  model, variables, tokenizer = load_student(adapter_dir, mesh, cfg.dtype)
+  model, variables, tokenizer = load_student(checkpoint, mesh, cfg.dtype)
   requests = teacher.build_requests(prepared, pcfg,
                                     lambda m: len(teacher.chat_ids(tokenizer, m)), cfg.max_users)
   todo = teacher.pending(requests, teacher.read_cache(cache), label, cfg.retry_failures)

@@ -70,6 +70,14 @@ class StudentTest(absltest.TestCase):
     self.assertEqual(written, texts(Llama(CONFIG, lora_config), {"params": base, "lora": adapters}))
     self.assertNotEqual(written, texts(Llama(CONFIG), {"params": base}))  # the adapter matters
 
+    # Pointed at the base checkpoint, the same stage writes the undistilled baseline.
+    undistilled = student.run_student(dataclasses.replace(cfg, max_users=8), PROMPT, prepared,
+                                      model_dir, root / "base", mesh)
+    self.assertEqual(undistilled["model"], f"base:{model_dir.name}")
+    base_records = {r["user"]: r["text"] for r in teacher.read_cache(root / "base" / "cache.jsonl")}
+    self.assertEqual([base_records[q.user] for q in requests],
+                     texts(Llama(CONFIG), {"params": base}))
+
   def test_another_adapter_is_another_cache_model(self):
     root = pathlib.Path(self.create_tempdir().full_path)
     config = LoraConfig(rank=2, targets=("q_proj",))

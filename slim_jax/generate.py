@@ -1,9 +1,12 @@
 """Batched sampling from the LLaMA student with a preallocated KV cache.
 
-Prompts are left-padded to a bucket (a power of two or three quarters of one), so one compiled program (prefill, then a
-lax.while_loop of single-token decode steps) serves every prompt length in the bucket. The loop
-stops when every row has emitted a stop token or max_new_tokens is reached. Works with LoRA
-(pass {"params", "lora"}, or merged params) and on a sharded mesh (under jax.set_mesh).
+Prompts are left-padded to a bucket (a power of two or three quarters of one), so one compiled
+program (prefill, then a lax.while_loop of single-token decode steps) serves every prompt length
+in the bucket. The loop stops when every row has emitted a stop token or max_new_tokens is
+reached. Stop strings need the text, so with them the host decodes the rows every few tokens,
+between calls of one compiled loop (`prefill`, then `decode` up to a traced step), and ends the
+rows that contain one. Works with LoRA (pass {"params", "lora"}, or merged params) and on a
+sharded mesh (under jax.set_mesh).
 
   python -m slim_jax.generate --checkpoint=<HF directory or .gguf> \
       --prompt="Suggest three sci-fi movies for someone who loved Alien."
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,39 +53,85 @@ def sample(logits, key, sampling: SamplingConfig):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_ids", "pad_id"))
-def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: SamplingConfig,
-                    stop_ids: tuple[int, ...], pad_id: int):
-  """New tokens [B, max_new_tokens] after left-padded prompts `tokens`/`mask` [B, P].
+class DecodeState(NamedTuple):
+  """The decode loop's carry. out [B, max_new_tokens] holds the tokens emitted so far (step of
+  them per row; pad_id after a row's first stop token), done [B] the rows that have stopped."""
+  step: jax.Array
+  cache: tuple
+  mask: jax.Array
+  out: jax.Array
+  done: jax.Array
+  key: jax.Array
 
-  Each row ends with its first stop token, followed by pad_id.
-  """
+
+def _emit(state: DecodeState, logits, sampling: SamplingConfig, stops, pad_id: int):
+  key, sub = jax.random.split(state.key)
+  token = jnp.where(state.done, pad_id, sample(logits[:, -1], sub, sampling))
+  out = jax.lax.dynamic_update_slice_in_dim(state.out, token[:, None], state.step, axis=1)
+  return state._replace(step=state.step + 1, out=out, done=state.done | jnp.isin(token, stops),
+                        key=key)
+
+
+def _prefill(model: Llama, variables, tokens, mask, key, sampling: SamplingConfig,
+             stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
+  """Runs the prompts into a fresh cache of prompt + max_new_tokens slots; emits token 1."""
   batch, prompt_len = tokens.shape
   steps = sampling.max_new_tokens
   cache = init_cache(model.config, batch, prompt_len + steps)
   mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, steps), bool)], axis=1)
   logits, cache = model.apply(variables, tokens, mask, cache, 0, last_only=True)
+  state = DecodeState(jnp.int32(0), cache, mask, jnp.full((batch, steps), pad_id, jnp.int32),
+                      jnp.zeros(batch, bool), key)
+  return _emit(state, logits, sampling, jnp.asarray(stop_ids, jnp.int32), pad_id)
+
+
+def _decode(model: Llama, variables, state: DecodeState, until, sampling: SamplingConfig,
+            stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
+  """Single-token decode steps until `until` tokens are out, max_new_tokens, or all rows done."""
+  batch, steps = state.out.shape
+  prompt_len = state.mask.shape[1] - steps
+  until = jnp.minimum(until, steps)
   stops = jnp.asarray(stop_ids, jnp.int32)
 
-  def emit(state, logits):
-    step, cache, mask, out, done, key = state
-    key, sub = jax.random.split(key)
-    token = jnp.where(done, pad_id, sample(logits[:, -1], sub, sampling))
-    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
-    return step + 1, cache, mask, out, done | jnp.isin(token, stops), key
+  def step(state):
+    slot = prompt_len + state.step - 1
+    mask = jax.lax.dynamic_update_slice_in_dim(state.mask, jnp.ones((batch, 1), bool), slot, 1)
+    previous = jax.lax.dynamic_slice_in_dim(state.out, state.step - 1, 1, axis=1)
+    logits, cache = model.apply(variables, previous, mask, state.cache, slot, last_only=True)
+    return _emit(state._replace(cache=cache, mask=mask), logits, sampling, stops, pad_id)
 
-  def decode(state):
-    step, cache, mask, out, done, key = state
-    slot = prompt_len + step - 1
-    mask = jax.lax.dynamic_update_slice_in_dim(mask, jnp.ones((batch, 1), bool), slot, axis=1)
-    previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
-    logits, cache = model.apply(variables, previous, mask, cache, slot, last_only=True)
-    return emit((step, cache, mask, out, done, key), logits)
+  return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), step, state)
 
-  state = emit((0, cache, mask, jnp.full((batch, steps), pad_id, jnp.int32),
-                jnp.zeros(batch, bool), key), logits)
-  state = jax.lax.while_loop(lambda s: (s[0] < steps) & ~jnp.all(s[4]), decode, state)
-  return state[3]
+
+_STATIC = ("model", "sampling", "stop_ids", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: SamplingConfig,
+                    stop_ids: tuple[int, ...], pad_id: int):
+  """New tokens [B, max_new_tokens] after left-padded prompts `tokens`/`mask` [B, P], in one
+  compiled program (prefill and the whole decode loop).
+
+  Each row ends with its first stop token, followed by pad_id.
+  """
+  state = _prefill(model, variables, tokens, mask, key, sampling, stop_ids, pad_id)
+  return _decode(model, variables, state, sampling.max_new_tokens, sampling, stop_ids, pad_id).out
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def prefill(model: Llama, variables, tokens, mask, key, *, sampling: SamplingConfig,
+            stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
+  """The decode state after the prompts and the first new token, for `decode`."""
+  return _prefill(model, variables, tokens, mask, key, sampling, stop_ids, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def decode(model: Llama, variables, state: DecodeState, until, stopped, *,
+           sampling: SamplingConfig, stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
+  """Continues `state` until `until` tokens are out (a traced scalar: one program serves every
+  chunk) or every row is done; rows `stopped` [B] by the caller count as done (emit pad_id)."""
+  state = state._replace(done=state.done | stopped)
+  return _decode(model, variables, state, until, sampling, stop_ids, pad_id)
 
 
 def bucket(length: int, minimum: int = 16) -> int:
@@ -105,23 +155,51 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
 
 
 def generate_ids(model: Llama, variables, prompts: Sequence[Sequence[int]], key,
-                 sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int) -> list[list[int]]:
-  """Generated ids per prompt, up to and excluding the first stop token."""
+                 sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int,
+                 should_stop: Callable[[list[int]], bool] | None = None,
+                 check_every: int = 16) -> list[list[int]]:
+  """Generated ids per prompt, up to and excluding the first stop token.
+
+  With `should_stop`, decoding pauses every `check_every` tokens; a row whose ids so far satisfy
+  it ends there (its ids are cut at that point) and decoding stops once every row has ended, so
+  a stop that only the host can see (a stop string) saves the rest of max_new_tokens. Without
+  it, prefill and decoding are one compiled call.
+  """
   tokens, mask = left_pad(prompts, pad_id)
-  out = np.asarray(generate_tokens(model, variables, tokens, mask, key, sampling=sampling,
-                                   stop_ids=tuple(stop_ids), pad_id=pad_id))
+  static = dict(sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id)
+  steps = sampling.max_new_tokens
+  ends = np.full(len(prompts), steps)
+  if should_stop is None:
+    out = np.asarray(generate_tokens(model, variables, tokens, mask, key, **static))
+  else:
+    state = prefill(model, variables, tokens, mask, key, **static)
+    stopped = np.zeros(len(prompts), bool)
+    while True:
+      step, out, done = int(state.step), np.asarray(state.out), np.asarray(state.done)
+      for row in np.flatnonzero(~stopped & ~done):
+        if should_stop(out[row, :step].tolist()):
+          stopped[row], ends[row] = True, step
+      if step >= steps or (stopped | done).all():
+        break
+      until = (step // check_every + 1) * check_every  # on multiples of check_every
+      state = decode(model, variables, state, until, stopped, **static)
   results = []
-  for row in out:
-    stop = np.flatnonzero(np.isin(row, stop_ids))
-    results.append(row[:stop[0] if len(stop) else len(row)].tolist())
+  for row, end in zip(out, ends):
+    stop = np.flatnonzero(np.isin(row[:end], stop_ids))
+    results.append(row[:stop[0] if len(stop) else end].tolist())
   return results
 
 
 def generate_text(model: Llama, variables, tokenizer, prompts: Sequence[Sequence[int]], key,
-                  sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = ()) -> list[str]:
-  """Decoded completions of token-id prompts, cut at EOS and at the first stop string."""
+                  sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
+                  check_every: int = 16) -> list[str]:
+  """Decoded completions of token-id prompts, cut at EOS and at the first stop string. A row
+  stops decoding within `check_every` tokens of its text containing a stop string."""
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  ids = generate_ids(model, variables, prompts, key, sampling, [tokenizer.eos_token_id], pad_id)
+  decode_text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+  should_stop = (lambda ids: any(marker in decode_text(ids) for marker in stop)) if stop else None
+  ids = generate_ids(model, variables, prompts, key, sampling, [tokenizer.eos_token_id], pad_id,
+                     should_stop, check_every)
   texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
   for marker in stop:
     texts = [text.split(marker, 1)[0] for text in texts]

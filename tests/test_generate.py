@@ -1,5 +1,8 @@
 """Generation with a KV cache: equal to recomputing everything, to transformers' generate, across
-left padding, LoRA and meshes; compiled once per prompt bucket."""
+left padding, LoRA and meshes; compiled once per prompt bucket; stop strings end decoding early."""
+
+import contextlib
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,30 @@ def _generate(model, variables, prompts, sampling=GREEDY, stop_ids=NO_STOP, key=
 def _prompts(lengths, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(1, TINY.vocab_size, n).tolist() for n in lengths]
+
+
+@contextlib.contextmanager
+def _recording_decode_calls():
+  """Yields the list of `until` (tokens to decode up to) of every generate.decode call."""
+  calls, decode = [], generate.decode
+
+  def recording(model, variables, state, until, *args, **kwargs):
+    calls.append(int(until))
+    return decode(model, variables, state, until, *args, **kwargs)
+
+  with mock.patch.object(generate, "decode", recording):
+    yield calls
+
+
+class _LetterTokenizer:
+  """Token id i decodes to the letter i % 26 (id 0 is the pad and EOS and decodes to nothing)."""
+  pad_token_id = eos_token_id = 0
+
+  def decode(self, ids, skip_special_tokens=True):
+    return "".join(chr(ord("a") + i % 26) for i in ids if i)
+
+  def batch_decode(self, rows, skip_special_tokens=True):
+    return [self.decode(ids) for ids in rows]
 
 
 class TinyGenerateTest(parameterized.TestCase):
@@ -69,6 +96,34 @@ class TinyGenerateTest(parameterized.TestCase):
         self.model, self.variables, *generate.left_pad(prompts[:1], 0), jax.random.key(0),
         sampling=GREEDY, stop_ids=(stop,), pad_id=0)
     self.assertEqual(np.asarray(out)[0, 3:].tolist(), [0] * (GREEDY.max_new_tokens - 3))
+
+  def test_host_stop_ends_decoding_early(self):
+    prompts = _prompts([4, 6])
+    free = _generate(self.model, self.variables, prompts, SamplingConfig(64))
+    with _recording_decode_calls() as calls:
+      stopped = generate.generate_ids(
+          self.model, self.variables, prompts, jax.random.key(0), SamplingConfig(64), NO_STOP,
+          pad_id=0, should_stop=lambda ids: len(ids) >= 20, check_every=8)
+    # checked after tokens 1, 8, 16 and 24: both rows end at 24 tokens, never decoding to 64
+    self.assertEqual(calls, [8, 16, 24])
+    self.assertEqual(stopped, [row[:24] for row in free])
+
+  def test_stop_strings_end_decoding_early(self):
+    tokenizer = _LetterTokenizer()
+    prompts = _prompts([4, 6])
+    free = generate.generate_text(self.model, self.variables, tokenizer, prompts,
+                                  jax.random.key(0), SamplingConfig(64))
+    markers = [text[10:12] for text in free]  # each first seen within 16 tokens of its row
+    with _recording_decode_calls() as calls:
+      cut = generate.generate_text(self.model, self.variables, tokenizer, prompts,
+                                   jax.random.key(0), SamplingConfig(64), stop=markers)
+    # one chunk of 16 tokens, then the host sees a stop string in every row: no decoding to 64
+    self.assertEqual(calls, [16])
+    expected = free
+    for marker in markers:
+      expected = [text.split(marker, 1)[0] for text in expected]
+    self.assertEqual(cut, expected)
+    self.assertLessEqual(len(cut[0]), 10)
 
   def test_sampling(self):
     prompts = _prompts([5, 5])

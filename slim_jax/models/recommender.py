@@ -65,7 +65,9 @@ class RecConfig:
   epochs: int = 200  # upper bound; early stopping usually ends training first
   patience: int = 10  # validations without improvement of valid/ndcg@10 before stopping
   eval_every: int = 1  # epochs between validations
-  eval_batch: int = 1024
+  # Users per evaluation batch: smaller batches run faster on a CPU (all 943 ml-100k users in
+  # 0.11-0.16 s at 128, 0.18-0.28 s at 1024); raise it on accelerators.
+  eval_batch: int = 128
   exclude_history: bool = False  # full ranking drops items in the visible history (not the target)
   sampled_eval: str = "uniform"  # negatives of the sampled evaluation: uniform | popularity
   sampled_negatives: int = 100

@@ -4,8 +4,9 @@ The adapter is merged into the base once (W + BA, sharded like W), so decoding c
 base model costs. Pointed at a base checkpoint instead of an adapter, the same code gives the
 undistilled student's rationales: the before-distillation baseline. Records go to
 out_dir/cache.jsonl with the teacher's writer and keys; the model label carries a hash of the
-adapter's weights, so a re-distilled adapter never reuses rationales of an older one. Unlike a teacher's, a completion cut at max_tokens is kept (with
-finish_reason "length"): it is still this student's rationale, and every user needs one.
+adapter's weights, so a re-distilled adapter never reuses rationales of an older one. Unlike a
+teacher's, a completion cut at max_tokens is kept (with finish_reason "length"): it is still
+this student's rationale, and every user needs one.
 """
 
 from __future__ import annotations
@@ -64,12 +65,11 @@ def base_checkpoint(adapter_dir) -> pathlib.Path:
 def load_student(checkpoint, mesh, dtype: str):
   """(model, {"params": ...}, tokenizer), sharded by the LLaMA rules: the base of an adapter
   directory with the adapter merged, or a base checkpoint as it is."""
-  if not is_adapter(checkpoint):
-    config, params, tokenizer = checkpoints.load(checkpoint, mesh, dtype=dtype,
-                                                 param_dtype=dtype)
+  adapted = is_adapter(checkpoint)
+  config, params, tokenizer = checkpoints.load(
+      base_checkpoint(checkpoint) if adapted else checkpoint, mesh, dtype=dtype, param_dtype=dtype)
+  if not adapted:
     return Llama(config), {"params": params}, tokenizer
-  config, params, tokenizer = checkpoints.load(base_checkpoint(checkpoint), mesh, dtype=dtype,
-                                               param_dtype=dtype)
   adapters, lora_config = peft.load_peft(checkpoint, scan_layers=config.scan_layers)
   shardings = jax.tree.map(lambda x: x.sharding, params)
   merged = jax.jit(lambda p, a: lora_lib.merge(p, a, lora_config),

@@ -25,6 +25,7 @@ VARIANTS = {
     "llama3_rope": dataclasses.replace(
         TINY, rope_theta=500000.0,
         rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)),
+    "chunked_attention": dataclasses.replace(TINY, attention_chunk=16),  # chunks 16, 16, 8
 }
 
 
@@ -50,19 +51,39 @@ class LlamaParityTest(parameterized.TestCase):
     rope = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config)
     np.testing.assert_array_equal(llama.inverse_frequencies(config), rope.inv_freq.numpy())
 
-  def test_left_padded_rows_equal_unpadded(self):
-    params = ref.random_params(TINY)
-    tokens = _tokens(TINY, (1, 12))
-    alone = ref.jax_logits(TINY, {"params": params}, tokens)
+  @parameterized.parameters(0, 4)
+  def test_left_padded_rows_equal_unpadded(self, chunk):
+    config = dataclasses.replace(TINY, attention_chunk=chunk)
+    params = ref.random_params(config)
+    tokens = _tokens(config, (1, 12))
+    alone = ref.jax_logits(config, {"params": params}, tokens)
     padded = np.concatenate([np.zeros((1, 5), np.int32), tokens], axis=1)
     mask = np.arange(17)[None] >= 5
-    batched = ref.jax_logits(TINY, {"params": params}, padded, mask)
+    batched = ref.jax_logits(config, {"params": params}, padded, mask)
     np.testing.assert_allclose(batched[:, 5:], alone, atol=1e-5)
+
+  def test_query_chunks_score_only_keys_up_to_their_end(self):
+    self.assertEqual(llama.query_chunks(40, 40, 0, 16),
+                     [(0, 16, 16), (16, 32, 32), (32, 40, 40)])
+    # a prefill of 20 tokens into a cache of 30 slots: the empty slots are never scored
+    self.assertEqual(llama.query_chunks(20, 30, 0, 16), [(0, 16, 16), (16, 20, 20)])
+    self.assertEqual(llama.query_chunks(20, 30, 0, 0), [(0, 20, 30)])
+    # decoding: the write index is traced, so one chunk scores every slot
+    self.assertEqual(llama.query_chunks(1, 30, jnp.int32(7), 16), [(0, 1, 30)])
+
+  def test_attention_softmax_gradient_equals_autodiff(self):
+    scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 7)), jnp.float32)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7)), jnp.float32)
+    ours = jax.vjp(llama.softmax, scores)[1](cotangent)
+    autodiff = jax.vjp(lambda s: jax.nn.softmax(s, axis=-1), scores)[1](cotangent)
+    np.testing.assert_allclose(ours[0], autodiff[0], atol=1e-6)
 
   @parameterized.parameters("", "nothing_saveable", "dots_with_no_batch_dims_saveable")
   def test_scan_and_remat_equal_unrolled(self, policy):
     params = ref.random_params(TINY)
-    scanned_config = dataclasses.replace(TINY, scan_layers=True, remat_policy=policy)
+    # chunked attention (16 tokens in chunks of 8) under scan and remat too
+    unrolled_config = dataclasses.replace(TINY, attention_chunk=8)
+    scanned_config = dataclasses.replace(unrolled_config, scan_layers=True, remat_policy=policy)
     stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
     stacked["layers"] = jax.tree.map(lambda *x: jnp.stack(x), params["layers_0"],
                                      params["layers_1"])
@@ -75,7 +96,7 @@ class LlamaParityTest(parameterized.TestCase):
         return total / count
       return jax.jit(jax.value_and_grad(loss))(p)
 
-    loss, grads = loss_and_grads(TINY, params)
+    loss, grads = loss_and_grads(unrolled_config, params)
     scan_loss, scan_grads = loss_and_grads(scanned_config, stacked)
     np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
     np.testing.assert_allclose(scan_grads["layers"]["mlp"]["up_proj"]["kernel"][1],

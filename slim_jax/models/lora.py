@@ -49,7 +49,8 @@ def lora_delta(x, a, b, config: LoraConfig, dropout_key=None):
   if dropout_key is not None and config.dropout > 0:
     keep = jax.random.bernoulli(dropout_key, 1.0 - config.dropout, x.shape)
     x = jnp.where(keep, x / (1.0 - config.dropout), 0).astype(x.dtype)
-  return (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * jnp.asarray(config.scale, x.dtype)
+  # the scale multiplies the rank-r activations, the smallest tensor on the way
+  return ((x @ a.astype(x.dtype)) * jnp.asarray(config.scale, x.dtype)) @ b.astype(x.dtype)
 
 
 def merge(params, lora, config: LoraConfig):

@@ -185,8 +185,11 @@ def rationale_nll(model: Llama, variables, batch, rngs=None) -> tuple[jax.Array,
   """(summed next-token NLL over rationale tokens, their count). Sums, not means, so that
   micro-batches and evaluation batches of any padding combine exactly."""
   logits, _ = model.apply(variables, batch["tokens"], batch["segment_ids"] > 0, rngs=rngs)
-  weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["tokens"][:, 1:])
+  # position t predicts token t + 1. The targets and weights are shifted, not the logits, whose
+  # [B, T - 1, V] slice would be the largest copy of the step; the last position weighs nothing
+  targets = jnp.roll(batch["tokens"], -1, axis=1)
+  weights = jnp.roll(batch["loss_mask"], -1, axis=1).at[:, -1].set(0).astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 

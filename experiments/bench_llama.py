@@ -62,36 +62,59 @@ def torch_peak(repeats: int, n: int = 2048) -> float:
   return 2 * n**3 / best_seconds(lambda: a @ a, repeats)
 
 
+def smollm2(mesh):
+  """(the HF directory converted once from the embedded GGUF, its config, its params on mesh)."""
+  hf_dir = checkpoints.convert_gguf_to_hf(assets.path("smollm2"), assets.cache_dir() / "smollm2-hf")
+  config, params, _ = checkpoints.load(hf_dir, mesh)
+  return hf_dir, config, params
+
+
+def random_tokens(config, rows: int, length: int, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, config.vocab_size, (rows, length), np.int32)
+
+
+def lora_step(config, params, mesh):
+  """(the jitted distillation step, its first arguments (BATCH x LENGTH random tokens), a call
+  that runs it from the state the previous call left: the step donates its state)."""
+  _, state, _, step = distill.build_step(config, DISTILL, params, mesh)
+  # empty prompts: the loss is on every token, as with labels=tokens in the PEFT loop
+  tokens = random_tokens(config, BATCH, LENGTH, seed=0)
+  batch = parallel.global_batch(loader.lm_batch(
+      list(tokens[:, :0]), list(tokens), (LENGTH,), pad_id=0), mesh)
+  states = [state]
+
+  def train():
+    states[0], metrics = step(params, states[0], batch)
+    return metrics
+  return step, (params, state, batch), train
+
+
+def generation(config, params, batch_size: int) -> tuple[tuple, dict]:
+  """generate.generate_tokens' arguments and options: greedy, NEW_TOKENS after random prompts of
+  PROMPT tokens; no stop token ends a row early."""
+  prompts = random_tokens(config, batch_size, PROMPT, seed=1)
+  args = (Llama(config), {"params": params}, prompts, np.ones_like(prompts, bool),
+          jax.random.key(0))
+  return args, dict(sampling=generate.SamplingConfig(NEW_TOKENS), stop_ids=(-1,), pad_id=0)
+
+
 def jax_benchmarks(config, params, mesh, parts, repeats) -> dict:
-  model = Llama(config)
-  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH), np.int32)
   results = {}
   if "prefill" in parts:
-    forward = jax.jit(model.apply)
+    forward = jax.jit(Llama(config).apply)
+    tokens = random_tokens(config, BATCH, LENGTH, seed=0)
     seconds = best_seconds(
         lambda: forward({"params": params}, tokens)[0].block_until_ready(), repeats)
     results["prefill_tokens_per_s"] = BATCH * LENGTH / seconds
   if "train" in parts:
-    _, state, _, step = distill.build_step(config, DISTILL, params, mesh)
-    # empty prompts: the loss is on every token, as with labels=tokens in the PEFT loop
-    batch = parallel.global_batch(loader.lm_batch(
-        list(tokens[:, :0]), list(tokens), (LENGTH,), pad_id=0), mesh)
-    states = [state]
-
-    def train():
-      states[0], metrics = step(params, states[0], batch)
-      jax.block_until_ready(metrics)
-
+    _, _, train = lora_step(config, params, mesh)
     with jax.set_mesh(mesh):
-      results["lora_train_tokens_per_s"] = BATCH * LENGTH / best_seconds(train, repeats)
+      results["lora_train_tokens_per_s"] = BATCH * LENGTH / best_seconds(
+          lambda: jax.block_until_ready(train()), repeats)
   if "generate" in parts:
     for batch_size in (1, 16):
-      prompts = np.random.default_rng(1).integers(0, config.vocab_size, (batch_size, PROMPT))
-      mask = np.ones_like(prompts, bool)
-      run = lambda: generate.generate_tokens(
-          model, {"params": params}, prompts.astype(np.int32), mask, jax.random.key(0),
-          sampling=generate.SamplingConfig(NEW_TOKENS), stop_ids=(-1,), pad_id=0
-      ).block_until_ready()
+      args, options = generation(config, params, batch_size)
+      run = lambda: generate.generate_tokens(*args, **options).block_until_ready()
       results[f"generate_b{batch_size}_tokens_per_s"] = (
           batch_size * NEW_TOKENS / best_seconds(run, repeats))
   return results
@@ -103,8 +126,7 @@ def torch_benchmarks(hf_dir, config, parts, repeats) -> dict:
   import transformers
 
   model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-  tokens = torch.from_numpy(
-      np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH)))
+  tokens = torch.from_numpy(random_tokens(config, BATCH, LENGTH, seed=0).astype(np.int64))
   results = {}
   if "prefill" in parts:
     with torch.no_grad():
@@ -112,8 +134,7 @@ def torch_benchmarks(hf_dir, config, parts, repeats) -> dict:
     results["prefill_tokens_per_s"] = BATCH * LENGTH / seconds
   if "generate" in parts:
     for batch_size in (1, 16):
-      prompts = torch.from_numpy(
-          np.random.default_rng(1).integers(0, config.vocab_size, (batch_size, PROMPT)))
+      prompts = torch.from_numpy(random_tokens(config, batch_size, PROMPT, seed=1).astype(np.int64))
       run = lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts),
                                    max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                    do_sample=False, pad_token_id=0)
@@ -150,10 +171,8 @@ def with_mfu(results: dict, config, peak: float | None) -> dict:
 def main(argv):
   del argv
   parts, repeats = set(_PARTS.value), _REPEATS.value
-  gguf_path = assets.path("smollm2")
-  hf_dir = checkpoints.convert_gguf_to_hf(gguf_path, assets.cache_dir() / "smollm2-hf")
   mesh = parallel.make_mesh()
-  config, params, _ = checkpoints.load(hf_dir, mesh)
+  hf_dir, config, params = smollm2(mesh)
   report = {"model": "SmolLM2-135M-Instruct fp32", "devices": str(jax.devices()),
             "batch_x_length": [BATCH, LENGTH], "generate_prompt_new": [PROMPT, NEW_TOKENS],
             "lora": f"r={LORA.rank} on {','.join(LORA.targets)}, AdamW"}

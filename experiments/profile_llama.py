@@ -21,11 +21,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from experiments.bench_llama import BATCH, DISTILL, LENGTH, NEW_TOKENS, PROMPT
-from slim_jax import assets, checkpoints, generate, parallel
-from slim_jax.data import loader
-from slim_jax.models.llama import Llama
-from slim_jax.train import distill
+from experiments import bench_llama
+from slim_jax import generate, parallel
 
 _PART = flags.DEFINE_enum("part", "train", ["train", "generate"], "What to profile.")
 _TOP = flags.DEFINE_integer("top", 30, "Rows to print.")
@@ -34,24 +31,11 @@ BIN_NS = 10_000
 
 def workload(part: str, mesh):
   """(a call that runs one LoRA step or one batch-16 generation, its compiled HLO text)."""
-  hf_dir = checkpoints.convert_gguf_to_hf(assets.path("smollm2"), assets.cache_dir() / "smollm2-hf")
-  config, params, _ = checkpoints.load(hf_dir, mesh)
+  _, config, params = bench_llama.smollm2(mesh)
   if part == "train":
-    _, state, _, step = distill.build_step(config, DISTILL, params, mesh)
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (BATCH, LENGTH), np.int32)
-    batch = parallel.global_batch(loader.lm_batch(
-        list(tokens[:, :0]), list(tokens), (LENGTH,), pad_id=0), mesh)
-    hlo = step.lower(params, state, batch).compile().as_text()
-    states = [state]  # the step donates its state: each call continues from the last
-
-    def train():
-      states[0], metrics = step(params, states[0], batch)
-      return metrics
-    return train, hlo
-  prompts = np.random.default_rng(1).integers(0, config.vocab_size, (16, PROMPT)).astype(np.int32)
-  args = (Llama(config), {"params": params}, prompts, np.ones_like(prompts, bool),
-          jax.random.key(0))
-  options = dict(sampling=generate.SamplingConfig(NEW_TOKENS), stop_ids=(-1,), pad_id=0)
+    step, args, train = bench_llama.lora_step(config, params, mesh)
+    return train, step.lower(*args).compile().as_text()  # lowered before a call donates args
+  args, options = bench_llama.generation(config, params, batch_size=16)
   hlo = generate.generate_tokens.lower(*args, **options).compile().as_text()
   return lambda: generate.generate_tokens(*args, **options), hlo
 

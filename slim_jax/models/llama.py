@@ -170,7 +170,7 @@ def softmax(scores):
 
 
 def _softmax_forward(scores):
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = softmax(scores)
   return probs, probs
 
 
@@ -255,7 +255,7 @@ class Attention(nn.Module):
       probs = softmax(scores).astype(cfg.dtype).reshape(batch, kv_heads, groups * size, keys)
       out = jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys].astype(cfg.dtype))
       outs.append(out.reshape(batch, kv_heads, groups, size, dim).transpose(0, 3, 1, 2, 4))
-    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    out = jnp.concatenate(outs, axis=1)
     return dense(cfg.hidden_size, "o_proj")(out.reshape(batch, length, heads * dim)), cache
 
 

@@ -96,10 +96,11 @@ class _Log:
       rows = [line for line in path.read_text().splitlines()
               if line and json.loads(line)["step"] <= resume_step]
       path.write_text("".join(line + "\n" for line in rows))
-    # A file per (re)start: file names only carry the second, and a writer truncates its file.
+    # A file per (re)start: file names only carry the second, and a writer truncates its file;
+    # the zero-padded step keeps restarts within one second in order (readers sort by name).
     self.events = tensorboardX.SummaryWriter(
         str(path.parent / "tensorboard"), purge_step=resume_step + 1 if resume_step else None,
-        filename_suffix=f".from_step_{resume_step}")
+        filename_suffix=f".from_step_{resume_step:010d}")
 
   def __call__(self, row: dict):
     logging.info("%s", " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
@@ -156,7 +157,7 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
               for k in pending[0]}
     bad = {k: v.tolist() for k, v in values.items() if not np.isfinite(v).all()}
     if bad:
-      manager.wait_until_finished()
+      manager.wait_until_finished()  # so latest_step() names a finished checkpoint
       raise FloatingPointError(
           f"non-finite training metrics in steps {window_start + 1}..{loop['step']}: {bad}; "
           f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
@@ -199,31 +200,35 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
 
   bar = tqdm.tqdm(total=cfg.steps, initial=loop["step"], disable=not cfg.progress,
                   dynamic_ncols=True)
-  while loop["step"] < cfg.steps and not loop["stopped_early"]:
-    try:
-      batch = next(train_iter)
-    except StopIteration:
-      break
-    state, metrics = step(state, batch)
-    pending.append(metrics)
-    loop["step"] += 1
-    bar.update()
-    if loop["step"] % cfg.log_every == 0:
-      flush()
-    if cfg.eval_every and loop["step"] % cfg.eval_every == 0:
-      evaluate_and_save()
-    elif due():
-      save(None)
-  if not loop["history"] or loop["history"][-1]["step"] != loop["step"]:
-    evaluate_and_save(force_save=True)
-  elif manager.latest_step() != loop["step"]:
-    save(loop["history"][-1])
-  bar.close()
-  log.close()
-  manager.wait_until_finished()
-  if loop["best_step"] is not None and loop["best_step"] != loop["step"]:
-    state = manager.restore(loop["best_step"], args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract))).state
-  manager.close()
+  # finally: an interrupted run (Ctrl-C, preemption, an error) lets its in-flight asynchronous
+  # save finish, so the restart finds a whole checkpoint rather than a half-written directory.
+  try:
+    while loop["step"] < cfg.steps and not loop["stopped_early"]:
+      try:
+        batch = next(train_iter)
+      except StopIteration:
+        break
+      state, metrics = step(state, batch)
+      pending.append(metrics)
+      loop["step"] += 1
+      bar.update()
+      if loop["step"] % cfg.log_every == 0:
+        flush()
+      if cfg.eval_every and loop["step"] % cfg.eval_every == 0:
+        evaluate_and_save()
+      elif due():
+        save(None)
+    if not loop["history"] or loop["history"][-1]["step"] != loop["step"]:
+      evaluate_and_save(force_save=True)
+    elif manager.latest_step() != loop["step"]:
+      save(loop["history"][-1])
+    manager.wait_until_finished()
+    if loop["best_step"] is not None and loop["best_step"] != loop["step"]:
+      state = manager.restore(loop["best_step"], args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
+  finally:
+    bar.close()
+    log.close()
+    manager.close()
   return LoopResult(state=state, step=loop["step"], best_step=loop["best_step"], best=loop["best"],
                     stopped_early=loop["stopped_early"], history=list(loop["history"]))

@@ -116,6 +116,17 @@ class BackboneTest(parameterized.TestCase):
     np.testing.assert_array_equal(apply(params, INPUTS)[0], apply(params, INPUTS)[0])
 
 
+  @parameterized.parameters("sasrec", "bert4rec")
+  def test_attention_dropout_differs_per_row(self, backbone):
+    """Torch's dropout (RecBole) draws a mask per element; flax's default would share one
+    [L, L] attention mask across the batch, correlating every row's noise."""
+    model = build_backbone(RecConfig(backbone=backbone, hidden=16, max_len=12, inner=32,
+                                     dropout=0.0, attn_dropout=0.5), NUM_ITEMS)
+    same_rows = jnp.tile(INPUTS[1:2], (2, 1))
+    params = model.init(jax.random.key(0), same_rows)
+    states = model.apply(params, same_rows, train=True, rngs={"dropout": jax.random.key(1)})[0]
+    self.assertGreater(float(jnp.abs(states[0] - states[1]).max()), 1e-3)
+
 class SessionGraphTest(absltest.TestCase):
 
   def test_graph_with_repeats(self):

@@ -29,9 +29,11 @@ class TransformerBlock(nn.Module):
     """States [B, L, H]; with `last_only` just the last column's [B, 1, H] (for prediction)."""
     query = x[:, -1:] if last_only else x
     mask = mask[:, :, -1:] if last_only else mask
+    # broadcast_dropout=False: a fresh attention-dropout mask per row and head, as torch's dropout
+    # in RecBole; flax's default shares one [L, L] mask across the whole batch.
     attn = nn.MultiHeadDotProductAttention(
-        self.heads, dropout_rate=self.attn_dropout, kernel_init=INIT, name="attn")(
-            query, x, mask=mask, deterministic=not train)
+        self.heads, dropout_rate=self.attn_dropout, broadcast_dropout=False, kernel_init=INIT,
+        name="attn")(query, x, mask=mask, deterministic=not train)
     x = nn.LayerNorm(1e-12, name="ln_attn")(query + nn.Dropout(self.dropout)(attn, not train))
     h = nn.Dense(self.inner, kernel_init=INIT, name="ffn_in")(x)
     h = nn.Dense(x.shape[-1], kernel_init=INIT, name="ffn_out")(nn.gelu(h, approximate=False))

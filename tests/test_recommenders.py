@@ -202,6 +202,9 @@ class ConfigTest(absltest.TestCase):
     gru = RecConfig(backbone="gru4rec").resolved()
     self.assertEqual((gru.dropout, gru.layers, gru.batch), (0.3, 1, 8))
     self.assertEqual(RecConfig(backbone="srgnn").resolved().batch, 256)
+    sasrec = RecConfig(backbone="sasrec").resolved()  # windows every 10 items: 5x the rows
+    self.assertEqual((sasrec.stride, sasrec.batch), (10, 40))
+    self.assertEqual(RecConfig(backbone="sasrec", stride=50).resolved().batch, 8)
     self.assertEqual(RecConfig(backbone="sasrec", dropout=0.2).resolved().dropout, 0.2)
 
   def test_bad_values_name_the_field(self):

@@ -7,6 +7,10 @@ Runs in its own virtualenv (RecBole pins old numpy / ray; never install it into 
   /work/recbole-venv/bin/python -m experiments.recbole_reference --model=GRU4Rec --out=/work/runs/recbole/gru4rec.json
   /work/recbole-venv/bin/python experiments/recbole_reference.py --model=SASRec --max_minutes=75 --out=...
 
+Besides the JSON it writes the best model's weights to `<out>.weights.npz` (RecBole's tensor names and
+its item-id order), which experiments/recbole_weights.py loads into our backbone; --export_from writes
+them for a checkpoint of an earlier run.
+
 Imports neither jax nor slim_jax. The data are the RecBole atomic files that slim-jax's asset fetcher
 unpacked from the pinned `recbole==1.2.1` wheel (`python launch.py --stages=fetch`), found in
 `$SLIM_JAX_CACHE` (default ~/.cache/slim_jax) or given with --data_dir; they are symlinked into a
@@ -23,7 +27,8 @@ in the same order and with the same seeding as `recbole.quick_start.run_recbole`
 Compatibility shims (this file only, site-packages untouched):
   * torch.load: torch>=2.6 defaults to weights_only=True, which refuses RecBole's own checkpoint (it
     pickles the Config object), so reloading the best model for the test evaluation fails. The
-    shim restores weights_only=False; it only ever loads the checkpoint this run just wrote.
+    shim restores weights_only=False; it only loads the checkpoint this run just wrote, or the
+    RecBole checkpoint --export_from names.
   * numpy aliases (np.float, np.bool, ...): RecBole's Config already re-adds them, using np.float_
     and friends, which exist only in numpy<2: hence numpy<2 in the requirements, no shim.
 """
@@ -55,6 +60,9 @@ def _parse_args(argv=None):
   p.add_argument("--seed", type=int, default=2020)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="extra RecBole config entry; VALUE parsed as JSON when possible")
+  p.add_argument("--export_from", default=None, metavar="PTH",
+                 help="no training: write the weights of this RecBole checkpoint of --model to "
+                      "--out (.npz) for experiments/recbole_weights.py")
   return p.parse_args(argv)
 
 
@@ -160,6 +168,13 @@ def _no_download(self):
   raise RuntimeError(f"RecBole wanted to download {self.dataset_name}; the atomic files must be local")
 
 
+def save_weights(state_dict, dataset, path: pathlib.Path):
+  """The model's tensors under RecBole's names, plus item_tokens (RecBole's item id -> raw item
+  id), so that experiments/recbole_weights.py can evaluate RecBole's trained model in slim-jax."""
+  arrays = {name: tensor.detach().cpu().numpy() for name, tensor in state_dict.items()}
+  np.savez(path, item_tokens=np.asarray(dataset.field2id_token["item_id"], dtype=str), **arrays)
+
+
 def _pick(result: dict, keys=None) -> dict:
   return {k: float(v) for k, v in result.items() if keys is None or k in keys}
 
@@ -218,6 +233,9 @@ def main(args) -> dict:
   logger.info(config)
   dataset = create_dataset(config)
   logger.info(dataset)
+  if args.export_from:
+    save_weights(torch.load(args.export_from, map_location="cpu")["state_dict"], dataset, out)
+    return {"model": args.model, "checkpoint": args.export_from, "weights": str(out)}
   n_interactions = dataset.inter_num  # before the split (the dataset object drops the test rows)
   train_data, valid_data, test_data = data_preparation(config, dataset)
   init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
@@ -306,6 +324,7 @@ def main(args) -> dict:
   ts = time.time()
   valid_best = trainer.evaluate(valid_data, load_best_model=False, show_progress=False)
   valid_seconds_best = time.time() - ts
+  save_weights(trainer.model.state_dict(), dataset, out.with_suffix(".weights.npz"))
   revalid = calculate_valid_score(valid_best, trainer.valid_metric)
   if abs(revalid - trainer.best_valid_score) > 1e-6:
     logger.warning(f"best model re-validated at {revalid}, recorded {trainer.best_valid_score}")

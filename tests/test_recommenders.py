@@ -115,7 +115,6 @@ class BackboneTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(train(1) - train(2)).max()), 1e-3)
     np.testing.assert_array_equal(apply(params, INPUTS)[0], apply(params, INPUTS)[0])
 
-
   @parameterized.parameters("sasrec", "bert4rec")
   def test_attention_dropout_differs_per_row(self, backbone):
     """Torch's dropout (RecBole) draws a mask per element; flax's default would share one
@@ -126,6 +125,7 @@ class BackboneTest(parameterized.TestCase):
     params = model.init(jax.random.key(0), same_rows)
     states = model.apply(params, same_rows, train=True, rngs={"dropout": jax.random.key(1)})[0]
     self.assertGreater(float(jnp.abs(states[0] - states[1]).max()), 1e-3)
+
 
 class SessionGraphTest(absltest.TestCase):
 

@@ -60,6 +60,9 @@ def _parse_args(argv=None):
   p.add_argument("--seed", type=int, default=2020)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="extra RecBole config entry; VALUE parsed as JSON when possible")
+  p.add_argument("--track_test", action="store_true",
+                 help="also evaluate the test split after every epoch (logged in the curve, never "
+                      "used for selection; torch's RNG is restored so training is unchanged)")
   p.add_argument("--export_from", default=None, metavar="PTH",
                  help="no training: write the weights of this RecBole checkpoint of --model to "
                       "--out (.npz) for experiments/recbole_weights.py")
@@ -175,6 +178,15 @@ def save_weights(state_dict, dataset, path: pathlib.Path):
   np.savez(path, item_tokens=np.asarray(dataset.field2id_token["item_id"], dtype=str), **arrays)
 
 
+def _evaluate_keeping_rng(trainer, data) -> dict:
+  """The current model's metrics on `data`, leaving torch's global RNG (which iterating a
+  DataLoader draws from) as it was, so that tracking the test split leaves training unchanged."""
+  rng = torch.get_rng_state()
+  result = trainer.evaluate(data, load_best_model=False, show_progress=False)
+  torch.set_rng_state(rng)
+  return result
+
+
 def _pick(result: dict, keys=None) -> dict:
   return {k: float(v) for k, v in result.items() if keys is None or k in keys}
 
@@ -286,6 +298,8 @@ def main(args) -> dict:
     te = time.time()
     valid_score, valid_result = trainer._valid_epoch(valid_data, show_progress=False)
     ve = time.time()
+    if args.track_test:
+      test_now = _evaluate_keeping_rng(trainer, test_data)
     (trainer.best_valid_score, trainer.cur_step, stop_flag, update_flag) = early_stopping(
         valid_score, trainer.best_valid_score, trainer.cur_step,
         max_step=trainer.stopping_step, bigger=trainer.valid_metric_bigger)
@@ -304,6 +318,8 @@ def main(args) -> dict:
         "valid_mrr@10": float(valid_result["mrr@10"]),
         "best": bool(update_flag),
     }
+    if args.track_test:
+      row.update({f"test_{k}": float(test_now[k]) for k in ("ndcg@10", "hit@10", "mrr@10")})
     curve.append(row)
     logger.info("epoch {epoch:3d} loss {train_loss:.4f} train {train_seconds:.1f}s valid "
                 "{valid_seconds:.1f}s cum {cumulative_seconds:.1f}s valid NDCG@10 "

@@ -113,9 +113,19 @@ class LoopTest(absltest.TestCase):
     result = loop.run(diverging, _toy_state(), _toy_iterator(), _toy_eval, cfg,
                       self.create_tempdir().full_path)
     self.assertTrue(result.stopped_early)
-    self.assertEqual((result.step, result.best_step), (12, 6))
+    # As RecBole's stopping_step: 3 worse evaluations (8, 10, 12) are tolerated, the 4th stops.
+    self.assertEqual((result.step, result.best_step), (14, 6))
     self.assertAlmostEqual(_toy_eval(result.state)["error"], result.best, places=6)
 
+  def test_a_tie_improves(self):
+    """As RecBole: an evaluation equal to the best becomes the best and restarts patience."""
+    plateau = lambda state: {"error": max(0.5, 1.0 - int(state["step"]) / 20)}  # 0.5 from step 10
+    cfg = loop.LoopConfig(steps=20, eval_every=2, metric="error", mode="min", patience=1,
+                          progress=False)
+    result = loop.run(_toy_step, _toy_state(), _toy_iterator(), plateau, cfg,
+                      self.create_tempdir().full_path)
+    self.assertFalse(result.stopped_early)
+    self.assertEqual((result.step, result.best_step, result.best), (20, 20, 0.5))
 
   def test_best_checkpoint_survives_a_restart(self):
     """A resumed run whose best evaluation came before the interruption still returns it."""
@@ -130,6 +140,7 @@ class LoopTest(absltest.TestCase):
     result = loop.run(diverging, _toy_state(), _toy_iterator(), _toy_eval, cfg, workdir)
     self.assertEqual(result.best_step, 6)
     self.assertAlmostEqual(_toy_eval(result.state)["error"], result.best, places=6)
+
 
 def synthetic_prepared(num_users=64, num_items=40, length=24, seed=0) -> Prepared:
   """Users walk the catalogue with their own stride (1, 2 or 3): the next item is predictable
@@ -195,6 +206,21 @@ class RecommenderTrainingTest(parameterized.TestCase):
     self.assertEqual(resumed["test"], whole["test"])
     self.assertEqual([r["valid/ndcg@10"] for r in resumed["history"]],
                      [r["valid/ndcg@10"] for r in whole["history"]])
+
+  def test_tracked_test_curve_meets_the_final_test(self):
+    """track_test ranks the test users at every validation; at the best step that is the
+    final test evaluation of the selected state."""
+    cfg = dataclasses.replace(TINY, backbone="gru4rec", epochs=4, eval_every=1, track_test=True)
+    summary = recommend.train_recommender(cfg, self.prepared, self.create_tempdir().full_path,
+                                          self.mesh)
+    self.assertLen(summary["history"], 4)
+    best = next(r for r in summary["history"] if r["step"] == summary["best_step"])
+    self.assertAlmostEqual(best["test/ndcg@10"], summary["test"]["ndcg@10"], places=6)
+    self.assertAlmostEqual(best["test/hr@10"], summary["test"]["hr@10"], places=6)
+    self.assertNotIn("test/ndcg@10", recommend.train_recommender(
+        dataclasses.replace(cfg, track_test=False, epochs=1), self.prepared,
+        self.create_tempdir().full_path, self.mesh)["history"][0])
+
 
 class MovieLensTest(absltest.TestCase):
 

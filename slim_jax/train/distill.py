@@ -63,7 +63,7 @@ class DistillConfig:
   eval_batch_size: int = 8
   log_every: int = 10
   checkpoint_every: int = 50
-  patience: int = 0  # evaluations without a better held-out loss before stopping; 0 = never
+  patience: int = 0  # evaluations without a better held-out loss tolerated; 0 = never stop
   dtype: str = "bfloat16"  # activations and matmuls
   base_dtype: str = "bfloat16"  # the frozen base weights
   lora_dtype: str = "float32"  # the adapters and their AdamW moments

@@ -37,7 +37,9 @@ class LoopConfig:
   checkpoint_every: int = 0  # steps between checkpoints; also at every new best and at the end
   metric: str = ""  # evaluation metric for early stopping and the best checkpoint; "" = none
   mode: str = "max"  # max | min: which direction of `metric` is better
-  patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+  # Evaluations in a row without improvement that training tolerates; the next one stops it
+  # (RecBole's stopping_step). 0 = never stop early.
+  patience: int = 0
   progress: bool = True  # tqdm progress bar
 
   def __post_init__(self):
@@ -57,8 +59,9 @@ class LoopResult:
   history: list[dict]  # evaluation rows, {"step": ..., metric: ...}
 
 
-def _better(value: float, best: float | None, mode: str) -> bool:
-  return best is None or (value > best if mode == "max" else value < best)
+def _improves(value: float, best: float | None, mode: str) -> bool:
+  """A tie improves, as in RecBole: the later state becomes the best and patience restarts."""
+  return best is None or (value >= best if mode == "max" else value <= best)
 
 
 def _abstract(state):
@@ -127,8 +130,8 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
   same global index order on every process, so their states agree).
 
   Resumes from the latest checkpoint in workdir/checkpoints when there is one. Stops after
-  `cfg.steps`, when the iterator ends, or when `cfg.metric` has not improved for `cfg.patience`
-  evaluations. A non-finite train metric raises FloatingPointError; the checkpoints written
+  `cfg.steps`, when the iterator ends, or at the first evaluation after `cfg.patience` in a row
+  that did not improve `cfg.metric`. A non-finite train metric raises FloatingPointError; the checkpoints written
   before it are kept, since every save is preceded by the finiteness check.
   """
   workdir = pathlib.Path(workdir)
@@ -189,11 +192,11 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
     log(row)
     loop["history"].append(row)
     if cfg.metric:
-      if _better(scores[cfg.metric], loop["best"], cfg.mode):
+      if _improves(scores[cfg.metric], loop["best"], cfg.mode):
         loop.update(best=scores[cfg.metric], best_step=loop["step"], bad_evals=0)
       else:
         loop["bad_evals"] += 1
-      loop["stopped_early"] = bool(cfg.patience) and loop["bad_evals"] >= cfg.patience
+      loop["stopped_early"] = bool(cfg.patience) and loop["bad_evals"] > cfg.patience
       bar.set_postfix({cfg.metric: f"{loop['best']:.4f}"})
     if force_save or loop["best_step"] == loop["step"] or due():
       save(scores)

@@ -261,8 +261,11 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
                                                 batch_size=cfg.eval_batch, mesh=mesh)
 
   def validate(state: TrainState) -> dict[str, float]:
-    ranked = rank_users(eval_step, state.params, sides["valid"], batches("valid"))
-    return metrics.prefixed(metrics.ranking_metrics(ranked["ranks"]), "valid")
+    scores = {}
+    for split in ("valid", "test") if cfg.track_test else ("valid",):
+      ranked = rank_users(eval_step, state.params, sides[split], batches(split))
+      scores.update(metrics.prefixed(metrics.ranking_metrics(ranked["ranks"]), split))
+    return scores
 
   start = time.perf_counter()
   if mode == "zero_shot":  # nothing to train

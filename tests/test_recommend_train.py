@@ -178,7 +178,7 @@ class RecommenderTrainingTest(parameterized.TestCase):
 
   @parameterized.parameters(
       ("sasrec", 8, dict(table_axis="tensor")),  # item-table rows (41, padded to 42) sharded
-      ("gru4rec", 8, {}), ("srgnn", 2, {}),
+      ("gru4rec", 8, {}), ("gru4rec", 8, dict(ema_decay=0.9)), ("srgnn", 2, {}),
       # Masked-item training plateaus before it learns; more masks shorten it (1e-2 diverges).
       ("bert4rec", 40, dict(mask_ratio=0.5, lr=3e-3, dropout=0.1, attn_dropout=0.1,
                             eval_every=10)))
@@ -206,6 +206,25 @@ class RecommenderTrainingTest(parameterized.TestCase):
     self.assertEqual(resumed["test"], whole["test"])
     self.assertEqual([r["valid/ndcg@10"] for r in resumed["history"]],
                      [r["valid/ndcg@10"] for r in whole["history"]])
+
+  def test_moving_average_follows_each_step(self):
+    cfg = dataclasses.replace(TINY, backbone="gru4rec", ema_decay=0.9).resolved()
+    model = recommend.build_model(cfg, self.prepared.num_items)
+    tx = recommend.optimizer(cfg, total_steps=3)
+    side = recommend.device_sides(None, self.mesh)["train"]
+    state, shardings = recommend.init_state(model, tx, cfg, self.mesh, side)
+    step = recommend.make_train_step(model, tx, cfg, shardings, self.mesh)
+    batches, _ = loader.next_item_training(self.prepared, max_len=cfg.max_len,
+                                           batch_size=cfg.batch, seed=0, mesh=self.mesh,
+                                           per_position=True)
+    expected = state.params
+    for _ in range(3):
+      state, _ = step(state, next(batches), side)
+      expected = jax.tree.map(lambda average, new: 0.9 * average + 0.1 * new, expected,
+                              state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state.ema_params, expected)
+    self.assertIs(state.eval_params, state.ema_params)
 
   def test_tracked_test_curve_meets_the_final_test(self):
     """track_test ranks the test users at every validation; at the best step that is the

@@ -59,6 +59,10 @@ class RecConfig:
   warmup_steps: int = 0
   schedule: str = "constant"  # constant | cosine (decays to 0 at the last step)
   clip_norm: float = 5.0  # global gradient norm; 0 = no clipping
+  # > 0: validate, select and test an exponential moving average of the parameters with this
+  # decay per step (e.g. 0.999, a window of ~1,000 steps), which damps dropout's epoch-to-epoch
+  # noise; 0 = the trained parameters themselves, as RecBole.
+  ema_decay: float = 0.0
   # Rows per step; None: 256 prefixes (last_position, RecBole's batch) or, per_position, windows
   # bringing 8 * max_len new targets (8 tiled windows, 40 of stride 10 at max_len 50): ~400
   # targets a step, ~300 updates an epoch, close to RecBole's 380; on ml-100k 32 tiled windows
@@ -96,6 +100,8 @@ class RecConfig:
     if cfg.backbone == "srgnn" and cfg.train_mode != "last_position":
       raise ValueError("rec.train_mode=per_position needs a causal backbone; srgnn encodes the "
                        "whole session graph, use last_position")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+      raise ValueError(f"rec.ema_decay={cfg.ema_decay}: expected 0 (off) or a decay in (0, 1)")
     if cfg.sampled_eval not in ("uniform", "popularity"):
       raise ValueError(f"rec.sampled_eval={cfg.sampled_eval!r}: expected uniform or popularity")
     return cfg

@@ -43,6 +43,12 @@ class TrainState:
   step: jax.Array  # int32 scalar; the step's randomness folds it into the seed
   params: Any
   opt_state: Any
+  ema_params: Any = None  # moving average of params (rec.ema_decay); None when it is off
+
+  @property
+  def eval_params(self):
+    """What validation, model selection and the test rank with: the average when there is one."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: str = "plain",
@@ -106,7 +112,8 @@ def init_state(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
                         jnp.zeros((1,), jnp.int32), side)
     if model.encoder is not None:
       params = {"params": {**params["params"], "rationale_encoder": encoder_params}}
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                      params if cfg.ema_decay else None)
   encoder_params = encoder_params if model.encoder is not None else None
   shardings = parallel.param_shardings(jax.eval_shape(init, encoder_params), sharding_rules(cfg),
                                        mesh)
@@ -145,7 +152,10 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
 
     value, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+    params = optax.apply_updates(state.params, updates)
+    ema = (None if state.ema_params is None else
+           optax.incremental_update(params, state.ema_params, 1.0 - cfg.ema_decay))
+    state = TrainState(state.step + 1, params, opt_state, ema)
     return state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
   batch_shardings = {"inputs": parallel.batch_sharding(mesh, 2),
@@ -263,7 +273,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   def validate(state: TrainState) -> dict[str, float]:
     scores = {}
     for split in ("valid", "test") if cfg.track_test else ("valid",):
-      ranked = rank_users(eval_step, state.params, sides[split], batches(split))
+      ranked = rank_users(eval_step, state.eval_params, sides[split], batches(split))
       scores.update(metrics.prefixed(metrics.ranking_metrics(ranked["ranks"]), split))
     return scores
 
@@ -283,7 +293,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   analyse = make_eval_step(model, cfg, popularity)
   for split in ("valid", "test"):
     data = prepared.split(split)
-    ranked = rank_users(analyse, result.state.params, sides[split], batches(split))
+    ranked = rank_users(analyse, result.state.eval_params, sides[split], batches(split))
     results[split] = report(ranked, popularity, np.diff(data.history_offsets), cfg)
     results[f"popularity_{split}"] = metrics.ranking_metrics(
         popularity_ranks(popularity, data.targets))

@@ -131,8 +131,8 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
 
   Resumes from the latest checkpoint in workdir/checkpoints when there is one. Stops after
   `cfg.steps`, when the iterator ends, or at the first evaluation after `cfg.patience` in a row
-  that did not improve `cfg.metric`. A non-finite train metric raises FloatingPointError; the checkpoints written
-  before it are kept, since every save is preceded by the finiteness check.
+  that did not improve `cfg.metric`. A non-finite train metric raises FloatingPointError; the
+  checkpoints written before it are kept, since every save is preceded by the finiteness check.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
   python -m experiments.recbole_weights --weights=runs/recbole/sasrec.weights.npz \
       --recbole=runs/recbole/sasrec.json --workdir=<a work directory with the prepare stage>
 
-Loads the tensors of a RecBole 1.2.1 SASRec or GRU4Rec (RecBole's names, item rows in RecBole's
+Loads the tensors of a RecBole 1.2.1 SASRec, GRU4Rec or SRGNN (RecBole's names, item rows in RecBole's
 id order) into our backbone, our item order, and ranks the validation and test users with our
 loader and metrics. Equal metrics show that our backbone computes RecBole's function and that
 our split and full-ranking evaluation are RecBole's: an accuracy gap between the two trainings
@@ -85,6 +85,20 @@ def gru4rec_params(t: dict, items: np.ndarray) -> dict:
           "proj": _dense(t["dense.weight"], t["dense.bias"])}
 
 
+def srgnn_params(t: dict, items: np.ndarray) -> dict:
+  """RecBole's SRGNN tensors as ours (its GNN's parameter names, torch's [out, in] transposed)."""
+  gnn = {name: t[f"gnn.{name}"].T for name in ("w_ih", "w_hh")}
+  gnn.update({name: t[f"gnn.{name}"] for name in ("b_ih", "b_hh", "b_iah", "b_ioh")})
+  for side in ("in", "out"):
+    gnn[f"edge_{side}"] = _dense(t[f"gnn.linear_edge_{side}.weight"],
+                                 t[f"gnn.linear_edge_{side}.bias"])
+  return {"item_emb": {"embedding": t["item_embedding.weight"][items]}, "gnn": gnn,
+          "attn_last": _dense(t["linear_one.weight"], t["linear_one.bias"]),
+          "attn_seq": _dense(t["linear_two.weight"], t["linear_two.bias"]),
+          "attn_out": _dense(t["linear_three.weight"]),
+          "combine": _dense(t["linear_transform.weight"], t["linear_transform.bias"])}
+
+
 def recbole_rows(recbole_tokens: np.ndarray, item_ids: np.ndarray, source: str) -> np.ndarray:
   """For each of our item rows (raw ids; row 0 padding), RecBole's row of the same item."""
   index = {token: row for row, token in enumerate(recbole_tokens)}
@@ -113,8 +127,13 @@ def evaluate(weights_path: str, recbole_path: str, workdir: str) -> dict:
                     gru_hidden=config["hidden_size"], layers=config["num_layers"],
                     max_len=config["MAX_ITEM_LIST_LENGTH"])
     params = gru4rec_params(tensors, items)
+  elif backbone == "srgnn":
+    cfg = RecConfig(backbone="srgnn", hidden=config["embedding_size"], layers=config["step"],
+                    max_len=config["MAX_ITEM_LIST_LENGTH"])
+    params = srgnn_params(tensors, items)
   else:
-    raise ValueError(f"{recbole_path}: model {reference['model']!r}; expected SASRec or GRU4Rec")
+    raise ValueError(f"{recbole_path}: model {reference['model']!r}; expected SASRec, GRU4Rec "
+                     "or SRGNN")
   cfg = cfg.resolved()
   mesh = parallel.make_mesh({"data": -1})
   model = recommend.build_model(cfg, prepared.num_items)

@@ -130,23 +130,44 @@ class BackboneTest(parameterized.TestCase):
 class SessionGraphTest(absltest.TestCase):
 
   def test_graph_with_repeats(self):
-    # 5 -> 6 -> 5 -> 6 -> 7: the transition 5 -> 6 repeats and counts once, as in RecBole.
-    nodes, alias, a_in, a_out = srgnn.session_graph(jnp.array([[0, 0, 5, 6, 5, 6, 7]]))
-    np.testing.assert_array_equal(nodes[0], [0, 5, 6, 7, 0, 0, 0])
-    np.testing.assert_array_equal(alias[0], [0, 0, 1, 2, 1, 2, 3])
-    edges = np.zeros((7, 7))
-    edges[1, 2] = edges[2, 1] = edges[2, 3] = 1  # 5->6, 6->5, 6->7; nothing from padding
-    expected_out = edges / np.maximum(edges.sum(1, keepdims=True), 1)
-    expected_in = edges.T / np.maximum(edges.sum(0)[:, None], 1)
-    np.testing.assert_allclose(a_out[0], expected_out)
-    np.testing.assert_allclose(a_in[0], expected_in)
-    self.assertAlmostEqual(float(a_out[0, 2, 1]), 0.5)  # 6 has two successors
-    self.assertAlmostEqual(float(a_in[0, 1, 2]), 1.0)  # 5's one predecessor is 6
+    # 5 -> 6 -> 5 -> 6 -> 7: the edge 5 -> 6 repeats and counts once, as in RecBole.
+    node, in_weight, out_weight = srgnn.session_graph(jnp.array([[0, 0, 5, 6, 5, 6, 7]]))
+    np.testing.assert_array_equal(node[0], [0, 0, 2, 3, 2, 3, 6])
+    # edges: 0->0, 0->5 (padding), 5->6, 6->5, 5->6 (repeat), 6->7; each target has in-degree 1,
+    # 6 has two successors
+    np.testing.assert_allclose(in_weight[0], [0, 0, 1, 1, 0, 1])
+    np.testing.assert_allclose(out_weight[0], [0, 0, 1, 0.5, 0, 0.5])
 
   def test_single_item_has_no_edges(self):
-    _, alias, a_in, a_out = srgnn.session_graph(jnp.array([[0, 0, 0, 9]]))
-    np.testing.assert_array_equal(alias[0], [0, 0, 0, 1])
-    self.assertEqual(float(jnp.abs(a_in).sum() + jnp.abs(a_out).sum()), 0.0)
+    node, in_weight, out_weight = srgnn.session_graph(jnp.array([[0, 0, 0, 9]]))
+    np.testing.assert_array_equal(node[0], [0, 0, 0, 3])
+    self.assertEqual(float(jnp.abs(in_weight).sum() + jnp.abs(out_weight).sum()), 0.0)
+
+  def test_equals_recbole_srgnn(self):
+    """Our SRGNN holding a torch RecBole SRGNN's weights (converted as for a RecBole checkpoint)
+    gives its session states, with repeated items and edges, padding, and two graph steps."""
+    import torch  # test-only reference
+
+    from experiments.recbole_weights import srgnn_params
+    from tests.srgnn_reference import SRGNN as RecBoleSRGNN
+    rows = [[3, 7, 3, 9, 12, 7, 3, 9], [4, 5, 6, 7, 8, 9, 10, 11], [21], [5, 5, 6, 5, 6]]
+    left = np.zeros((len(rows), 8), np.int32)
+    right = np.zeros_like(left)
+    for i, row in enumerate(rows):
+      left[i, 8 - len(row):] = right[i, :len(row)] = row
+    for steps in (1, 2):
+      with self.subTest(steps=steps):
+        torch.manual_seed(steps)
+        reference = RecBoleSRGNN(NUM_ITEMS + 1, 16, steps).eval()
+        with torch.no_grad():
+          expected = reference(torch.from_numpy(right).long(), torch.tensor([len(r) for r in rows]))
+        tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
+        params = srgnn_params(tensors, np.arange(NUM_ITEMS + 1))
+        model = build_backbone(RecConfig(backbone="srgnn", hidden=16, max_len=8, layers=steps),
+                               NUM_ITEMS)
+        state, _ = model.apply({"params": jax.tree.map(jnp.asarray, params)}, left,
+                               method="predict")
+        np.testing.assert_allclose(state, expected.numpy(), atol=1e-5)
 
 
 class LossTest(absltest.TestCase):

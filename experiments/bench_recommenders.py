@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from slim_jax import assets, config, parallel
+from slim_jax import assets, config, host, parallel
 from slim_jax.data import formats, loader, preprocess
 from slim_jax.models.recommender import BACKBONES
 from slim_jax.train import recommend
@@ -71,7 +71,8 @@ def main(argv):
   prepared = preprocess.prepare(formats.read_dataset("recbole", assets.path("ml-100k")),
                                 config.DataConfig())
   mesh = parallel.make_mesh({"data": -1})
-  results = {"devices": mesh.size, "backend": jax.default_backend()}
+  results = {"devices": mesh.size, "backend": jax.default_backend(),
+             "host_keeps_freed_memory": host.keep_freed_memory()}  # as training does
   for backbone in _BACKBONES.value:
     cfg = config.from_flags(_EXPERIMENTS / f"ml100k_{backbone}.py", _SET.value)
     results[backbone] = bench(cfg, prepared, mesh, _STEPS.value, _EVALS.value)

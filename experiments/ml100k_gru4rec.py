@@ -2,7 +2,10 @@
 
 No filtering, leave-one-out by time (RecBole's float32 time order), full ranking over all 1,682
 items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
-patience 10 on valid NDCG@10. Training: per position (every window of 50 items trains on all 50 next items at once).
+patience 10 on valid NDCG@10. Training: per position (every window of 50 items trains on all 50
+next items at once). Validation, selection and test use a moving average of the parameters
+(decay 0.999): over eight seeds it raised the mean test NDCG@10 from epoch 10 on for every seed
+(README, Results); `--set rec.ema_decay=0` trains and selects the raw parameters, as RecBole.
 
   python launch.py --config=experiments/ml100k_gru4rec.py --stages=fetch,prepare,train
 """
@@ -15,5 +18,5 @@ from slim_jax.models.slim import SlimConfig
 def get_config() -> Config:
   return Config(name="ml100k_gru4rec", data=DataConfig(name="ml-100k", format="recbole"),
                 rec=RecConfig(backbone="gru4rec", hidden=64, max_len=50, loss="ce", lr=1e-3,
-                              patience=10),
+                              patience=10, ema_decay=0.999),
                 slim=SlimConfig(modes=("plain",)))

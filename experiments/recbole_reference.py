@@ -48,7 +48,7 @@ DEFAULT_THREADS = 1
 
 def _parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="GRU4Rec", choices=["GRU4Rec", "SASRec", "SRGNN"])
+  p.add_argument("--model", default="GRU4Rec", choices=["GRU4Rec", "SASRec", "SRGNN", "BERT4Rec"])
   p.add_argument("--out", required=True, help="JSON summary path")
   p.add_argument("--max_minutes", type=float, default=None,
                  help="wall-clock budget for training (train + validation epochs); an epoch is "
@@ -96,6 +96,10 @@ MODEL_CONFIG = {
                "hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.5, "hidden_act": "gelu",
                "layer_norm_eps": 1e-12, "initializer_range": 0.02},
     "SRGNN": {"embedding_size": 64, "step": 1},
+    "BERT4Rec": {"hidden_size": 64, "n_layers": 2, "n_heads": 2, "inner_size": 256,
+                 "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2, "hidden_act": "gelu",
+                 "layer_norm_eps": 1e-12, "initializer_range": 0.02, "mask_ratio": 0.2,
+                 "transform": "mask_itemseq", "ft_ratio": 0.5},
 }
 
 

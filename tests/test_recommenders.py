@@ -107,6 +107,15 @@ class BackboneTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(inputs)[~masked], np.asarray(INPUTS)[~masked])
     self.assertFalse(masked[np.asarray(INPUTS) == 0].any())
 
+  def test_bert4rec_can_mask_only_the_last_item(self):
+    """RecBole's ft_ratio: a batch that masks its last column asks exactly the next-item task."""
+    inputs, targets = bert4rec.mask_items(jax.random.key(3), INPUTS, 0.5, NUM_ITEMS + 1,
+                                          last_ratio=1.0)
+    np.testing.assert_array_equal(inputs[:, :-1], INPUTS[:, :-1])
+    np.testing.assert_array_equal(inputs[:, -1], NUM_ITEMS + 1)
+    np.testing.assert_array_equal(targets[:, -1], INPUTS[:, -1])
+    np.testing.assert_array_equal(targets[:, :-1], 0)
+
   @parameterized.parameters("sasrec", "gru4rec")
   def test_dropout_only_in_training(self, backbone):
     params, apply = _model(backbone)
@@ -230,7 +239,8 @@ class ConfigTest(absltest.TestCase):
 
   def test_bad_values_name_the_field(self):
     for bad, field in ((dict(backbone="lstm"), "rec.backbone"), (dict(loss="hinge"), "rec.loss"),
-                       (dict(backbone="srgnn", train_mode="per_position"), "train_mode")):
+                       (dict(backbone="srgnn", train_mode="per_position"), "train_mode"),
+                       (dict(mask_last_ratio=1.5), "rec.mask_last_ratio")):
       with self.assertRaisesRegex(ValueError, field):
         dataclasses.replace(RecConfig(), **bad).resolved()
 

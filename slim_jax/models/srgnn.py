@@ -71,10 +71,9 @@ def aggregate(node, in_weight, out_weight, to_target, to_source):
   edge list instead of a dense [L, L] adjacency, and read back per column.
   """
   rows = jnp.arange(node.shape[0])[:, None]
-  messages = jnp.concatenate([in_weight[..., None] * to_target[:, :-1],
-                              out_weight[..., None] * to_source[:, 1:]], axis=1)
-  receivers = jnp.concatenate([node[:, 1:], node[:, :-1]], axis=1)
-  per_node = jnp.zeros(to_target.shape, messages.dtype).at[rows, receivers].add(messages)
+  per_node = (jnp.zeros(to_target.shape, to_target.dtype)
+              .at[rows, node[:, 1:]].add(in_weight[..., None] * to_target[:, :-1])
+              .at[rows, node[:, :-1]].add(out_weight[..., None] * to_source[:, 1:]))
   return jnp.take_along_axis(per_node, node[..., None], axis=1)
 
 

@@ -25,7 +25,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from slim_jax import metrics, parallel
+from slim_jax import host, metrics, parallel
 from slim_jax.data import loader
 from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
@@ -129,7 +129,8 @@ def training_pair(model: SLIM, cfg: RecConfig, batch, rng):
   if cfg.backbone == "bert4rec":
     last = targets[:, -1] if targets.ndim == 2 else targets
     window = jnp.concatenate([inputs[:, 1:], last[:, None]], 1)
-    return bert4rec.mask_items(rng, window, cfg.mask_ratio, model.num_items + 1)
+    return bert4rec.mask_items(rng, window, cfg.mask_ratio, model.num_items + 1,
+                                cfg.mask_last_ratio)
   return inputs, targets
 
 
@@ -249,6 +250,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   parallelism over every device.
   """
   cfg = cfg.resolved()
+  host.keep_freed_memory()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or parallel.make_mesh({"data": -1})

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from slim_jax.checkpoints import recbole
 from slim_jax.models import bert4rec, gru4rec, recommender, srgnn
 from slim_jax.models.recommender import RecConfig
 from slim_jax.train.recommend import build_backbone
@@ -157,7 +158,6 @@ class SessionGraphTest(absltest.TestCase):
     gives its session states, with repeated items and edges, padding, and two graph steps."""
     import torch  # test-only reference
 
-    from experiments.recbole_weights import srgnn_params
     from tests.srgnn_reference import SRGNN as RecBoleSRGNN
     rows = [[3, 7, 3, 9, 12, 7, 3, 9], [4, 5, 6, 7, 8, 9, 10, 11], [21], [5, 5, 6, 5, 6]]
     left = np.zeros((len(rows), 8), np.int32)
@@ -171,7 +171,7 @@ class SessionGraphTest(absltest.TestCase):
         with torch.no_grad():
           expected = reference(torch.from_numpy(right).long(), torch.tensor([len(r) for r in rows]))
         tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
-        params = srgnn_params(tensors, np.arange(NUM_ITEMS + 1))
+        params = recbole.srgnn_params(tensors, np.arange(NUM_ITEMS + 1))
         model = build_backbone(RecConfig(backbone="srgnn", hidden=16, max_len=8, layers=steps),
                                NUM_ITEMS)
         state, _ = model.apply({"params": jax.tree.map(jnp.asarray, params)}, left,

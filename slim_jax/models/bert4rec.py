@@ -23,11 +23,10 @@ def mask_items(rng: jax.Array, window: jax.Array, ratio: float, mask_token: int,
   A random `ratio` of the real items is masked; with probability `last_ratio` the whole batch
   instead masks only its last column (RecBole's ft_ratio): the task prediction then asks.
   """
-  pick_last, pick_items = jax.random.split(rng)
   real = window > 0
   last = jnp.zeros(window.shape, bool).at[:, -1].set(True) & real
-  masked = jnp.where(jax.random.bernoulli(pick_last, last_ratio), last,
-                     jax.random.bernoulli(pick_items, ratio, window.shape) & real)
+  masked = jnp.where(jax.random.bernoulli(jax.random.fold_in(rng, 1), last_ratio), last,
+                     jax.random.bernoulli(rng, ratio, window.shape) & real)
   return jnp.where(masked, mask_token, window), jnp.where(masked, window, 0)
 
 

@@ -5,11 +5,12 @@
   python -m experiments.recbole_weights --weights=runs/recbole/sasrec.weights.npz \
       --recbole=runs/recbole/sasrec.json --workdir=<a work directory with the prepare stage>
 
-Loads the tensors of a RecBole 1.2.1 SASRec, GRU4Rec or SRGNN (RecBole's names, item rows in RecBole's
-id order) into our backbone, our item order, and ranks the validation and test users with our
-loader and metrics. Equal metrics show that our backbone computes RecBole's function and that
-our split and full-ranking evaluation are RecBole's: an accuracy gap between the two trainings
-then comes from training, not from the model or the protocol.
+Loads the tensors of a RecBole 1.2.1 SASRec, GRU4Rec or SRGNN (RecBole's names, item rows in
+RecBole's id order) into our backbone, our item order (slim_jax/checkpoints/recbole.py), and
+ranks the validation and test users with our loader and metrics. Equal metrics show that our
+backbone computes RecBole's function and that our split and full-ranking evaluation are
+RecBole's: an accuracy gap between the two trainings then comes from training, not from the
+model or the protocol.
 """
 
 import json

@@ -224,6 +224,28 @@ class LossTest(absltest.TestCase):
       self.assertTrue(np.isfinite(float(value)))
       self.assertEqual(float(jnp.abs(grad[6]).sum()), 0.0, loss)  # rows past the catalogue
 
+  def test_newest_targets_keep_the_loss_of_every_target(self):
+    states = jax.random.normal(jax.random.key(2), (3, 6, 8))
+    targets = jnp.array([[0, 0, 0, 0, 3, 4], [1, 0, 2, 0, 0, 5], [0, 0, 0, 0, 0, 0]])
+    kept_states, kept = recommender.newest_targets(states, targets, 3)
+    self.assertEqual(kept_states.shape, (3, 3, 8))
+    self.assertEqual(sorted(np.asarray(kept[1]).tolist()), [1, 2, 5])
+    cfg = RecConfig(loss="ce")
+    full, scored = (recommender.loss(s.reshape(-1, 8), self.table, t.reshape(-1),
+                                     jax.random.key(0), cfg, 5)
+                    for s, t in ((states, targets), (kept_states, kept)))
+    self.assertAlmostEqual(float(full), float(scored), places=5)
+    _, newest = recommender.newest_targets(states, targets, 2)  # a row with more drops its oldest
+    self.assertEqual(sorted(np.asarray(newest[1]).tolist()), [2, 5])
+
+  def test_targets_per_row(self):
+    per_row = lambda **kw: recommender.targets_per_row(RecConfig(**kw).resolved())
+    self.assertEqual(per_row(backbone="sasrec"), 10)  # a stride-10 window's last 10 columns
+    self.assertEqual(per_row(backbone="gru4rec"), 50)  # tiled windows: every column
+    self.assertEqual(per_row(backbone="bert4rec"), 22)  # P(Binomial(50, 0.2) > 22) < 1e-4
+    self.assertEqual(per_row(backbone="bert4rec", mask_ratio=1.0), 50)
+    self.assertEqual(per_row(backbone="bert4rec", mask_ratio=0.0), 1)  # the last item
+
 
 class ConfigTest(absltest.TestCase):
 

@@ -15,6 +15,8 @@ backbone trains with any loss.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 
 import flax.linen as nn
 import jax
@@ -115,6 +117,18 @@ class RecConfig:
     return cfg
 
 
+def targets_per_row(cfg: RecConfig) -> int:
+  """Most targets a per-position training row holds, the columns the loss scores (see
+  `newest_targets`): a window's last `stride` columns; BERT4Rec's masked items, bounded by the
+  smallest k that a row of max_len items exceeds with probability < 1e-4 (22 for 50 items at 0.2;
+  RecBole keeps mask_ratio * max_len = 10 and drops the rest)."""
+  if cfg.backbone != "bert4rec":
+    return cfg.stride or cfg.max_len
+  n, p = cfg.max_len, cfg.mask_ratio
+  below = itertools.accumulate(math.comb(n, k) * p**k * (1 - p)**(n - k) for k in range(n + 1))
+  return max(1, next(k for k, mass in enumerate(below) if 1.0 - mass < 1e-4))
+
+
 def table_rows(num_items: int, backbone: str, multiple: int = 1) -> int:
   """Rows of the item table: padding + items (+ BERT4Rec's mask token), rounded up to `multiple`."""
   rows = num_items + 1 + (backbone == "bert4rec")
@@ -177,6 +191,20 @@ def sampled_softmax(states, table, targets, negatives) -> jax.Array:
 def sample_negatives(rng: jax.Array, shape, num_items: int) -> jax.Array:
   """Uniform item ids in [1, num_items] (never padding)."""
   return jax.random.randint(rng, shape, 1, num_items + 1, dtype=jnp.int32)
+
+
+def newest_targets(states: jax.Array, targets: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """States [B, k, H] and targets [B, k] of each row's k newest columns with a target.
+
+  Logits over the catalogue are a step's largest cost after the encoder; a SASRec window of 50
+  holds 10 targets and a BERT4Rec row ~20% masked items, so scoring only them halves a step.
+  Rows with fewer targets fill with columns whose target is 0 (no loss).
+  """
+  if k >= targets.shape[1]:
+    return states, targets
+  _, columns = jax.lax.top_k(jnp.where(targets > 0, jnp.arange(targets.shape[1]), -1), k)
+  return (jnp.take_along_axis(states, columns[..., None], 1),
+          jnp.take_along_axis(targets, columns, 1))
 
 
 def loss(states, table, targets, rng, cfg: RecConfig, num_items: int) -> jax.Array:

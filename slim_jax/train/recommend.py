@@ -139,6 +139,7 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
   """The jitted `step(state, batch, side) -> (state, {"loss", "grad_norm"})`."""
   cfg = cfg.resolved()
   key = jax.random.key(cfg.seed)
+  targets_per_row = recommender.targets_per_row(cfg)
 
   def step(state: TrainState, batch, side):
     dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
@@ -147,8 +148,11 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
     def loss_of(params):
       states, table = model.apply(params, inputs, batch["users"], side, train=True,
                                   rngs={"dropout": dropout_rng})
-      states = states[:, -1] if targets.ndim == 1 else states
-      return recommender.loss(states.reshape(-1, states.shape[-1]), table, targets.reshape(-1),
+      if targets.ndim == 1:
+        states, scored = states[:, -1], targets
+      else:
+        states, scored = recommender.newest_targets(states, targets, targets_per_row)
+      return recommender.loss(states.reshape(-1, states.shape[-1]), table, scored.reshape(-1),
                               negative_rng, cfg, model.num_items)
 
     value, grads = jax.value_and_grad(loss_of)(state.params)

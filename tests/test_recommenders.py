@@ -2,14 +2,13 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from slim_jax.checkpoints import recbole
-from slim_jax.models import bert4rec, dropout, gru4rec, recommender, srgnn
+from slim_jax.models import bert4rec, gru4rec, recommender, srgnn
 from slim_jax.models.recommender import RecConfig
 from slim_jax.train.recommend import build_backbone
 
@@ -140,32 +139,6 @@ class BackboneTest(parameterized.TestCase):
     params = model.init(jax.random.key(0), same_rows)
     states = model.apply(params, same_rows, train=True, rngs={"dropout": jax.random.key(1)})[0]
     self.assertGreater(float(jnp.abs(states[0] - states[1]).max()), 1e-3)
-
-
-class DropoutTest(absltest.TestCase):
-  """Our dropout draws flax's masks (only computed once), so training is bit-identical."""
-
-  def test_dropout_equals_flax(self):
-    x = jax.random.normal(jax.random.key(0), (4, 6, 8))
-    grad = lambda layer: jax.grad(lambda x: (layer.apply(
-        {}, x, False, rngs={"dropout": jax.random.key(1)}) ** 2).sum())(x)
-    np.testing.assert_array_equal(grad(dropout.Dropout(0.3)), grad(nn.Dropout(0.3)))
-    self.assertGreater(float((grad(dropout.Dropout(0.3)) == 0).mean()), 0.1)  # it does drop
-
-  def test_attention_dropout_equals_flax(self):
-    x = jax.random.normal(jax.random.key(0), (4, 6, 8))
-    mask = jnp.tril(jnp.ones((6, 6), bool))[None, None]
-    flax_attention = nn.MultiHeadDotProductAttention(2, dropout_rate=0.5,
-                                                     broadcast_dropout=False)
-    ours = nn.MultiHeadDotProductAttention(2, dropout_rate=0.5,
-                                           attention_fn=dropout.dot_product_attention)
-    params = flax_attention.init(jax.random.key(2), x, x, mask=mask, deterministic=True)
-    run = lambda layer, deterministic: layer.apply(params, x, x, mask=mask,
-                                                   deterministic=deterministic,
-                                                   rngs={"dropout": jax.random.key(3)})
-    for deterministic in (False, True):
-      np.testing.assert_array_equal(run(ours, deterministic), run(flax_attention, deterministic))
-    self.assertGreater(float(jnp.abs(run(ours, False) - run(ours, True)).max()), 1e-3)
 
 
 class SessionGraphTest(absltest.TestCase):

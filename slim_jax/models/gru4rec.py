@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models import dropout
 from slim_jax.models.recommender import Backbone
 
 
@@ -43,7 +42,7 @@ class GRU4Rec(Backbone):
   def __call__(self, inputs, train: bool = False):
     emb = nn.Embed(self.rows, self.hidden, embedding_init=nn.initializers.xavier_normal(),
                    name="item_emb")
-    x = dropout.Dropout(self.dropout)(emb(inputs), not train)
+    x = nn.Dropout(self.dropout)(emb(inputs), not train)
     for i in range(self.layers):
       x = MaskedGRU(self.gru_hidden, name=f"gru_{i}")(x, inputs > 0)
     return nn.Dense(self.hidden, name="proj")(x), emb.embedding

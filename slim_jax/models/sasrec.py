@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models import dropout
 from slim_jax.models.recommender import Backbone
 
 INIT = nn.initializers.normal(0.02)
@@ -30,16 +29,15 @@ class TransformerBlock(nn.Module):
     """States [B, L, H]; with `last_only` just the last column's [B, 1, H] (for prediction)."""
     query = x[:, -1:] if last_only else x
     mask = mask[:, :, -1:] if last_only else mask
-    # A fresh attention-dropout mask per row and head, as torch's dropout in RecBole; flax's
-    # default (broadcast_dropout) shares one [L, L] mask across the whole batch.
+    # broadcast_dropout=False: a fresh attention-dropout mask per row and head, as torch's dropout
+    # in RecBole; flax's default shares one [L, L] mask across the whole batch.
     attn = nn.MultiHeadDotProductAttention(
-        self.heads, dropout_rate=self.attn_dropout, kernel_init=INIT,
-        attention_fn=dropout.dot_product_attention, name="attn")(
-            query, x, mask=mask, deterministic=not train)
-    x = nn.LayerNorm(1e-12, name="ln_attn")(query + dropout.Dropout(self.dropout)(attn, not train))
+        self.heads, dropout_rate=self.attn_dropout, broadcast_dropout=False, kernel_init=INIT,
+        name="attn")(query, x, mask=mask, deterministic=not train)
+    x = nn.LayerNorm(1e-12, name="ln_attn")(query + nn.Dropout(self.dropout)(attn, not train))
     h = nn.Dense(self.inner, kernel_init=INIT, name="ffn_in")(x)
     h = nn.Dense(x.shape[-1], kernel_init=INIT, name="ffn_out")(nn.gelu(h, approximate=False))
-    return nn.LayerNorm(1e-12, name="ln_ffn")(x + dropout.Dropout(self.dropout)(h, not train))
+    return nn.LayerNorm(1e-12, name="ln_ffn")(x + nn.Dropout(self.dropout)(h, not train))
 
 
 def positions(inputs: jax.Array) -> jax.Array:
@@ -62,7 +60,7 @@ class TransformerEncoder(nn.Module):
     self.item_emb = nn.Embed(self.rows, self.hidden, embedding_init=INIT)
     self.pos_emb = nn.Embed(self.max_len, self.hidden, embedding_init=INIT)
     self.ln = nn.LayerNorm(1e-12)
-    self.drop = dropout.Dropout(self.dropout)
+    self.drop = nn.Dropout(self.dropout)
     self.blocks = [TransformerBlock(self.heads, self.inner, self.dropout, self.attn_dropout)
                    for _ in range(self.layers)]
 

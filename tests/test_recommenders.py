@@ -121,6 +121,15 @@ class BackboneTest(parameterized.TestCase):
     last_only = np.asarray((inputs[:, :-1] == rows[:, :-1]).all(1) & (inputs[:, -1] > NUM_ITEMS))
     self.assertTrue(0 < last_only.sum() < 64)
 
+  @parameterized.parameters("sasrec", "gru4rec", "bert4rec")
+  def test_columns_select_states(self, backbone):
+    """Asking for some columns gives exactly their states (the last block computes only them)."""
+    params, apply = _model(backbone)
+    columns = jnp.array([[7, 3], [0, 5], [7, 7]], jnp.int32)
+    states = apply(params, INPUTS)[0]
+    np.testing.assert_allclose(apply(params, INPUTS, columns=columns)[0],
+                               jnp.take_along_axis(states, columns[..., None], 1), atol=1e-5)
+
   @parameterized.parameters("sasrec", "gru4rec")
   def test_dropout_only_in_training(self, backbone):
     params, apply = _model(backbone)
@@ -228,19 +237,26 @@ class LossTest(absltest.TestCase):
       self.assertTrue(np.isfinite(float(value)))
       self.assertEqual(float(jnp.abs(grad[6]).sum()), 0.0, loss)  # rows past the catalogue
 
-  def test_newest_targets_keep_the_loss_of_every_target(self):
+  def test_scored_columns_keep_the_loss_of_every_target(self):
     states = jax.random.normal(jax.random.key(2), (3, 6, 8))
     targets = jnp.array([[0, 0, 0, 0, 3, 4], [1, 0, 2, 0, 0, 5], [0, 0, 0, 0, 0, 0]])
-    kept_states, kept = recommender.newest_targets(states, targets, 3)
-    self.assertEqual(kept_states.shape, (3, 3, 8))
+    columns, kept = recommender.scored_columns(targets, 6, 3)
+    self.assertEqual(columns.shape, (3, 3))
     self.assertEqual(sorted(np.asarray(kept[1]).tolist()), [1, 2, 5])
+    np.testing.assert_array_equal(jnp.take_along_axis(targets, columns, 1), kept)
+    kept_states = jnp.take_along_axis(states, columns[..., None], 1)
     cfg = RecConfig(loss="ce")
     full, scored = (recommender.loss(s.reshape(-1, 8), self.table, t.reshape(-1),
                                      jax.random.key(0), cfg, 5)
                     for s, t in ((states, targets), (kept_states, kept)))
     self.assertAlmostEqual(float(full), float(scored), places=5)
-    _, newest = recommender.newest_targets(states, targets, 2)  # a row with more drops its oldest
+    _, newest = recommender.scored_columns(targets, 6, 2)  # a row with more drops its oldest
     self.assertEqual(sorted(np.asarray(newest[1]).tolist()), [2, 5])
+    columns, kept = recommender.scored_columns(targets, 6, 6)  # all columns, in order
+    np.testing.assert_array_equal(columns, jnp.tile(jnp.arange(6), (3, 1)))
+    columns, kept = recommender.scored_columns(targets[:, -1], 6, 3)  # one target: last column
+    np.testing.assert_array_equal(columns, [[5], [5], [5]])
+    np.testing.assert_array_equal(kept, [[4], [5], [0]])
 
   def test_targets_per_row(self):
     per_row = lambda **kw: recommender.targets_per_row(RecConfig(**kw).resolved())

@@ -48,15 +48,14 @@ class BERT4Rec(Backbone):
     self.out_dense = nn.Dense(self.hidden, kernel_init=INIT)
     self.out_ln = nn.LayerNorm(1e-12)
 
-  def __call__(self, inputs, train: bool = False, last_only: bool = False):
+  def __call__(self, inputs, train: bool = False, columns=None):
     batch, length = inputs.shape
     mask = jnp.broadcast_to((inputs > 0)[:, None, None, :], (batch, 1, length, length))
-    x = self.encoder(inputs, mask, train, last_only)
+    x = self.encoder(inputs, mask, train, columns)
     states = self.out_ln(nn.gelu(self.out_dense(x), approximate=False))
     return states, self.encoder.item_emb.embedding
 
   def predict(self, inputs):
     """The state of a mask token appended after the history (the oldest column drops out)."""
     token = jnp.full((inputs.shape[0], 1), self.mask_token, inputs.dtype)
-    states, table = self(jnp.concatenate([inputs[:, 1:], token], 1), last_only=True)
-    return states[:, -1], table
+    return super().predict(jnp.concatenate([inputs[:, 1:], token], 1))

@@ -39,10 +39,12 @@ class GRU4Rec(Backbone):
   dropout: float = 0.3
 
   @nn.compact
-  def __call__(self, inputs, train: bool = False):
+  def __call__(self, inputs, train: bool = False, columns=None):
     emb = nn.Embed(self.rows, self.hidden, embedding_init=nn.initializers.xavier_normal(),
                    name="item_emb")
     x = nn.Dropout(self.dropout)(emb(inputs), not train)
     for i in range(self.layers):
       x = MaskedGRU(self.gru_hidden, name=f"gru_{i}")(x, inputs > 0)
+    if columns is not None:
+      x = jnp.take_along_axis(x, columns[..., None], 1)
     return nn.Dense(self.hidden, name="proj")(x), emb.embedding

@@ -1,12 +1,14 @@
 """The interface every sequential recommender shares (RecBole style), its config and its losses.
 
 A backbone is a linen module over item sequences LEFT-padded with 0 (most recent item in the
-last column) whose `__call__(inputs int32[B, L], train) -> (states [B, T, H], table [R, H])`
-returns the sequence states and the item-embedding table they are scored against
+last column) whose `__call__(inputs int32[B, L], train, columns) -> (states [B, T, H],
+table [R, H])` returns the sequence states and the item-embedding table they are scored against
 (`scores = states @ table.T`). Causal backbones (SASRec, GRU4Rec) return one state per position
 (T = L), so a whole window trains on every next item in one pass; session-level ones (SRGNN,
-T = 1) and bidirectional ones (BERT4Rec) do not. `predict(inputs) -> (state float[B, H], table)`
-is the state that predicts the item after the last column. Row 0 of the table is padding; rows
+T = 1) and bidirectional ones (BERT4Rec) do not. Given `columns` int32[B, k], a backbone returns
+only those columns' states (T = k): the ones the loss scores, or the last one to predict; the
+transformers then compute nothing else in their last block. `predict(inputs) -> (state
+float[B, H], table)` is the state that predicts the item after the last column. Row 0 of the table is padding; rows
 past `num_items` (BERT4Rec's mask token, rows padding the table to a shardable size) never score.
 Losses are plain functions of (states, table, targets), independent of the backbone, so any
 backbone trains with any loss.
@@ -119,7 +121,7 @@ class RecConfig:
 
 def targets_per_row(cfg: RecConfig) -> int:
   """Most targets a per-position training row holds, the columns the loss scores (see
-  `newest_targets`): a window's last `stride` columns; BERT4Rec's masked items, bounded by the
+  `scored_columns`): a window's last `stride` columns; BERT4Rec's masked items, bounded by the
   smallest k that a row of max_len items exceeds with probability < 1e-4 (22 for 50 items at 0.2;
   RecBole keeps mask_ratio * max_len = 10 and drops the rest)."""
   if cfg.backbone != "bert4rec":
@@ -143,8 +145,13 @@ class Backbone(nn.Module):
   max_len: int = 50
 
   def predict(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    states, table = self(inputs, train=False)
+    states, table = self(inputs, train=False, columns=last_column(inputs))
     return states[:, -1], table
+
+
+def last_column(inputs: jax.Array) -> jax.Array:
+  """int32[B, 1] columns of each row's last (most recent) position."""
+  return jnp.full((inputs.shape[0], 1), inputs.shape[1] - 1, jnp.int32)
 
 
 def item_mask(rows: int, num_items: int) -> jax.Array:
@@ -193,18 +200,20 @@ def sample_negatives(rng: jax.Array, shape, num_items: int) -> jax.Array:
   return jax.random.randint(rng, shape, 1, num_items + 1, dtype=jnp.int32)
 
 
-def newest_targets(states: jax.Array, targets: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """States [B, k, H] and targets [B, k] of each row's k newest columns with a target.
+def scored_columns(targets: jax.Array, length: int, k: int) -> tuple[jax.Array, jax.Array]:
+  """(columns int32[B, T], their targets [B, T]): the columns of rows of `length` the loss scores.
 
-  Logits over the catalogue are a step's largest cost after the encoder; a SASRec window of 50
-  holds 10 targets and a BERT4Rec row ~20% masked items, so scoring only them halves a step.
-  Rows with fewer targets fill with columns whose target is 0 (no loss).
+  A row's single target (targets [B]) is its last column's. Per-position targets [B, L] keep each
+  row's k newest columns holding one: a SASRec window of 50 holds 10 targets and a BERT4Rec row
+  ~20% masked items, and neither the logits over the catalogue nor the last transformer block
+  need the other columns. Rows with fewer targets fill with columns whose target is 0 (no loss).
   """
-  if k >= targets.shape[1]:
-    return states, targets
-  _, columns = jax.lax.top_k(jnp.where(targets > 0, jnp.arange(targets.shape[1]), -1), k)
-  return (jnp.take_along_axis(states, columns[..., None], 1),
-          jnp.take_along_axis(targets, columns, 1))
+  if targets.ndim == 1:
+    return jnp.full((len(targets), 1), length - 1, jnp.int32), targets[:, None]
+  if k >= length:
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), targets.shape), targets
+  _, columns = jax.lax.top_k(jnp.where(targets > 0, jnp.arange(length), -1), k)
+  return columns.astype(jnp.int32), jnp.take_along_axis(targets, columns, 1)
 
 
 def loss(states, table, targets, rng, cfg: RecConfig, num_items: int) -> jax.Array:

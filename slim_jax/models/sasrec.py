@@ -25,10 +25,11 @@ class TransformerBlock(nn.Module):
   attn_dropout: float
 
   @nn.compact
-  def __call__(self, x, mask, train: bool, last_only: bool = False):
-    """States [B, L, H]; with `last_only` just the last column's [B, 1, H] (for prediction)."""
-    query = x[:, -1:] if last_only else x
-    mask = mask[:, :, -1:] if last_only else mask
+  def __call__(self, x, mask, train: bool, columns=None):
+    """States [B, L, H]; given `columns` int32[B, k], only theirs [B, k, H]."""
+    query = x if columns is None else jnp.take_along_axis(x, columns[..., None], 1)
+    if columns is not None:
+      mask = jnp.take_along_axis(mask, columns[:, None, :, None], 2)
     # broadcast_dropout=False: a fresh attention-dropout mask per row and head, as torch's dropout
     # in RecBole; flax's default shares one [L, L] mask across the whole batch.
     attn = nn.MultiHeadDotProductAttention(
@@ -64,12 +65,13 @@ class TransformerEncoder(nn.Module):
     self.blocks = [TransformerBlock(self.heads, self.inner, self.dropout, self.attn_dropout)
                    for _ in range(self.layers)]
 
-  def __call__(self, inputs, mask, train: bool, last_only: bool = False):
-    """States [B, L, H], or [B, 1, H] of the last column only (the last block skips the rest)."""
+  def __call__(self, inputs, mask, train: bool, columns=None):
+    """States [B, L, H], or [B, k, H] of `columns` int32[B, k] only (the last block computes
+    nothing else: the columns the loss scores, or the last one for prediction)."""
     x = self.item_emb(inputs) + self.pos_emb(positions(inputs))
     x = self.drop(self.ln(x), not train)
     for i, block in enumerate(self.blocks):
-      x = block(x, mask, train, last_only and i == len(self.blocks) - 1)
+      x = block(x, mask, train, columns if i == len(self.blocks) - 1 else None)
     return x
 
 
@@ -84,12 +86,8 @@ class SASRec(Backbone):
     self.encoder = TransformerEncoder(self.rows, self.hidden, self.max_len, self.layers,
                                       self.heads, self.inner, self.dropout, self.attn_dropout)
 
-  def __call__(self, inputs, train: bool = False, last_only: bool = False):
+  def __call__(self, inputs, train: bool = False, columns=None):
     length = inputs.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = causal[None, None] & (inputs > 0)[:, None, None, :]
-    return self.encoder(inputs, mask, train, last_only), self.encoder.item_emb.embedding
-
-  def predict(self, inputs):
-    states, table = self(inputs, last_only=True)
-    return states[:, -1], table
+    return self.encoder(inputs, mask, train, columns), self.encoder.item_emb.embedding

@@ -160,20 +160,22 @@ class SLIM(nn.Module):
     gate = jax.nn.sigmoid(self.gate_proj(both))
     return gate * states + (1.0 - gate) * r
 
-  def agnostic(self, inputs, users, side, train: bool):
-    """Rationale state broadcast over the input columns, item-text table: no item IDs at all."""
+  def agnostic(self, inputs, users, side, train: bool, columns=None):
+    """Rationale state broadcast over the columns asked for (default: every input column),
+    item-text table: no item IDs at all."""
     rationale = self.rationale(users, side, train)
     if self.mode == "zero_shot":
       state, table = rationale, side["item_text"]
     else:
       state, table = self.rationale_proj(rationale), self.item_text_proj(side["item_text"])
-    return jnp.broadcast_to(state[:, None], (*inputs.shape, state.shape[-1])), table
+    shape = inputs.shape if columns is None else columns.shape
+    return jnp.broadcast_to(state[:, None], (*shape, state.shape[-1])), table
 
-  def __call__(self, inputs, users, side, train: bool = False):
+  def __call__(self, inputs, users, side, train: bool = False, columns=None):
     """(states [B, T, H], table [R, H]) as the backbone's, SLIM-fused."""
     if self.backbone is None:
-      return self.agnostic(inputs, users, side, train)
-    states, table = self.backbone(inputs, train=train)
+      return self.agnostic(inputs, users, side, train, columns)
+    states, table = self.backbone(inputs, train=train, columns=columns)
     return self.combine(states, table, users, side, train)
 
   def predict(self, inputs, users, side):

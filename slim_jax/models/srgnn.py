@@ -115,9 +115,10 @@ class SRGNN(Backbone):
   steps: int = 1
 
   @nn.compact
-  def __call__(self, inputs, train: bool = False):
-    """The session state [B, 1, H]: one state per sequence, from its whole graph."""
-    del train  # SRGNN has no dropout
+  def __call__(self, inputs, train: bool = False, columns=None):
+    """The session state [B, 1, H]: one state per sequence, from its whole graph (so `columns`,
+    which can only ask for the last one, changes nothing)."""
+    del train, columns  # SRGNN has no dropout
     init = uniform_init(self.hidden)
     dense = lambda n, name, bias=True: nn.Dense(n, use_bias=bias, kernel_init=init, bias_init=init,
                                                 name=name)

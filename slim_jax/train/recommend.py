@@ -145,13 +145,11 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
     dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
     inputs, targets = training_pair(model, cfg, batch, mask_rng)
 
+    columns, scored = recommender.scored_columns(targets, inputs.shape[1], targets_per_row)
+
     def loss_of(params):
       states, table = model.apply(params, inputs, batch["users"], side, train=True,
-                                  rngs={"dropout": dropout_rng})
-      if targets.ndim == 1:
-        states, scored = states[:, -1], targets
-      else:
-        states, scored = recommender.newest_targets(states, targets, targets_per_row)
+                                  columns=columns, rngs={"dropout": dropout_rng})
       return recommender.loss(states.reshape(-1, states.shape[-1]), table, scored.reshape(-1),
                               negative_rng, cfg, model.num_items)
 

@@ -2,7 +2,9 @@
 
 No filtering, leave-one-out by time (RecBole's float32 time order), full ranking over all 1,682
 items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
-patience 10 on valid NDCG@10. Training: masked items in windows of 50.
+patience 10 on valid NDCG@10. Training as RecBole's: every prefix, 256 a step; half the rows mask
+only their last item, the others 20% of their items. Windows train ~35x faster an epoch and reach
+less (`--set rec.train_mode=per_position --set rec.mask_last_ratio=0`; README).
 
   python launch.py --config=experiments/ml100k_bert4rec.py --stages=fetch,prepare,train
 """
@@ -15,5 +17,5 @@ from slim_jax.models.slim import SlimConfig
 def get_config() -> Config:
   return Config(name="ml100k_bert4rec", data=DataConfig(name="ml-100k", format="recbole"),
                 rec=RecConfig(backbone="bert4rec", hidden=64, max_len=50, loss="ce", lr=1e-3,
-                              patience=10),
+                              train_mode="last_position", mask_last_ratio=0.5, patience=10),
                 slim=SlimConfig(modes=("plain",)))

@@ -278,6 +278,9 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual((sasrec.stride, sasrec.batch), (10, 40))
     self.assertEqual(RecConfig(backbone="sasrec", stride=50).resolved().batch, 8)
     self.assertEqual(RecConfig(backbone="sasrec", dropout=0.2).resolved().dropout, 0.2)
+    bert = RecConfig(backbone="bert4rec").resolved()  # RecBole's recipe: prefixes, last masks
+    self.assertEqual((bert.train_mode, bert.batch, bert.mask_last_ratio),
+                     ("last_position", 256, 0.5))
 
   def test_bad_values_name_the_field(self):
     for bad, field in ((dict(backbone="lstm"), "rec.backbone"), (dict(loss="hinge"), "rec.loss"),

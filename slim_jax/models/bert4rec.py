@@ -20,14 +20,13 @@ def mask_items(rng: jax.Array, window: jax.Array, ratio: float, mask_token: int,
                last_ratio: float = 0.0):
   """(inputs with items masked, targets: the masked items else 0) of windows int32[B, L].
 
-  A random `ratio` of the real items is masked; with probability `last_ratio` a row instead
-  masks only its last column, the task prediction asks (RecBole's ft_ratio, which draws it per
-  batch; per row, every step mixes both tasks).
+  A random `ratio` of the real items is masked; with probability `last_ratio` the whole batch
+  instead masks only its last column (RecBole's ft_ratio): the task prediction then asks.
   """
   real = window > 0
   last = jnp.zeros(window.shape, bool).at[:, -1].set(True) & real
-  last_only = jax.random.bernoulli(jax.random.fold_in(rng, 1), last_ratio, (len(window), 1))
-  masked = jnp.where(last_only, last, jax.random.bernoulli(rng, ratio, window.shape) & real)
+  masked = jnp.where(jax.random.bernoulli(jax.random.fold_in(rng, 1), last_ratio), last,
+                     jax.random.bernoulli(rng, ratio, window.shape) & real)
   return jnp.where(masked, mask_token, window), jnp.where(masked, window, 0)
 
 

@@ -21,7 +21,9 @@ def mask_items(rng: jax.Array, window: jax.Array, ratio: float, mask_token: int,
   """(inputs with items masked, targets: the masked items else 0) of windows int32[B, L].
 
   A random `ratio` of the real items is masked; with probability `last_ratio` the whole batch
-  instead masks only its last column (RecBole's ft_ratio): the task prediction then asks.
+  instead masks only its last column (RecBole's ft_ratio): the task prediction then asks. Drawn
+  per row instead, the last items would be ~9% of a step's targets (the loss is their mean); on
+  ml-100k (seed 2020) validation then peaked at 0.0637 by epoch 12, against 0.0698 per batch.
   """
   real = window > 0
   last = jnp.zeros(window.shape, bool).at[:, -1].set(True) & real

@@ -55,8 +55,8 @@ class RecConfig:
   dropout: float | None = None
   attn_dropout: float | None = None
   mask_ratio: float = 0.2  # BERT4Rec: share of items masked in training
-  # BERT4Rec: probability that a training row masks only its last item, the task prediction asks
-  # (RecBole's ft_ratio, drawn there per batch)
+  # BERT4Rec: probability that a training batch masks only its rows' last item, the task
+  # prediction asks (RecBole's ft_ratio)
   mask_last_ratio: float = 0.5
   loss: str = "ce"  # ce (softmax over all items, padding row included, as RecBole) | bpr | sampled
   num_negatives: int = 1  # per target, for bpr and sampled softmax (uniform over items)

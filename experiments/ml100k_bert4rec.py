@@ -3,8 +3,8 @@
 No filtering, leave-one-out by time (RecBole's float32 time order), full ranking over all 1,682
 items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
 patience 10 on valid NDCG@10. Training as RecBole's: every prefix, 256 a step; half the batches
-mask only their rows' last item, the others 20% of their items. Windows train ~35x faster an epoch and reach
-less (`--set rec.train_mode=per_position --set rec.mask_last_ratio=0`; README).
+mask only their rows' last item, the others 20% of their items. Windows train an epoch ~35x
+faster and reach less (`--set rec.train_mode=per_position --set rec.mask_last_ratio=0`; README).
 
   python launch.py --config=experiments/ml100k_bert4rec.py --stages=fetch,prepare,train
 """

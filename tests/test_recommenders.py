@@ -236,7 +236,8 @@ class LossTest(absltest.TestCase):
   def test_scored_columns_keep_the_loss_of_every_target(self):
     states = jax.random.normal(jax.random.key(2), (3, 6, 8))
     targets = jnp.array([[0, 0, 0, 0, 3, 4], [1, 0, 2, 0, 0, 5], [0, 0, 0, 0, 0, 0]])
-    columns, kept = recommender.scored_columns(targets, 6, 3)
+    inputs = jnp.ones_like(targets)  # rows of 6 columns
+    columns, kept = recommender.scored_columns(inputs, targets, 3)
     self.assertEqual(columns.shape, (3, 3))
     self.assertEqual(sorted(np.asarray(kept[1]).tolist()), [1, 2, 5])
     np.testing.assert_array_equal(jnp.take_along_axis(targets, columns, 1), kept)
@@ -246,11 +247,11 @@ class LossTest(absltest.TestCase):
                                      jax.random.key(0), cfg, 5)
                     for s, t in ((states, targets), (kept_states, kept)))
     self.assertAlmostEqual(float(full), float(scored), places=5)
-    _, newest = recommender.scored_columns(targets, 6, 2)  # a row with more drops its oldest
+    _, newest = recommender.scored_columns(inputs, targets, 2)  # a row with more drops its oldest
     self.assertEqual(sorted(np.asarray(newest[1]).tolist()), [2, 5])
-    columns, kept = recommender.scored_columns(targets, 6, 6)  # all columns, in order
+    columns, kept = recommender.scored_columns(inputs, targets, 6)  # all columns, in order
     np.testing.assert_array_equal(columns, jnp.tile(jnp.arange(6), (3, 1)))
-    columns, kept = recommender.scored_columns(targets[:, -1], 6, 3)  # one target: last column
+    columns, kept = recommender.scored_columns(inputs, targets[:, -1], 3)  # one target: last column
     np.testing.assert_array_equal(columns, [[5], [5], [5]])
     np.testing.assert_array_equal(kept, [[4], [5], [0]])
 

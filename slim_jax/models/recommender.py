@@ -202,8 +202,8 @@ def sample_negatives(rng: jax.Array, shape, num_items: int) -> jax.Array:
   return jax.random.randint(rng, shape, 1, num_items + 1, dtype=jnp.int32)
 
 
-def scored_columns(targets: jax.Array, length: int, k: int) -> tuple[jax.Array, jax.Array]:
-  """(columns int32[B, T], their targets [B, T]): the columns of rows of `length` the loss scores.
+def scored_columns(inputs: jax.Array, targets: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """(columns int32[B, T], their targets [B, T]): the columns of `inputs` the loss scores.
 
   A row's single target (targets [B]) is its last column's. Per-position targets [B, L] keep each
   row's k newest columns holding one: a SASRec window of 50 holds 10 targets and a BERT4Rec row
@@ -211,7 +211,8 @@ def scored_columns(targets: jax.Array, length: int, k: int) -> tuple[jax.Array, 
   need the other columns. Rows with fewer targets fill with columns whose target is 0 (no loss).
   """
   if targets.ndim == 1:
-    return jnp.full((len(targets), 1), length - 1, jnp.int32), targets[:, None]
+    return last_column(inputs), targets[:, None]
+  length = inputs.shape[1]
   if k >= length:
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), targets.shape), targets
   _, columns = jax.lax.top_k(jnp.where(targets > 0, jnp.arange(length), -1), k)

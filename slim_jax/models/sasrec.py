@@ -27,8 +27,9 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, mask, train: bool, columns=None):
     """States [B, L, H]; given `columns` int32[B, k], only theirs [B, k, H]."""
-    query = x if columns is None else jnp.take_along_axis(x, columns[..., None], 1)
+    query = x
     if columns is not None:
+      query = jnp.take_along_axis(x, columns[..., None], 1)
       mask = jnp.take_along_axis(mask, columns[:, None, :, None], 2)
     # broadcast_dropout=False: a fresh attention-dropout mask per row and head, as torch's dropout
     # in RecBole; flax's default shares one [L, L] mask across the whole batch.

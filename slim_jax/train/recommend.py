@@ -145,7 +145,7 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
     dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
     inputs, targets = training_pair(model, cfg, batch, mask_rng)
 
-    columns, scored = recommender.scored_columns(targets, inputs.shape[1], targets_per_row)
+    columns, scored = recommender.scored_columns(inputs, targets, targets_per_row)
 
     def loss_of(params):
       states, table = model.apply(params, inputs, batch["users"], side, train=True,

@@ -110,12 +110,10 @@ class BackboneTest(parameterized.TestCase):
 
   def test_bert4rec_can_mask_only_the_last_item(self):
     """RecBole's ft_ratio: a batch that masks its last column asks exactly the next-item task."""
-    inputs, targets = bert4rec.mask_items(jax.random.key(3), INPUTS, 0.5, NUM_ITEMS + 1,
-                                          last_ratio=1.0)
+    inputs, targets = bert4rec.mask_last(INPUTS, NUM_ITEMS + 1)
     np.testing.assert_array_equal(inputs[:, :-1], INPUTS[:, :-1])
     np.testing.assert_array_equal(inputs[:, -1], NUM_ITEMS + 1)
-    np.testing.assert_array_equal(targets[:, -1], INPUTS[:, -1])
-    np.testing.assert_array_equal(targets[:, :-1], 0)
+    np.testing.assert_array_equal(targets, INPUTS[:, -1])
 
   @parameterized.parameters("sasrec", "gru4rec", "bert4rec")
   def test_columns_select_states(self, backbone):
@@ -259,9 +257,9 @@ class LossTest(absltest.TestCase):
     per_row = lambda **kw: recommender.targets_per_row(RecConfig(**kw).resolved())
     self.assertEqual(per_row(backbone="sasrec"), 10)  # a stride-10 window's last 10 columns
     self.assertEqual(per_row(backbone="gru4rec"), 50)  # tiled windows: every column
-    self.assertEqual(per_row(backbone="bert4rec"), 22)  # P(Binomial(50, 0.2) > 22) < 1e-4
+    self.assertEqual(per_row(backbone="bert4rec"), 10)  # RecBole's mask_item_length
     self.assertEqual(per_row(backbone="bert4rec", mask_ratio=1.0), 50)
-    self.assertEqual(per_row(backbone="bert4rec", mask_ratio=0.0), 1)  # the last item
+    self.assertEqual(per_row(backbone="bert4rec", mask_ratio=0.0), 1)
 
 
 class ConfigTest(absltest.TestCase):

@@ -120,18 +120,18 @@ def init_state(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
   return jax.jit(init, out_shardings=shardings)(encoder_params), shardings
 
 
-def training_pair(model: SLIM, cfg: RecConfig, batch, rng):
-  """(inputs [B, L], targets [B, L] or [B]) that the loss reads from a loader batch.
-
-  BERT4Rec turns the window ending at the last target into masked inputs and their targets.
-  """
-  inputs, targets = batch["inputs"], batch["targets"]
-  if cfg.backbone == "bert4rec":
-    last = targets[:, -1] if targets.ndim == 2 else targets
-    window = jnp.concatenate([inputs[:, 1:], last[:, None]], 1)
-    return bert4rec.mask_items(rng, window, cfg.mask_ratio, model.num_items + 1,
-                                cfg.mask_last_ratio)
-  return inputs, targets
+def bert4rec_gradient(gradient: Callable, batch, rng: jax.Array, cfg: RecConfig,
+                      mask_token: int):
+  """`gradient(inputs, targets)` of BERT4Rec's masked task on the window ending at the last
+  target: with probability `mask_last_ratio` (drawn per batch, RecBole's ft_ratio) only the last
+  item is masked, and then the last block and the logits run for that column alone; otherwise a
+  random `mask_ratio` of the items."""
+  last = batch["targets"][:, -1] if batch["targets"].ndim == 2 else batch["targets"]
+  window = jnp.concatenate([batch["inputs"][:, 1:], last[:, None]], 1)
+  return jax.lax.cond(
+      jax.random.bernoulli(jax.random.fold_in(rng, 1), cfg.mask_last_ratio),
+      lambda: gradient(*bert4rec.mask_last(window, mask_token)),
+      lambda: gradient(*bert4rec.mask_items(rng, window, cfg.mask_ratio, mask_token)))
 
 
 def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
@@ -143,17 +143,21 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
 
   def step(state: TrainState, batch, side):
     dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
-    inputs, targets = training_pair(model, cfg, batch, mask_rng)
 
-    columns, scored = recommender.scored_columns(inputs, targets, targets_per_row)
-
-    def loss_of(params):
+    def loss_of(params, inputs, targets):
+      columns, scored = recommender.scored_columns(inputs, targets, targets_per_row)
       states, table = model.apply(params, inputs, batch["users"], side, train=True,
                                   columns=columns, rngs={"dropout": dropout_rng})
       return recommender.loss(states.reshape(-1, states.shape[-1]), table, scored.reshape(-1),
                               negative_rng, cfg, model.num_items)
 
-    value, grads = jax.value_and_grad(loss_of)(state.params)
+    def gradient(inputs, targets):
+      return jax.value_and_grad(loss_of)(state.params, inputs, targets)
+
+    if cfg.backbone == "bert4rec":
+      value, grads = bert4rec_gradient(gradient, batch, mask_rng, cfg, model.num_items + 1)
+    else:
+      value, grads = gradient(batch["inputs"], batch["targets"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = (None if state.ema_params is None else

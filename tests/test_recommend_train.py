@@ -204,10 +204,10 @@ class RecommenderTrainingTest(parameterized.TestCase):
     tx = recommend.optimizer(cfg, 1)
     side = recommend.device_sides(None, self.mesh)["train"]
     state, shardings = recommend.init_state(model, tx, cfg, self.mesh, side)
-    rows, targets = loader.last_position_examples(loader.training_part(self.prepared))
+    train = loader.training_part(self.prepared)
+    rows, targets = loader.last_position_examples(train)
     pick = np.random.default_rng(0).choice(len(rows), cfg.batch, replace=False)
-    batch = loader.last_position_batch(loader.training_part(self.prepared), rows[pick],
-                                       targets[pick], cfg.max_len)
+    batch = loader.last_position_batch(train, rows[pick], targets[pick], cfg.max_len)
     _, reported = recommend.make_train_step(model, tx, cfg, shardings, self.mesh)(state, batch,
                                                                                    side)
     window = np.concatenate([batch["inputs"][:, 1:], batch["targets"][:, None]], 1)

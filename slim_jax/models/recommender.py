@@ -35,7 +35,8 @@ BACKBONE_DEFAULTS = {
     "gru4rec": dict(layers=1, dropout=0.3, attn_dropout=0.0, train_mode="per_position"),
     "srgnn": dict(layers=1, dropout=0.0, attn_dropout=0.0, train_mode="last_position"),
     # BERT4Rec on prefixes, as RecBole: on ml-100k windows peaked at valid NDCG@10 0.057-0.065,
-    # prefixes passed RecBole's 0.073 (0.078 by epoch 24; README), at ~35x the cost of an epoch.
+    # prefixes passed RecBole's 0.073 (0.075 and 0.076 on two seeds; README), at ~35x the cost
+    # of an epoch.
     "bert4rec": dict(layers=2, dropout=0.2, attn_dropout=0.2, train_mode="last_position"),
 }
 

@@ -267,6 +267,35 @@ class RecommenderTrainingTest(parameterized.TestCase):
         dataclasses.replace(cfg, track_test=False, epochs=1), self.prepared,
         self.create_tempdir().full_path, self.mesh)["history"][0])
 
+  def test_prefix_finish_goes_on_from_the_best_window_state(self):
+    """rec.finish_on_prefixes: prefixes train on from the windows' best state, the better phase's
+    state is the one tested, and a finish added to a finished windows run equals one run."""
+    cfg = dataclasses.replace(TINY, backbone="sasrec", epochs=2, eval_every=1, track_test=True,
+                              finish_on_prefixes=True)
+    train = lambda cfg, workdir: recommend.train_recommender(cfg, self.prepared, workdir,
+                                                             self.mesh)
+    whole = train(cfg, self.create_tempdir().full_path)
+    self.assertEqual([r["phase"] for r in whole["history"]], [0, 0, 1, 1])
+    elapsed = [r["elapsed_seconds"] for r in whole["history"]]
+    self.assertEqual(elapsed, sorted(elapsed))
+    best = max(reversed(whole["history"]), key=lambda r: r["valid/ndcg@10"])  # a tie: the later
+    self.assertEqual(whole["phase"], best["phase"])
+    self.assertAlmostEqual(whole["test"]["ndcg@10"], best["test/ndcg@10"], places=6)
+    # From scratch, the first prefix epoch would validate exactly as a plain prefix run's.
+    fresh = train(dataclasses.replace(cfg, train_mode="last_position", finish_on_prefixes=False,
+                                      batch=None, epochs=1), self.create_tempdir().full_path)
+    self.assertNotEqual(fresh["history"][0]["valid/ndcg@10"], whole["history"][2]["valid/ndcg@10"])
+    workdir = self.create_tempdir().full_path
+    train(dataclasses.replace(cfg, finish_on_prefixes=False), workdir)
+    finished = train(cfg, workdir)
+    self.assertEqual([{k: v for k, v in r.items() if k not in ("elapsed_seconds", "eval_seconds")}
+                      for r in finished["history"]],
+                     [{k: v for k, v in r.items() if k not in ("elapsed_seconds", "eval_seconds")}
+                      for r in whole["history"]])
+    self.assertEqual(finished["test"], whole["test"])
+    with self.assertRaisesRegex(ValueError, "finish_on_prefixes"):
+      dataclasses.replace(cfg, train_mode="last_position").resolved()
+
 
 class MovieLensTest(absltest.TestCase):
 

@@ -59,7 +59,7 @@ class LoopResult:
   history: list[dict]  # evaluation rows, {"step": ..., metric: ...}
 
 
-def _improves(value: float, best: float | None, mode: str) -> bool:
+def improves(value: float, best: float | None, mode: str) -> bool:
   """A tie improves, as in RecBole: the later state becomes the best and patience restarts."""
   return best is None or (value >= best if mode == "max" else value <= best)
 
@@ -192,7 +192,7 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
     log(row)
     loop["history"].append(row)
     if cfg.metric:
-      if _improves(scores[cfg.metric], loop["best"], cfg.mode):
+      if improves(scores[cfg.metric], loop["best"], cfg.mode):
         loop.update(best=scores[cfg.metric], best_step=loop["step"], bad_evals=0)
       else:
         loop["bad_evals"] += 1

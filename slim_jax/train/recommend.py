@@ -241,6 +241,15 @@ def device_sides(sides: dict | None, mesh: jax.sharding.Mesh) -> dict[str, dict]
   return jax.device_put(sides, parallel.replicated(mesh))
 
 
+def training_phases(cfg: RecConfig) -> list[RecConfig]:
+  """The configs trained one after the other, each from the best state so far (metrics.json's
+  "phase" says whose state it reports; its history rows say which phase they come from)."""
+  if not cfg.finish_on_prefixes:
+    return [cfg]
+  return [cfg, dataclasses.replace(cfg, train_mode="last_position", stride=None, batch=None,
+                                   finish_on_prefixes=False).resolved()]
+
+
 def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
                       mesh: jax.sharding.Mesh | None = None, mode: str = "plain",
                       slim_cfg: SlimConfig = SlimConfig(), encoded=None,
@@ -252,8 +261,9 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
 
   `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain"; `encoder`
   the MiniLM that `slim.finetune_encoder` trains (from encoder.checkpoint). Resumes
-  from workdir/checkpoints when a previous run was interrupted. `mesh` defaults to data
-  parallelism over every device.
+  from workdir/checkpoints when a previous run was interrupted (and from
+  workdir/prefixes/checkpoints in the prefix finish, `rec.finish_on_prefixes`). `mesh` defaults
+  to data parallelism over every device.
   """
   cfg = cfg.resolved()
   host.keep_freed_memory()
@@ -266,11 +276,13 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
     raise ValueError(f"mode {mode!r} needs rationale and item-text vectors (run the encode stage)")
   sides = device_sides(None if mode == "plain" else
                        slim.side_inputs(encoded, model.rows, slim_cfg), mesh)
-  train_iter, steps_per_epoch = loader.next_item_training(
-      prepared, max_len=cfg.max_len, batch_size=cfg.batch, seed=cfg.seed, mesh=mesh,
-      per_position=cfg.train_mode == "per_position", stride=cfg.stride)
-  total_steps = cfg.epochs * steps_per_epoch
-  tx = optimizer(cfg, total_steps)
+  training_data = lambda phase: loader.next_item_training(
+      prepared, max_len=cfg.max_len, batch_size=phase.batch, seed=cfg.seed, mesh=mesh,
+      per_position=phase.train_mode == "per_position", stride=phase.stride)
+  first_data = training_data(cfg)
+  # One optimizer for every phase: a finishing phase carries on with the moments (and the
+  # schedule's step, the schedule spanning the first phase) where the first left them.
+  tx = optimizer(cfg, cfg.epochs * first_data[1])
   state, shardings = init_state(model, tx, cfg, mesh, sides["train"],
                                 encoder and encoder.params)
   popularity = prepared.item_popularity()
@@ -285,17 +297,29 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
       scores.update(metrics.prefixed(metrics.ranking_metrics(ranked["ranks"]), split))
     return scores
 
-  start = time.perf_counter()
-  if mode == "zero_shot":  # nothing to train
-    result = loop.LoopResult(state=state, step=0, best_step=None, best=None, stopped_early=False,
-                             history=[])
-  else:
-    step = make_train_step(model, tx, cfg, shardings, mesh)
-    train_step = lambda state, batch: step(state, batch, sides["train"])
-    loop_cfg = loop.LoopConfig(steps=total_steps, eval_every=cfg.eval_every * steps_per_epoch,
+  def train(phase: RecConfig, train_iter, steps_per_epoch: int, state: TrainState,
+            directory: pathlib.Path) -> loop.LoopResult:
+    step = make_train_step(model, tx, phase, shardings, mesh)
+    loop_cfg = loop.LoopConfig(steps=cfg.epochs * steps_per_epoch,
+                               eval_every=cfg.eval_every * steps_per_epoch,
                                log_every=steps_per_epoch, metric=VALID_METRIC,
                                patience=cfg.patience)
-    result = loop.run(train_step, state, train_iter, validate, loop_cfg, workdir)
+    return loop.run(lambda state, batch: step(state, batch, sides["train"]), state, train_iter,
+                    validate, loop_cfg, directory)
+
+  start = time.perf_counter()
+  result = loop.LoopResult(state=state, step=0, best_step=None, best=None, stopped_early=False,
+                           history=[])  # what zero_shot, which has nothing to train, ranks with
+  chosen, steps_per_epoch, history = 0, first_data[1], []
+  for index, phase in enumerate(training_phases(cfg) if mode != "zero_shot" else []):
+    train_iter, phase_steps = training_data(phase) if index else first_data
+    phase_result = train(phase, train_iter, phase_steps, result.state,
+                         workdir / "prefixes" if index else workdir)
+    offset = history[-1]["elapsed_seconds"] if history else 0.0
+    history += [{**row, "phase": index, "elapsed_seconds": row["elapsed_seconds"] + offset}
+                for row in phase_result.history]
+    if loop.improves(phase_result.best, result.best, "max"):
+      chosen, steps_per_epoch, result = index, phase_steps, phase_result
   train_seconds = time.perf_counter() - start
   results = {}
   analyse = make_eval_step(model, cfg, popularity)
@@ -309,9 +333,9 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
            top=ranked["top"])
   summary = {"backbone": cfg.backbone, "mode": mode, "config": dataclasses.asdict(cfg),
              "slim": dataclasses.asdict(slim_cfg),
-             "steps_per_epoch": steps_per_epoch, "steps": result.step,
+             "phase": chosen, "steps_per_epoch": steps_per_epoch, "steps": result.step,
              "best_step": result.best_step, "best_epoch": (result.best_step or 0) / steps_per_epoch,
              "stopped_early": result.stopped_early, "train_seconds": train_seconds,
-             "history": result.history, **results}
+             "history": history, **results}
   (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
   return summary

@@ -83,9 +83,12 @@ def evaluate(weights_path: str, recbole_path: str, workdir: str) -> dict:
     ours = metrics.ranking_metrics(ranked["ranks"])
     theirs = {k.replace("hit@", "hr@"): v for k, v in reference[split].items()}
     shared = sorted(set(ours) & set(theirs))
+    lengths = np.diff(prepared.split(split).history_offsets)[ranked["users"]]
     out[split] = {"ours": {k: float(ours[k]) for k in shared}, "recbole": {k: theirs[k] for k in shared},
                   "max_abs_difference": max(abs(float(ours[k]) - theirs[k]) for k in shared),
-                  "users": int(len(ranked["ranks"]))}
+                  "users": int(len(ranked["ranks"])),
+                  # as in our metrics.json: where in the history lengths two trainings differ
+                  "groups": metrics.grouped_metrics(ranked["ranks"], lengths)}
   return out
 
 

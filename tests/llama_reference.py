@@ -38,10 +38,11 @@ def torch_model(config: LlamaConfig, params) -> transformers.LlamaForCausalLM:
 
 
 def torch_logits(model, tokens, mask=None) -> np.ndarray:
+  """The model's logits as float64, so a float64 model's stay exact."""
   with torch.no_grad():
     tokens = torch.from_numpy(np.asarray(tokens, np.int64))
     mask = None if mask is None else torch.from_numpy(np.asarray(mask, np.int64))
-    return model(input_ids=tokens, attention_mask=mask).logits.float().numpy()
+    return model(input_ids=tokens, attention_mask=mask).logits.double().numpy()
 
 
 def jax_logits(config: LlamaConfig, variables, tokens, mask=None) -> np.ndarray:

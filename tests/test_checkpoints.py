@@ -42,15 +42,18 @@ class SmolLM2Test(absltest.TestCase):
         [{"role": "user", "content": "Recommend a movie like Toy Story."}],
         add_generation_prompt=True, tokenize=False)
     tokens = np.array([self.tokenizer(ids, add_special_tokens=False)["input_ids"]])
-    model = transformers.LlamaForCausalLM.from_pretrained(self.dir, dtype=torch.float32)
-    theirs = ref.torch_logits(model.eval(), tokens)
+    exact = ref.torch_logits(
+        transformers.LlamaForCausalLM.from_pretrained(self.dir, dtype=torch.float64), tokens)
     ours = ref.jax_logits(self.config, {"params": self.params}, tokens)
-    # The issue's 1e-4 is the fp32 noise floor here: SmolLM2's residual stream carries ~2.5e4
-    # "massive activations" (one fp32 ulp there is 2e-3), and transformers' own fp32 logits are
-    # 9.3e-5 from its float64 ones, GEMM summation order all of it (with float64-accumulated
-    # GEMMs ours are 2.6e-5 from them). This prompt: 9.7e-5; other chat prompts: 1.0-1.1e-4.
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    self.assertLess(np.mean(np.abs(ours - theirs)), 3e-5)
+    # Measured against transformers in float64, not in fp32: SmolLM2's residual stream carries
+    # ~2.5e4 "massive activations" (one fp32 ulp there is 2e-3), so any fp32 run is ~1e-4 from the
+    # exact logits, by GEMM summation order alone. transformers' own fp32 logits are 6e-5 to 1e-4
+    # from them as the CPU's ISA changes (ATEN_CPU_CAPABILITY), and ours vs theirs in fp32 went
+    # 0.97e-4 on one CI machine, 1.15e-4 on the next. Ours are 9.4e-5 from exact at every XLA ISA
+    # (xla_cpu_max_isa SSE4_2, AVX2, AVX512), mean 1.4e-5, while rms_norm_eps 1% off already
+    # breaks both bounds (2.7e-4, mean 3.3e-5) and rope_theta 1% off gives 3e-2.
+    np.testing.assert_allclose(ours, exact, atol=1.5e-4, rtol=0)
+    self.assertLess(np.mean(np.abs(ours - exact)), 2e-5)
 
   def test_gguf_and_converted_directory_hold_the_same_weights(self):
     _, from_gguf, _ = checkpoints.load(self.gguf)

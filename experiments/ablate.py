@@ -62,7 +62,7 @@ class Run:
 
   @property
   def mode(self) -> str:
-    return self.variant.split("/")[0].replace("shuffled", "id_based")
+    return self.variant.split("/")[0]
 
 
 def plan(backbones, encoders, fusions, seeds, agnostic: bool) -> list[Run]:
@@ -90,8 +90,7 @@ def execute(run: Run, cfg, prepared, encoded: dict, minilm, root: pathlib.Path, 
                             cfg.rec.backbone, seed=run.seed)
   fusion = run.variant.split("/")[1] if "/" in run.variant else cfg.slim.fusion
   finetune = run.encoder == "minilm_finetuned"
-  slim = dataclasses.replace(cfg.slim, fusion=fusion, shuffle=run.variant.startswith("shuffled"),
-                             finetune_encoder=finetune)
+  slim = dataclasses.replace(cfg.slim, fusion=fusion, finetune_encoder=finetune)
   return recommend.train_recommender(rec, prepared, out, mesh, run.mode, slim,
                                      encoded.get(encoding(run.encoder)),
                                      minilm if finetune else None)

@@ -42,6 +42,10 @@ class EncoderConfig:
   batch_size: int = 64  # a multiple of the devices on the mesh's batch axes
   # Padded lengths (max_len is added): ~1.5x apart, so padding wastes at most a third.
   buckets: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+  # none | center | whiten the frozen vectors the recommenders read (`postprocessed`): sentence
+  # vectors of similar texts are nearly parallel, so their shared direction drowns each user's
+  # own signal. A fine-tuned encoder's in-step rationale vectors are never postprocessed.
+  postprocess: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,31 +263,6 @@ def rationale_vectors(rows: Sequence[Mapping], vectors: np.ndarray, num_users: i
   return table, present
 
 
-@dataclasses.dataclass(frozen=True)
-class Encoded:
-  """What the encode stage wrote: the SLIM recommenders' inputs."""
-  item_vectors: np.ndarray  # [I+1, D], row 0 (padding) zeros
-  rationales: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> ([U, D] vectors, [U] has one)
-  # split -> (int32 [U, T] token ids, right-padded; int32 [U] lengths): BERT-family encoders
-  # only, for fine-tuning the encoder inside the recommender's step.
-  tokens: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
-
-
-def load_encoded(out: pathlib.Path) -> Encoded:
-  """The vectors (and token ids) that `encode_stage` wrote to `out`."""
-  out = pathlib.Path(out)
-  if not (out / "item_vectors.npy").is_file():
-    raise FileNotFoundError(f"{out / 'item_vectors.npy'} is missing: run --stages=encode with an "
-                            "encoder.kind that encodes (minilm, llm_pooled)")
-  split_of = lambda path, prefix: path.stem.removeprefix(prefix)
-  rationales = {split_of(path, "rationale_vectors_"):
-                (np.load(path), np.load(out / path.name.replace("vectors", "mask")))
-                for path in sorted(out.glob("rationale_vectors_*.npy"))}
-  tokens = {split_of(path, "rationale_tokens_"): tuple(np.load(path)[k] for k in ("ids", "lengths"))
-            for path in sorted(out.glob("rationale_tokens_*.npz"))}
-  return Encoded(np.load(out / "item_vectors.npy"), rationales, tokens)
-
-
 def rationale_tokens(rows: Sequence[Mapping], token_ids: Sequence[np.ndarray], num_users: int,
                      split: str, max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Each user's `split` rationale as right-padded token ids [U, max_len] and lengths [U]."""
@@ -296,32 +275,159 @@ def rationale_tokens(rows: Sequence[Mapping], token_ids: Sequence[np.ndarray], n
   return ids, lengths
 
 
+# split -> ([U, D] vectors, [U] has one); split -> (int32 [U, T] right-padded token ids, int32
+# [U] lengths), the latter for BERT-family encoders only (fine-tuning inside the step).
+Rationales = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """What the encode stage wrote: the SLIM recommenders' inputs."""
+  item_vectors: np.ndarray  # [I+1, D]; zeros for padding (row 0) and items without text
+  rationales: Rationales  # the student's
+  tokens: Rationales = dataclasses.field(default_factory=dict)
+  # The teacher's rationales by the same encoder (mode teacher_rationales), from `encode_teacher`.
+  teacher: Rationales = dataclasses.field(default_factory=dict)
+  teacher_tokens: Rationales = dataclasses.field(default_factory=dict)
+
+
+def encode_rationales(cfg: EncoderConfig, rows: Sequence[Mapping], num_users: int,
+                      cache_dir: pathlib.Path,
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[Rationales, Rationales]:
+  """(vectors, tokens) per split of rationale `rows` (a rationales.jsonl's), cached in
+  `cache_dir`; tokens only for a MiniLM encoder."""
+  vectors = encode([row["text"] for row in rows], cfg, cache_dir, mesh=mesh)
+  splits = sorted({row["split"] for row in rows})
+  rationales = {split: rationale_vectors(rows, vectors, num_users, split) for split in splits}
+  if cfg.kind != "minilm":
+    return rationales, {}
+  minilm = bert.load(checkpoint_dir(cfg), cfg.max_len)
+  token_ids = minilm.tokenize([row["text"] for row in rows])
+  return rationales, {split: rationale_tokens(rows, token_ids, num_users, split, minilm.max_len,
+                                              minilm.pad_id) for split in splits}
+
+
+def encode_teacher(cfg: EncoderConfig, prepared, teacher_path: pathlib.Path,
+                   cache_dir: pathlib.Path,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[Rationales, Rationales]:
+  """The teacher's rationales encoded by the encoder that encoded the student's (for
+  `load_encoded`); a clear error when the teacher stage has not written them."""
+  teacher_path = pathlib.Path(teacher_path)
+  rows = read_rationales(teacher_path) if teacher_path.is_file() else []
+  if not rows:
+    raise FileNotFoundError(f"mode teacher_rationales reads {teacher_path}, which is missing or "
+                            "empty: run --stages=teacher")
+  return encode_rationales(cfg, rows, prepared.num_users, cache_dir, mesh)
+
+
+# The rationales postprocessing statistics come from: written from seq[:-2], the part of each
+# sequence that training sees (slim.RATIONALE_OF_SPLIT: training rows read them).
+TRAINING_RATIONALES = "valid"
+POSTPROCESS = ("none", "center", "whiten")
+WHITEN_SHRINK = 1e-3  # of the mean variance, added to each: near-empty directions stay finite
+
+
+def postprocess_stats(fit: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], matrix [D, D]) of `kind` (center | whiten) fitted on the rows `fit` [N, D]:
+  x -> (x - mean) @ matrix.
+
+  whiten is ZCA whitening, which keeps the vectors' axes (and so the nearest to the raw ones).
+  """
+  fit = np.asarray(fit, np.float64)
+  mean = fit.mean(0)
+  if kind == "center":
+    return mean, np.eye(fit.shape[1])
+  variances, axes = np.linalg.eigh(np.cov(fit, rowvar=False))
+  variances = np.maximum(variances, 0.0) + WHITEN_SHRINK * variances.mean()
+  return mean, (axes / np.sqrt(variances)) @ axes.T
+
+
+def transformed(vectors: np.ndarray, present: np.ndarray,
+                stats: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  """float32 (vectors - mean) @ matrix where `present`; absent rows stay zero (no text)."""
+  mean, matrix = stats
+  return np.where(present[:, None], (vectors - mean) @ matrix, 0.0).astype(np.float32)
+
+
+def postprocessed(encoded: Encoded, kind: str) -> Encoded:
+  """`encoded` with item vectors `kind`-processed by statistics of the items that have text, and
+  every rationale (the teacher's too) by those of the training rationales: never of what only
+  validation or test read."""
+  if kind not in POSTPROCESS:
+    raise ValueError(f"encoder.postprocess={kind!r}: expected one of {POSTPROCESS}")
+  if kind == "none":
+    return encoded
+  has_text = np.any(encoded.item_vectors != 0, axis=1)
+  items = transformed(encoded.item_vectors, has_text,
+                      postprocess_stats(encoded.item_vectors[has_text], kind))
+  if TRAINING_RATIONALES not in encoded.rationales:
+    return dataclasses.replace(encoded, item_vectors=items)
+  vectors, present = encoded.rationales[TRAINING_RATIONALES]
+  stats = postprocess_stats(vectors[present], kind)
+  apply = lambda table: {split: (transformed(v, p, stats), p) for split, (v, p) in table.items()}
+  return dataclasses.replace(encoded, item_vectors=items, rationales=apply(encoded.rationales),
+                             teacher=apply(encoded.teacher))
+
+
+def load_encoded(out: pathlib.Path, postprocess: str = "none",
+                 teacher: tuple[Rationales, Rationales] = ({}, {})) -> Encoded:
+  """The vectors (and token ids) that `encode_stage` wrote to `out`, with the `teacher`'s
+  (`encode_teacher`), postprocessed by encoder.postprocess."""
+  out = pathlib.Path(out)
+  if not (out / "item_vectors.npy").is_file():
+    raise FileNotFoundError(f"{out / 'item_vectors.npy'} is missing: run --stages=encode with an "
+                            "encoder.kind that encodes (minilm, llm_pooled)")
+  split_of = lambda path, prefix: path.stem.removeprefix(prefix)
+  rationales = {split_of(path, "rationale_vectors_"):
+                (np.load(path), np.load(out / path.name.replace("vectors", "mask")))
+                for path in sorted(out.glob("rationale_vectors_*.npy"))}
+  tokens = {split_of(path, "rationale_tokens_"): tuple(np.load(path)[k] for k in ("ids", "lengths"))
+            for path in sorted(out.glob("rationale_tokens_*.npz"))}
+  encoded = Encoded(np.load(out / "item_vectors.npy"), rationales, tokens, *teacher)
+  return postprocessed(encoded, postprocess)
+
+
+def item_vectors(cfg: EncoderConfig, item_text: Sequence[str], cache_dir: pathlib.Path,
+                 mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, int]:
+  """([I+1, D] vectors of `item_text`, how many items have none): padding and items without
+  text get a zero vector, which no encoder would write for them (it encodes an empty string
+  like any other), so that a recommender reads "no text" and not a shared pseudo-text."""
+  has_text = np.array([bool(text.strip()) for text in item_text])
+  has_text[0] = False
+  vectors = encode([item_text[i] for i in np.flatnonzero(has_text)], cfg, cache_dir, mesh=mesh)
+  table = np.zeros((len(item_text), vectors.shape[1]), np.float32)
+  table[has_text] = vectors
+  return table, int(len(item_text) - 1 - has_text.sum())
+
+
 def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
                  out: pathlib.Path, mesh: jax.sharding.Mesh | None = None) -> dict:
   """Encodes every item text and every student rationale into out/*.npy.
 
-  item_vectors.npy is [I+1, D] with a zero padding row; rationale_vectors_<split>.npy is
-  [U, D] with rationale_mask_<split>.npy marking the users whose rationale exists. A MiniLM
-  encoder also writes rationale_tokens_<split>.npz (ids, lengths), so that a recommender can
-  fine-tune it (`slim.finetune_encoder`).
+  item_vectors.npy is [I+1, D] with zero rows for padding and items without text;
+  rationale_vectors_<split>.npy is [U, D] with rationale_mask_<split>.npy marking the users whose
+  rationale exists. A MiniLM encoder also writes rationale_tokens_<split>.npz (ids, lengths), so
+  that a recommender can fine-tune it (`slim.finetune_encoder`). Without student rationales only
+  the item vectors are written (enough for the plain and item_text modes).
   """
   if cfg.kind == "none":
     return {"kind": "none"}
-  items = encode(list(prepared.item_text[1:]), cfg, out / "items", mesh=mesh)
-  np.save(out / "item_vectors.npy", np.concatenate([np.zeros_like(items[:1]), items]))
-  rows = read_rationales(rationales_path)
-  texts = encode([row["text"] for row in rows], cfg, out / "rationales", mesh=mesh)
-  minilm = bert.load(checkpoint_dir(cfg), cfg.max_len) if cfg.kind == "minilm" else None
-  token_ids = minilm.tokenize([row["text"] for row in rows]) if minilm else []
-  summary = {"kind": cfg.kind, "items": len(items), "dim": int(items.shape[1]),
-             "rationales": len(rows)}
-  for split in sorted({row["split"] for row in rows}):
-    table, present = rationale_vectors(rows, texts, prepared.num_users, split)
+  items, without_text = item_vectors(cfg, prepared.item_text, out / "items", mesh)
+  np.save(out / "item_vectors.npy", items)
+  if without_text:
+    logging.warning("encode: %d items have no text; their text vector is zero", without_text)
+  rows = read_rationales(rationales_path) if pathlib.Path(rationales_path).is_file() else []
+  summary = {"kind": cfg.kind, "items": len(items) - 1, "items_without_text": without_text,
+             "dim": int(items.shape[1]), "rationales": len(rows)}
+  if not rows:
+    logging.warning("encode: no student rationales in %s; modes that read them need "
+                    "--stages=generate first", rationales_path)
+    return summary
+  rationales, tokens = encode_rationales(cfg, rows, prepared.num_users, out / "rationales", mesh)
+  for split, (table, present) in rationales.items():
     np.save(out / f"rationale_vectors_{split}.npy", table)
     np.save(out / f"rationale_mask_{split}.npy", present)
-    if minilm:
-      ids, lengths = rationale_tokens(rows, token_ids, prepared.num_users, split, minilm.max_len,
-                                      minilm.pad_id)
-      np.savez(out / f"rationale_tokens_{split}.npz", ids=ids, lengths=lengths)
     summary[f"users_with_rationale_{split}"] = int(present.sum())
+  for split, (ids, lengths) in tokens.items():
+    np.savez(out / f"rationale_tokens_{split}.npz", ids=ids, lengths=lengths)
   return summary

@@ -114,7 +114,7 @@ def variant_name(backbone: str, mode: str) -> str:
   """The train stage's directory of one variant: "sasrec_id_based", or "id_agnostic" (no
   backbone)."""
   from slim_jax.models import slim
-  return mode if mode in slim.AGNOSTIC_MODES else f"{backbone}_{mode}"
+  return mode if mode in slim.BACKBONE_FREE_MODES else f"{backbone}_{mode}"
 
 
 def finetuned_encoder(cfg: Config):
@@ -132,14 +132,20 @@ def finetuned_encoder(cfg: Config):
 def _train(cfg: Config, out: pathlib.Path) -> dict:
   """Trains every variant of `slim.modes` into out/<variant>/; out/metrics.json sums them up."""
   from slim_jax import encode
+  from slim_jax.models import slim
   from slim_jax.train import recommend
   modes = cfg.slim.checked().modes
-  if cfg.encoder.kind == "none" and modes != ("plain",):
-    logging.warning("encoder.kind=none: no rationale vectors, so only the plain backbone trains")
-    modes = ("plain",)
-  encoded = None if modes == ("plain",) else encode.load_encoded(out.parent / "encode")
-  encoder = finetuned_encoder(cfg)
+  unencoded = tuple(mode for mode in modes if mode in slim.TEXT_FREE_MODES)
+  if cfg.encoder.kind == "none" and modes != unencoded:
+    logging.warning("encoder.kind=none: no text vectors, so only %s train", unencoded)
+    modes = unencoded
   prepared, mesh = load_prepared(out.parent), _mesh(cfg)
+  teacher = (encode.encode_teacher(cfg.encoder, prepared, out.parent / "teacher" /
+                                   "rationales.jsonl", out / "teacher_vectors", mesh)
+             if "teacher_rationales" in modes else ({}, {}))
+  encoded = (None if modes == unencoded else
+             encode.load_encoded(out.parent / "encode", cfg.encoder.postprocess, teacher))
+  encoder = finetuned_encoder(cfg)
   summary = {}
   for mode in modes:
     name = variant_name(cfg.rec.backbone, mode)

@@ -20,13 +20,11 @@ import numpy as np
 
 from slim_jax import teacher
 from slim_jax.config import Config
-from slim_jax.models.slim import AGNOSTIC_MODES
+from slim_jax.models.slim import BACKBONE_FREE_MODES, MODES
 
 KS = (10, 20)
 ACCURACY = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr")]
 BIAS = [f"{m}@{k}" for k in KS for m in ("mean_popularity", "long_tail", "coverage")]
-LABELS = {"plain": "plain", "id_based": "SLIM ID-based", "id_agnostic": "SLIM ID-agnostic",
-          "zero_shot": "SLIM zero-shot"}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -38,8 +36,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def label(variant: Mapping) -> str:
-  mode = LABELS[variant["mode"]]
-  return mode if variant["mode"] in AGNOSTIC_MODES else f"{variant['backbone']} {mode}"
+  """The variant by its mode's exact name (slim.MODES), after its backbone where it has one."""
+  mode = variant["mode"]
+  return mode if mode in BACKBONE_FREE_MODES else f"{variant['backbone']} {mode}"
 
 
 def relative(value: float, base: float | None) -> str:
@@ -166,7 +165,7 @@ def write_report(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> pathl
       "leave-one-out by time, full ranking over all items"
       f"{', history excluded' if cfg.rec.exclude_history else ''}. Encoder: "
       f"{cfg.encoder.kind}; fusion: {cfg.slim.fusion}"
-      f"{'; shuffled-rationale control' if cfg.slim.shuffle else ''}.",
+      f"; postprocess: {cfg.encoder.postprocess}.",
       "## Accuracy (test)", accuracy_section(variants),
       "## Popularity bias (test)", popularity_section(variants, out),
       "## User sparsity groups (test)", sparsity_section(variants, out),

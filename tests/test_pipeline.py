@@ -114,11 +114,12 @@ class PipelineTest(absltest.TestCase):
       self.assertTrue((whole / artifact).is_file(), artifact)
     self.assertLen((whole / "generate" / "rationales.jsonl").read_text().splitlines(), 16)
     trained = json.loads((whole / "train" / "metrics.json").read_text())
-    self.assertEqual(list(trained), ["gru4rec_plain", "gru4rec_id_based", "id_agnostic",
-                                     "zero_shot"])
+    self.assertEqual(list(trained), ["gru4rec_plain", "gru4rec_item_text", "gru4rec_id_based",
+                                     "gru4rec_shuffled", "gru4rec_teacher_rationales",
+                                     "id_agnostic", "zero_shot", "popularity"])
     report = (whole / "report" / "report.md").read_text()
     for heading in ("## Accuracy", "## Popularity bias", "## User sparsity groups", "## Cost",
-                    "## Example users", "gru4rec SLIM ID-based", "SLIM zero-shot"):
+                    "## Example users", "gru4rec id_based", "zero_shot"):
       self.assertIn(heading, report)
 
     killed = self.root / "killed"

@@ -22,28 +22,39 @@ USERS = jnp.array([0, 1, 2, -1], jnp.int32)  # -1: a padding row of an evaluatio
 CFG = RecConfig(backbone="sasrec", hidden=16, max_len=6, inner=32)
 
 
-def _side(rows: int, seed: int = 0, present=(True, True, False, True, True)):
+def _encoded(seed: int = 0, present=(True, True, False, True, True)):
   rng = np.random.default_rng(seed)
   vectors = rng.normal(size=(NUM_USERS, DIM)).astype(np.float32)
   item_text = rng.normal(size=(NUM_ITEMS + 1, DIM)).astype(np.float32)
-  return slim.side_inputs(encode.Encoded(item_text, {"valid": (vectors, np.array(present))}),
-                          rows, SlimConfig())
+  return encode.Encoded(item_text, {"valid": (vectors, np.array(present))})
 
 
-def _model(mode, backbone="sasrec", **slim_fields):
+def _model(mode, backbone="sasrec", encoded=None, **slim_fields):
   cfg = dataclasses.replace(CFG, backbone=backbone)
-  model = recommend.build_model(cfg, NUM_ITEMS, mode=mode, slim=SlimConfig(**slim_fields))
-  side = jax.tree.map(jnp.asarray, _side(model.rows)["train"])
+  slim_cfg = SlimConfig(**slim_fields)
+  model = recommend.build_model(cfg, NUM_ITEMS, mode=mode, slim=slim_cfg)
+  popularity = np.arange(NUM_ITEMS + 1, dtype=np.float32) % 7
+  side = slim.side_inputs(encoded or _encoded(), model.rows, slim_cfg, mode, popularity)
+  side = jax.tree.map(jnp.asarray, side["train"])
   params = model.init(jax.random.key(0), INPUTS, USERS, side)
   return model, params, side
+
+
+def _param_paths(params) -> set[str]:
+  return {"/".join(str(k.key) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(params["params"])}
+
+
+def _dense(params, x):
+  return x @ params["kernel"] + params["bias"]
 
 
 class FusionTest(parameterized.TestCase):
 
   @parameterized.product(fusion=slim.FUSIONS, backbone=("sasrec", "gru4rec", "srgnn", "bert4rec"),
-                         item_text=(False, True))
-  def test_shapes(self, fusion, backbone, item_text):
-    model, params, side = _model("id_based", backbone, fusion=fusion, item_text=item_text)
+                         mode=("item_text", "id_based"))
+  def test_shapes(self, fusion, backbone, mode):
+    model, params, side = _model(mode, backbone, fusion=fusion)
     states, table = model.apply(params, INPUTS, USERS, side)
     steps = 1 if backbone == "srgnn" else INPUTS.shape[1]
     self.assertEqual(states.shape, (4, steps, 16))
@@ -51,6 +62,24 @@ class FusionTest(parameterized.TestCase):
     state, _ = model.apply(params, INPUTS, USERS, side, method="predict")
     self.assertEqual(state.shape, (4, 16))
     self.assertTrue(np.isfinite(np.asarray(state)).all())
+
+  def test_paper_fusion_shares_g_l_and_g_f_between_item_and_user(self):
+    """z_i = g_f([g_l(z_text_i); z_id_i]) and s_u = g_f([g_l(s_text_u); s_seq_u]), one g_l and
+    one g_f (§2.3), recomputed here from the parameters."""
+    model, params, side = _model("id_based", "gru4rec")
+    self.assertEqual(model.cfg.fusion, "paper")
+    p = params["params"]
+    backbone = recommend.build_backbone(dataclasses.replace(CFG, backbone="gru4rec"), NUM_ITEMS)
+    seq_state, id_table = backbone.apply({"params": p["backbone"]}, INPUTS, method="predict")
+    g_l = lambda x: _dense(p["text_proj"], x)
+    g_f = lambda text, ids: _dense(p["fuse_proj"], jnp.concatenate([text, ids], -1))
+    rationale = model.apply(params, USERS, side, False, method="rationale")
+    state, table = model.apply(params, INPUTS, USERS, side, method="predict")
+    np.testing.assert_allclose(table, g_f(g_l(side["item_text"]), id_table), atol=1e-5)
+    np.testing.assert_allclose(state, g_f(g_l(rationale), seq_state), atol=1e-5)
+    self.assertEqual(_param_paths(params) - {p for p in _param_paths(params)
+                                             if p.startswith("backbone/")},
+                     {"text_proj/kernel", "text_proj/bias", "fuse_proj/kernel", "fuse_proj/bias"})
 
   @parameterized.parameters(*slim.FUSIONS)
   def test_a_rationale_changes_only_its_users_state(self, fusion):
@@ -61,6 +90,27 @@ class FusionTest(parameterized.TestCase):
     after = predict(changed)
     self.assertFalse(np.allclose(before[1], after[1]))
     np.testing.assert_array_equal(np.delete(before, 1, 0), np.delete(after, 1, 0))
+
+  def test_item_text_reads_no_rationale(self):
+    """backbone+: no parameter beyond g_l and g_f of the item side, no rationale in its side
+    inputs, and the same scores whatever the rationales are."""
+    model, params, side = _model("item_text")
+    self.assertEqual(set(side), {"item_text"})
+    self.assertEqual({p for p in _param_paths(params) if not p.startswith("backbone/")},
+                     {"text_proj/kernel", "text_proj/bias", "fuse_proj/kernel", "fuse_proj/bias"})
+    scores = lambda side: np.asarray(jnp.einsum("bh,rh->br", *model.apply(
+        params, INPUTS, USERS, side, method="predict")))
+    other = slim.side_inputs(_encoded(present=(False,) * NUM_USERS), model.rows, SlimConfig(),
+                             "item_text")["train"]
+    np.testing.assert_array_equal(scores(side), scores(jax.tree.map(jnp.asarray, other)))
+    id_based = jax.tree.map(jnp.asarray, slim.side_inputs(_encoded(), model.rows, SlimConfig(),
+                                                          "id_based")["train"])
+    np.testing.assert_array_equal(scores(side), scores(id_based))  # extra keys are never read
+    plain_state, plain_table = recommend.build_backbone(CFG, NUM_ITEMS).apply(
+        {"params": params["params"]["backbone"]}, INPUTS, method="predict")
+    state, table = model.apply(params, INPUTS, USERS, side, method="predict")
+    np.testing.assert_array_equal(state, plain_state)  # the user side is the backbone's
+    self.assertFalse(np.allclose(table, plain_table))
 
   def test_users_without_a_rationale_read_zeros(self):
     model, params, side = _model("id_based")
@@ -77,11 +127,14 @@ class FusionTest(parameterized.TestCase):
     state, _ = model.apply(params, INPUTS, USERS, {}, method="predict")
     np.testing.assert_array_equal(state, expected)
 
-  def test_id_agnostic_has_no_item_id_embedding(self):
-    _, params, _ = _model("id_agnostic")
-    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-    self.assertFalse([path for path in paths if "item_emb" in path])
-    self.assertTrue([path for path in paths if "item_text_proj" in path])
+  def test_id_agnostic_is_one_shared_map_without_item_ids(self):
+    model, params, side = _model("id_agnostic")
+    self.assertEqual(_param_paths(params), {"text_proj/kernel", "text_proj/bias"})
+    state, table = model.apply(params, INPUTS, USERS, side, method="predict")
+    g_t = lambda x: _dense(params["params"]["text_proj"], x)
+    np.testing.assert_allclose(table, g_t(side["item_text"]), atol=1e-6)
+    np.testing.assert_allclose(state[:2], g_t(side["rationale"][:2]), atol=1e-6)
+    np.testing.assert_allclose(state[2], g_t(jnp.zeros(DIM)), atol=1e-6)  # user 2: no rationale
 
   def test_zero_shot_scores_are_the_raw_vectors(self):
     model, params, side = _model("zero_shot")
@@ -89,6 +142,25 @@ class FusionTest(parameterized.TestCase):
     np.testing.assert_array_equal(state[:2], side["rationale"][:2])
     np.testing.assert_array_equal(table, side["item_text"])
     self.assertEmpty(jax.tree.leaves(params))
+
+  def test_popularity_scores_training_counts(self):
+    model, params, side = _model("popularity")
+    state, table = model.apply(params, INPUTS, USERS, side, method="predict")
+    np.testing.assert_array_equal((state @ table.T)[0, :NUM_ITEMS + 1],
+                                  np.arange(NUM_ITEMS + 1) % 7)
+    self.assertEmpty(jax.tree.leaves(params))
+
+  def test_modes_that_need_rationales_say_which_stage_to_run(self):
+    no_rationales = encode.Encoded(np.ones((NUM_ITEMS + 1, DIM), np.float32), {})
+    for mode in ("id_based", "shuffled", "id_agnostic", "zero_shot"):
+      with self.assertRaisesRegex(ValueError, "--stages=generate,encode"):
+        slim.side_inputs(no_rationales, 32, SlimConfig(), mode)
+    with self.assertRaisesRegex(ValueError, "--stages=teacher"):
+      slim.side_inputs(_encoded(), 32, SlimConfig(), "teacher_rationales")
+    with self.assertRaisesRegex(ValueError, "--stages=encode"):
+      slim.side_inputs(None, 32, SlimConfig(), "item_text")
+    self.assertEqual(set(slim.side_inputs(no_rationales, 32, SlimConfig(), "item_text")["test"]),
+                     {"item_text"})
 
   def test_rationale_dropout_zeroes_some_training_rows(self):
     model, params, side = _model("id_based", rationale_dropout=0.5)
@@ -99,7 +171,7 @@ class FusionTest(parameterized.TestCase):
     self.assertBetween(dropped, 0.35, 0.65)
 
 
-class ShuffleTest(absltest.TestCase):
+class SideInputsTest(absltest.TestCase):
 
   def test_derangement_moves_everyone(self):
     for count in (2, 3, 10, 943):
@@ -120,7 +192,8 @@ class ShuffleTest(absltest.TestCase):
     vectors, present = np.eye(3, dtype=np.float32), np.ones(3, bool)
     test_vectors = 2 * vectors
     sides = slim.side_inputs(encode.Encoded(np.ones((5, 3), np.float32), {
-        "valid": (vectors, present), "test": (test_vectors, present)}), 7, SlimConfig())
+        "valid": (vectors, present), "test": (test_vectors, present)}), 7, SlimConfig(),
+        "id_based")
     np.testing.assert_array_equal(sides["train"]["rationale"], vectors)
     np.testing.assert_array_equal(sides["test"]["rationale"], test_vectors)
     self.assertEqual(sides["valid"]["item_text"].shape, (7, 3))
@@ -128,11 +201,29 @@ class ShuffleTest(absltest.TestCase):
     tokens = (np.arange(3)[:, None] * np.ones((1, 4), np.int32), np.full(3, 4, np.int32))
     shuffled = slim.side_inputs(
         encode.Encoded(np.ones((5, 3), np.float32), {"valid": (vectors, present)},
-                       {"valid": tokens}), 7, SlimConfig(shuffle=True, finetune_encoder=True))
+                       {"valid": tokens}), 7, SlimConfig(finetune_encoder=True), "shuffled")
     self.assertFalse((shuffled["test"]["rationale"] == vectors).all(1).any())
     # the token ids move with the vectors: user u reads the tokens of the user whose vector it has
     np.testing.assert_array_equal(shuffled["test"]["rationale_ids"][:, 0],
                                   shuffled["test"]["rationale"].argmax(1))
+
+
+  def test_teacher_rationales_replace_the_students_where_the_teacher_wrote_one(self):
+    student, has_student = np.eye(4, dtype=np.float32), np.array([True, True, False, True])
+    teacher, has_teacher = 5 * np.eye(4, dtype=np.float32), np.array([False, True, True, False])
+    tokens = lambda vectors: (vectors.astype(np.int32), np.full(4, 4, np.int32))
+    encoded = encode.Encoded(np.ones((5, 4), np.float32), {"valid": (student, has_student)},
+                             {"valid": tokens(student)}, {"valid": (teacher, has_teacher)},
+                             {"valid": tokens(teacher)})
+    side = slim.side_inputs(encoded, 7, SlimConfig(finetune_encoder=True),
+                            "teacher_rationales")["train"]
+    np.testing.assert_array_equal(side["rationale"], [student[0], teacher[1], teacher[2],
+                                                      student[3]])
+    np.testing.assert_array_equal(side["has_rationale"], True)
+    np.testing.assert_array_equal(side["rationale_ids"], side["rationale"])
+    self.assertEqual(slim.teacher_users(encoded), {"valid": 2})
+    own = slim.side_inputs(encoded, 7, SlimConfig(), "id_based")["train"]
+    np.testing.assert_array_equal(own["rationale"], student)
 
 
 def genre_prepared(num_users=60, num_items=80, genres=4, length=12, seed=0):
@@ -165,9 +256,16 @@ class IdAgnosticTrainingTest(parameterized.TestCase):
     self.assertGreater(summary["test"]["hr@10"], summary["popularity_test"]["hr@10"] + 0.3)
     self.assertEqual(summary["mode"], mode)
 
+  def test_popularity_mode_is_the_popularity_ranking(self):
+    prepared, _ = genre_prepared()
+    cfg = RecConfig(backbone="gru4rec", hidden=16, max_len=10, eval_batch=64,
+                    sampled_negatives=20)
+    summary = recommend.train_recommender(cfg, prepared, self.create_tempdir().full_path,
+                                          parallel.make_mesh({"data": -1}), "popularity")
+    for metric in ("hr@10", "ndcg@10", "mrr@20"):
+      self.assertAlmostEqual(summary["test"][metric], summary["popularity_test"][metric])
+    self.assertEqual(summary["steps"], 0)
 
-if __name__ == "__main__":
-  absltest.main()
 
 
 class FinetunedEncoderTest(absltest.TestCase):
@@ -183,12 +281,18 @@ class FinetunedEncoderTest(absltest.TestCase):
     texts = [f"This user watches {genres[g]} and will want more {genres[g]}." for g in user_genre]
     cls.vectors = encode.encode(texts, encode.EncoderConfig(batch_size=8),
                                 absltest.get_default_test_tmpdir() + "/finetune_vectors")
+    # Item texts by the same encoder: the item side's g_l is the one the rationales go through.
+    genre_vectors = encode.encode([f"A film among the {genre}." for genre in genres],
+                                  encode.EncoderConfig(batch_size=8),
+                                  absltest.get_default_test_tmpdir() + "/finetune_items")
+    item_vectors = np.concatenate([np.zeros_like(genre_vectors[:1]),
+                                   genre_vectors[frozen.item_vectors[1:].argmax(1)]])
     ids, lengths = encode.rationale_tokens(
         [{"user": u, "split": "valid"} for u in range(len(texts))], cls.minilm.tokenize(texts),
         len(texts), "valid", 32, cls.minilm.pad_id)
     present = np.ones(len(texts), bool)
     cls.prepared = prepared
-    cls.encoded = encode.Encoded(frozen.item_vectors, {"valid": (cls.vectors, present)},
+    cls.encoded = encode.Encoded(item_vectors, {"valid": (cls.vectors, present)},
                                  {"valid": (ids, lengths)})
     cls.cfg = RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16, batch=16)
     cls.slim = SlimConfig(finetune_encoder=True)
@@ -197,7 +301,8 @@ class FinetunedEncoderTest(absltest.TestCase):
     model = recommend.build_model(self.cfg, self.prepared.num_items, mode="id_based",
                                   slim=self.slim, encoder=self.minilm)
     mesh = parallel.make_mesh({"data": -1})
-    sides = recommend.device_sides(slim.side_inputs(self.encoded, model.rows, self.slim), mesh)
+    sides = recommend.device_sides(slim.side_inputs(self.encoded, model.rows, self.slim,
+                                                    "id_based"), mesh)
     tx = recommend.optimizer(self.cfg.resolved(), 10)
     state, shardings = recommend.init_state(model, tx, self.cfg.resolved(), mesh, sides["train"],
                                             self.minilm.params)
@@ -218,3 +323,7 @@ class FinetunedEncoderTest(absltest.TestCase):
     after = trained.params["params"]["rationale_encoder"]
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)
     self.assertTrue(changed["layer_0"]["query"]["kernel"])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,12 +1,15 @@
-"""SLIM's recommenders: a backbone's user state fused with the user's rationale vector
-(ID-based), or the rationale alone matched against item-text vectors (ID-agnostic).
+"""SLIM's recommenders (arXiv 2403.04260, §2.3): a backbone fused with item text and the user's
+rationale (ID-based), the rationale matched against item texts (ID-agnostic), and the baselines
+of the paper's tables.
 
 Rationale and item-text vectors are *side inputs*, not parameters: a dict of arrays passed to
-every call beside the item sequence (`side_inputs` builds it), so the encoder that made them,
-the shuffled control and the split they come from are all swapped without touching the model.
+every call beside the item sequence (`side_inputs` builds it per mode), so the encoder that made
+them, the shuffled and teacher controls and the split they come from are all swapped without
+touching the model. A mode's side holds only what it reads (`item_text` has no rationale key):
 
   side = {"rationale": float[U, D], "has_rationale": bool[U], "item_text": float[R, D]}
-  (+ "rationale_ids": int32[U, T], "rationale_lengths": int32[U] to fine-tune the encoder)
+  (+ "rationale_ids": int32[U, T], "rationale_lengths": int32[U] to fine-tune the encoder;
+   "popularity": float[R] alone for the popularity ranking)
 
 `SLIM.__call__(inputs, users, side, train)` and `SLIM.predict(inputs, users, side)` keep the
 backbone interface (`models/recommender.py`) with the users of the rows added; in mode "plain"
@@ -25,30 +28,45 @@ import numpy as np
 from slim_jax.models import bert
 from slim_jax.models.recommender import Backbone
 
-# plain: the backbone alone; id_based: backbone fused with the rationale; id_agnostic: rationale
-# vs item text through learned projections; zero_shot: raw cosine of the two, nothing trained.
-MODES = ("plain", "id_based", "id_agnostic", "zero_shot")
-AGNOSTIC_MODES = ("id_agnostic", "zero_shot")  # no backbone, no item IDs
-FUSIONS = ("add", "concat", "gate")
+# The variants of the paper's Tables 1-2, by the names every table, JSON file and plot uses.
+MODES = {
+    "plain": "the backbone alone",
+    "item_text": "backbone+: the backbone with item text fused on the item side, no rationale",
+    "id_based": "SLIM ID-based: rationale fused on the user side, item text on the item side",
+    "shuffled": "id_based with every user reading another user's rationale (a derangement)",
+    "teacher_rationales": "id_based where each user with a teacher rationale reads the teacher's",
+    "id_agnostic": "one shared linear map of rationale and item-text vectors, dot product, no "
+                   "item IDs",
+    "zero_shot": "dot product (cosine) of the raw rationale and item-text vectors, nothing trained",
+    "popularity": "items by training popularity, the same list for every user",
+}
+BACKBONE_FREE_MODES = ("id_agnostic", "zero_shot", "popularity")  # no backbone, no item IDs
+UNTRAINED_MODES = ("zero_shot", "popularity")  # ranked as they are
+TEXT_FREE_MODES = ("plain", "popularity")  # read no encoded vectors
+ID_BASED_MODES = ("id_based", "shuffled", "teacher_rationales")  # both sides fused
+FUSED_MODES = ("item_text", *ID_BASED_MODES)  # the item side fused with item text
+RATIONALE_MODES = (*ID_BASED_MODES, "id_agnostic", "zero_shot")
+# The user side of the ID-based modes: paper = g_f([g_l(s_text); s_seq]) with the item side's
+# g_l and g_f; concat = the same with a user-side g_f of its own; add = s_seq + g_l(s_text);
+# gate = a learned sigmoid mix of the two. The item side is the paper's in every fusion.
+FUSIONS = ("paper", "add", "concat", "gate")
 
 
 @dataclasses.dataclass(frozen=True)
 class SlimConfig:
-  """How rationale vectors enter the recommender (the `slim` config section)."""
-  modes: tuple[str, ...] = ("plain", "id_based", "id_agnostic", "zero_shot")  # the train stage's
-  fusion: str = "add"  # id_based: add | concat (then project) | gate
-  item_text: bool = False  # id_based: add projected item-text vectors to the scoring table
-  shuffle: bool = False  # control: every user gets another user's rationale
+  """How rationale and item-text vectors enter the recommender (the `slim` config section)."""
+  modes: tuple[str, ...] = tuple(MODES)  # the train stage's
+  fusion: str = "paper"  # the ID-based modes' user side: one of FUSIONS
   rationale_dropout: float = 0.0  # share of training rows whose rationale is zeroed
   # Encoder ablation (b): the MiniLM runs inside the recommender's step on each row's rationale
-  # tokens and trains with it, instead of reading frozen vectors.
+  # tokens and trains with it, instead of reading frozen vectors (item texts stay frozen).
   finetune_encoder: bool = False
-  seed: int = 0  # of the shuffle
+  seed: int = 0  # of the shuffled mode's derangement
 
   def checked(self) -> SlimConfig:
     unknown = [mode for mode in self.modes if mode not in MODES]
     if unknown:
-      raise ValueError(f"slim.modes: {unknown[0]!r} is not one of {MODES}")
+      raise ValueError(f"slim.modes: {unknown[0]!r} is not one of {tuple(MODES)}")
     if self.fusion not in FUSIONS:
       raise ValueError(f"slim.fusion={self.fusion!r}: expected one of {FUSIONS}")
     if not 0.0 <= self.rationale_dropout < 1.0:
@@ -73,19 +91,68 @@ def shuffled_sources(present: np.ndarray, seed: int) -> np.ndarray:
   return source
 
 
+def teacher_substituted(encoded):
+  """`encoded` (an `encode.Encoded`) whose rationale vectors and token ids are the teacher's
+  wherever the teacher wrote one for that user and split, the student's elsewhere."""
+  if not encoded.teacher:
+    raise ValueError("mode teacher_rationales needs the teacher's rationales encoded with the "
+                     "same encoder: run --stages=teacher (it writes workdir/teacher/"
+                     "rationales.jsonl)")
+  rationales, tokens = dict(encoded.rationales), dict(encoded.tokens)
+  for split, (vectors, present) in encoded.teacher.items():
+    if split not in rationales:  # the split reads another split's rationale; keep that one
+      continue
+    student, has_student = rationales[split]
+    rationales[split] = (np.where(present[:, None], vectors, student), has_student | present)
+    if split in tokens:
+      (ids, lengths), (teacher_ids, teacher_lengths) = tokens[split], encoded.teacher_tokens[split]
+      tokens[split] = (np.where(present[:, None], teacher_ids, ids),
+                       np.where(present, teacher_lengths, lengths))
+  return dataclasses.replace(encoded, rationales=rationales, tokens=tokens)
+
+
+def teacher_users(encoded) -> dict[str, int]:
+  """Per split the student has, how many users read the teacher's rationale instead."""
+  return {split: int(present.sum()) for split, (_, present) in encoded.teacher.items()
+          if split in encoded.rationales}
+
+
 # The rationale each split reads, first one present: training rows and validation read the one
 # written from seq[:-2] ("valid"); the test reads its own (seq[:-1]) when one was written.
 RATIONALE_OF_SPLIT = {"train": ("valid",), "valid": ("valid",), "test": ("test", "valid")}
 
 
-def side_inputs(encoded, rows: int, cfg: SlimConfig) -> dict[str, dict[str, np.ndarray]]:
-  """Side inputs per split from what the encode stage wrote (`encode.Encoded`).
+def padded_rows(array: np.ndarray, rows: int) -> np.ndarray:
+  """float32 `array` zero-padded along its first axis to the item table's `rows`."""
+  padded = np.zeros((rows, *array.shape[1:]), np.float32)
+  padded[:len(array)] = array
+  return padded
+
+
+def side_inputs(encoded, rows: int, cfg: SlimConfig, mode: str,
+                popularity: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
+  """What `mode` reads, per split, from the encode stage's vectors (`encode.Encoded`, None for
+  plain and popularity) or the training `popularity` [I+1] (popularity only).
 
   Item-text rows [I+1, D] are zero-padded to the item table's `rows`. With
-  `cfg.finetune_encoder` they also hold each user's rationale token ids and their lengths.
+  `cfg.finetune_encoder` the rationale modes also read each user's rationale token ids and their
+  lengths.
   """
-  padded = np.zeros((rows, encoded.item_vectors.shape[1]), np.float32)
-  padded[:len(encoded.item_vectors)] = encoded.item_vectors
+  per_split = lambda side: {split: side for split in RATIONALE_OF_SPLIT}
+  if mode == "plain":
+    return per_split({})
+  if mode == "popularity":
+    return per_split({"popularity": padded_rows(popularity, rows)})
+  if encoded is None:
+    raise ValueError(f"mode {mode!r} needs item-text vectors: run --stages=encode")
+  item_text = padded_rows(encoded.item_vectors, rows)
+  if mode == "item_text":
+    return per_split({"item_text": item_text})
+  if mode == "teacher_rationales":
+    encoded = teacher_substituted(encoded)
+  if not encoded.rationales:
+    raise ValueError(f"mode {mode!r} needs the student's rationales and none were encoded: run "
+                     "--stages=generate,encode")
   sides = {}
   for split, candidates in RATIONALE_OF_SPLIT.items():
     source = next((s for s in candidates if s in encoded.rationales), None)
@@ -93,9 +160,9 @@ def side_inputs(encoded, rows: int, cfg: SlimConfig) -> dict[str, dict[str, np.n
       raise ValueError(f"no rationale vectors for split {split!r}: have "
                        f"{sorted(encoded.rationales)}")
     vectors, present = encoded.rationales[source]
-    users = shuffled_sources(present, cfg.seed) if cfg.shuffle else np.arange(len(present))
+    users = shuffled_sources(present, cfg.seed) if mode == "shuffled" else np.arange(len(present))
     sides[split] = {"rationale": np.asarray(vectors[users], np.float32),
-                    "has_rationale": np.asarray(present[users], bool), "item_text": padded}
+                    "has_rationale": np.asarray(present[users], bool), "item_text": item_text}
     if cfg.finetune_encoder:
       if source not in encoded.tokens:
         raise ValueError("slim.finetune_encoder needs rationale token ids: encode with "
@@ -106,9 +173,16 @@ def side_inputs(encoded, rows: int, cfg: SlimConfig) -> dict[str, dict[str, np.n
 
 
 class SLIM(nn.Module):
-  """A backbone in one of the MODES; the ID-agnostic modes have no backbone. With an `encoder`
-  (a BERT config: `slim.finetune_encoder`) rationale vectors are computed from token ids by
-  its trainable copy, params/rationale_encoder, initialised from the checkpoint by the trainer."""
+  """A backbone in one of the MODES; the BACKBONE_FREE_MODES have none. With an `encoder` (a
+  BERT config: `slim.finetune_encoder`) rationale vectors are computed from token ids by its
+  trainable copy, params/rationale_encoder, initialised from the checkpoint by the trainer.
+
+  The paper's linear maps: `text_proj` is g_l (text -> hidden) in the fused modes and g_t in
+  id_agnostic; `fuse_proj` is g_f ([text; ids] -> hidden). The fused modes share g_l and g_f
+  between the item and the user side, the literal reading of §2.3, which writes the same symbols
+  on both sides: user states and items then live in one space by construction
+  (`slim.fusion=concat` gives the user side a g_f of its own).
+  """
   mode: str
   cfg: SlimConfig
   num_items: int
@@ -121,17 +195,14 @@ class SLIM(nn.Module):
   def setup(self):
     if self.encoder is not None:
       self.rationale_encoder = bert.Bert(self.encoder)
-    if self.mode == "id_based":
-      self.rationale_proj = nn.Dense(self.hidden)
-      if self.cfg.fusion == "concat":
-        self.fuse_proj = nn.Dense(self.hidden)
-      if self.cfg.fusion == "gate":
-        self.gate_proj = nn.Dense(self.hidden)
-      if self.cfg.item_text:
-        self.item_text_proj = nn.Dense(self.hidden, use_bias=False)
-    if self.mode == "id_agnostic":
-      self.rationale_proj = nn.Dense(self.hidden)
-      self.item_text_proj = nn.Dense(self.hidden)
+    if self.mode in FUSED_MODES or self.mode == "id_agnostic":
+      self.text_proj = nn.Dense(self.hidden)
+    if self.mode in FUSED_MODES:
+      self.fuse_proj = nn.Dense(self.hidden)
+    if self.mode in ID_BASED_MODES and self.cfg.fusion == "concat":
+      self.user_fuse_proj = nn.Dense(self.hidden)
+    if self.mode in ID_BASED_MODES and self.cfg.fusion == "gate":
+      self.gate_proj = nn.Dense(self.hidden)
 
   def rationale(self, users, side, train: bool) -> jax.Array:
     """[B, D] rationale vectors of `users` (rows < 0 are padding), zero where a user has none."""
@@ -149,40 +220,46 @@ class SLIM(nn.Module):
       keep = keep & ~drop
     return jnp.where(keep[:, None], vectors, 0.0)
 
-  def fuse(self, states, rationale) -> jax.Array:
-    """States [B, T, H] fused with the projected rationale [B, D] by `cfg.fusion`."""
-    r = jnp.broadcast_to(self.rationale_proj(rationale)[:, None], states.shape)
-    if self.cfg.fusion == "add":
-      return states + r
-    both = jnp.concatenate([states, r], -1)
-    if self.cfg.fusion == "concat":
-      return self.fuse_proj(both)
-    gate = jax.nn.sigmoid(self.gate_proj(both))
-    return gate * states + (1.0 - gate) * r
+  def fuse(self, text, ids) -> jax.Array:
+    """g_f([text; ids]): projected text [..., H] (broadcast to ids' shape) with ID-side vectors."""
+    return self.fuse_proj(jnp.concatenate([jnp.broadcast_to(text, ids.shape), ids], -1))
 
-  def agnostic(self, inputs, users, side, train: bool, columns=None):
-    """Rationale state broadcast over the columns asked for (default: every input column),
-    item-text table: no item IDs at all."""
+  def fuse_user(self, states, text) -> jax.Array:
+    """States [B, T, H] fused with the projected rationale [B, H] by `cfg.fusion`."""
+    text = jnp.broadcast_to(text[:, None], states.shape)
+    if self.cfg.fusion == "paper":
+      return self.fuse(text, states)
+    if self.cfg.fusion == "add":
+      return states + text
+    both = jnp.concatenate([text, states], -1)
+    if self.cfg.fusion == "concat":
+      return self.user_fuse_proj(both)
+    gate = jax.nn.sigmoid(self.gate_proj(both))
+    return gate * states + (1.0 - gate) * text
+
+  def backbone_free(self, users, side, train: bool):
+    """(state [B, D], table [R, D]) of the rankers without a backbone."""
+    if self.mode == "popularity":
+      return jnp.ones((users.shape[0], 1)), side["popularity"][:, None]
     rationale = self.rationale(users, side, train)
     if self.mode == "zero_shot":
-      state, table = rationale, side["item_text"]
-    else:
-      state, table = self.rationale_proj(rationale), self.item_text_proj(side["item_text"])
-    shape = inputs.shape if columns is None else columns.shape
-    return jnp.broadcast_to(state[:, None], (*shape, state.shape[-1])), table
+      return rationale, side["item_text"]
+    return self.text_proj(rationale), self.text_proj(side["item_text"])
 
   def __call__(self, inputs, users, side, train: bool = False, columns=None):
-    """(states [B, T, H], table [R, H]) as the backbone's, SLIM-fused."""
+    """(states [B, T, H], table [R, H]) as the backbone's, SLIM-fused; the backbone-free modes
+    broadcast their one state over the columns asked for (default: every input column)."""
     if self.backbone is None:
-      return self.agnostic(inputs, users, side, train, columns)
+      state, table = self.backbone_free(users, side, train)
+      shape = inputs.shape if columns is None else columns.shape
+      return jnp.broadcast_to(state[:, None], (*shape, state.shape[-1])), table
     states, table = self.backbone(inputs, train=train, columns=columns)
     return self.combine(states, table, users, side, train)
 
   def predict(self, inputs, users, side):
     """(state [B, H], table) predicting the item after the last column."""
     if self.backbone is None:
-      states, table = self.agnostic(inputs[:, -1:], users, side, False)
-      return states[:, -1], table
+      return self.backbone_free(users, side, False)
     state, table = self.backbone.predict(inputs)
     states, table = self.combine(state[:, None], table, users, side, False)
     return states[:, 0], table
@@ -190,7 +267,7 @@ class SLIM(nn.Module):
   def combine(self, states, table, users, side, train: bool):
     if self.mode == "plain":
       return states, table
-    states = self.fuse(states, self.rationale(users, side, train))
-    if self.cfg.item_text:
-      table = table + self.item_text_proj(side["item_text"])
-    return states, table
+    table = self.fuse(self.text_proj(side["item_text"]), table)
+    if self.mode == "item_text":
+      return states, table
+    return self.fuse_user(states, self.text_proj(self.rationale(users, side, train))), table

@@ -1,9 +1,9 @@
 """Training and evaluating a sequential recommender: model, AdamW, jitted steps, metrics.json.
 
-Every variant trains here: a plain backbone, SLIM ID-based, SLIM ID-agnostic (`models/slim.py`);
-the zero-shot ranking has nothing to train and is only evaluated. Rationale and item-text
-vectors reach the jitted steps as a replicated `side` argument. The train step is data parallel
-over the mesh's batch axes, with the item table's rows optionally sharded over a model axis
+Every variant of `models/slim.py` trains here: the plain backbone, backbone+ (item text), SLIM
+ID-based and its controls, SLIM ID-agnostic; the zero-shot and popularity rankings have nothing
+to train and are only evaluated. Rationale and item-text vectors reach the jitted steps as a
+replicated `side` argument. The train step is data parallel over the mesh's batch axes, with the item table's rows optionally sharded over a model axis
 (`rec.table_axis`) for catalogues too large to replicate. Evaluation ranks the full catalogue
 on the device in jitted batches; only a rank and a top-20 list per user come back to the host.
 """
@@ -31,7 +31,8 @@ from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
 from slim_jax.models.recommender import Backbone, RecConfig, table_rows
 from slim_jax.models import slim
-from slim_jax.models.slim import AGNOSTIC_MODES, SLIM, SlimConfig
+from slim_jax.models.slim import (BACKBONE_FREE_MODES, RATIONALE_MODES, SLIM, UNTRAINED_MODES,
+                                  SlimConfig)
 from slim_jax.train import loop
 
 TOP_K = 20  # longest list the popularity-bias analysis reads
@@ -58,9 +59,9 @@ def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: s
   with a trainable copy of `encoder` when `slim.finetune_encoder` (and the mode reads rationales).
   """
   cfg = cfg.resolved()
-  backbone = (None if mode in AGNOSTIC_MODES
+  backbone = (None if mode in BACKBONE_FREE_MODES
               else build_backbone(cfg, num_items, table_multiple))
-  finetune = slim.finetune_encoder and mode in ("id_based", "id_agnostic")
+  finetune = slim.finetune_encoder and mode in RATIONALE_MODES and mode not in UNTRAINED_MODES
   if finetune and encoder is None:
     raise ValueError("slim.finetune_encoder needs the encoder checkpoint (a MiniLM directory)")
   return SLIM(mode, slim.checked(), num_items, table_rows(num_items, cfg.backbone, table_multiple),
@@ -236,8 +237,9 @@ def popularity_ranks(popularity: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def device_sides(sides: dict | None, mesh: jax.sharding.Mesh) -> dict[str, dict]:
-  """Each split's side inputs replicated on `mesh` ({} per split for the plain backbone)."""
-  sides = sides or {split: {} for split in slim.RATIONALE_OF_SPLIT}
+  """Each split's side inputs (`slim.side_inputs`) replicated on `mesh` (None: the plain
+  backbone's, {} per split)."""
+  sides = sides or slim.side_inputs(None, 0, SlimConfig(), "plain")
   return jax.device_put(sides, parallel.replicated(mesh))
 
 
@@ -256,10 +258,11 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
                       encoder: bert.SentenceEncoder | None = None) -> dict:
   """Trains the `mode` variant of `cfg.backbone` on `prepared` with early stopping on valid
   NDCG@10, evaluates the best state on the valid and test splits, and writes
-  workdir/metrics.json (also returned) and workdir/ranked_test.npz (each test user's rank and
-  top-20 list).
+  workdir/metrics.json (also returned) and workdir/ranked_test.npz (each test user's ranks, full
+  and among the sampled negatives, and top-20 list: the per-user paired tests read them).
 
-  `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain"; `encoder`
+  `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain" and
+  "popularity" (teacher_rationales: with the teacher's, `encode.encode_teacher`); `encoder`
   the MiniLM that `slim.finetune_encoder` trains (from encoder.checkpoint). Resumes
   from workdir/checkpoints when a previous run was interrupted (and from
   workdir/prefixes/checkpoints in the prefix finish, `rec.finish_on_prefixes`). `mesh` defaults
@@ -272,10 +275,8 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   mesh = mesh or parallel.make_mesh({"data": -1})
   table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
   model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg, encoder)
-  if mode != "plain" and encoded is None:
-    raise ValueError(f"mode {mode!r} needs rationale and item-text vectors (run the encode stage)")
-  sides = device_sides(None if mode == "plain" else
-                       slim.side_inputs(encoded, model.rows, slim_cfg), mesh)
+  popularity = prepared.item_popularity()
+  sides = device_sides(slim.side_inputs(encoded, model.rows, slim_cfg, mode, popularity), mesh)
   training_data = lambda phase: loader.next_item_training(
       prepared, max_len=cfg.max_len, batch_size=phase.batch, seed=cfg.seed, mesh=mesh,
       per_position=phase.train_mode == "per_position", stride=phase.stride)
@@ -285,7 +286,6 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   tx = optimizer(cfg, cfg.epochs * first_data[1])
   state, shardings = init_state(model, tx, cfg, mesh, sides["train"],
                                 encoder and encoder.params)
-  popularity = prepared.item_popularity()
   eval_step = make_eval_step(model, cfg)
   batches = lambda split: loader.next_item_eval(prepared, split, max_len=cfg.max_len,
                                                 batch_size=cfg.eval_batch, mesh=mesh)
@@ -309,9 +309,10 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
 
   start = time.perf_counter()
   result = loop.LoopResult(state=state, step=0, best_step=None, best=None, stopped_early=False,
-                           history=[])  # what zero_shot, which has nothing to train, ranks with
+                           history=[])  # what the untrained modes rank with
   chosen, steps_per_epoch, history = 0, first_data[1], []
-  for index, phase in enumerate(training_phases(cfg) if mode != "zero_shot" else []):
+  trains = mode not in UNTRAINED_MODES
+  for index, phase in enumerate(training_phases(cfg) if trains else []):
     train_iter, phase_steps = training_data(phase) if index else first_data
     phase_result = train(phase, train_iter, phase_steps, result.state,
                          workdir / "prefixes" if index else workdir)
@@ -330,12 +331,14 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
     results[f"popularity_{split}"] = metrics.ranking_metrics(
         popularity_ranks(popularity, data.targets))
   np.savez(workdir / "ranked_test.npz", users=ranked["users"], ranks=ranked["ranks"],
-           top=ranked["top"])
+           sampled_ranks=ranked["sampled_ranks"], top=ranked["top"])
+  teacher = ({"users_with_teacher_rationale": slim.teacher_users(encoded)}
+             if mode == "teacher_rationales" else {})
   summary = {"backbone": cfg.backbone, "mode": mode, "config": dataclasses.asdict(cfg),
              "slim": dataclasses.asdict(slim_cfg),
              "phase": chosen, "steps_per_epoch": steps_per_epoch, "steps": result.step,
              "best_step": result.best_step, "best_epoch": (result.best_step or 0) / steps_per_epoch,
              "stopped_early": result.stopped_early, "train_seconds": train_seconds,
-             "history": history, **results}
+             "history": history, **teacher, **results}
   (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
   return summary

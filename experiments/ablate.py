@@ -1,20 +1,28 @@
-"""Ablations: encoder x fusion x backbone x seed, with the plain backbone and the controls, in one
-combined table.
+"""Ablations: the paper's variants x encoder x fusion x backbone x seed, in one table with both
+evaluation protocols, paired tests and the gain per user-history quintile.
 
-Needs a work directory whose prepare and generate stages are done (student rationales), e.g.
+Needs a work directory whose prepare and generate stages are done (student rationales; the
+teacher stage too for teacher_rationales), e.g.
 
   python launch.py --workdir=runs/ml100k --stages=fetch,prepare,convert,teacher,distill,generate \
       --set student.max_users=0
-  python -m experiments.ablate --workdir=runs/ml100k --backbones=gru4rec,sasrec \
-      --encoders=minilm,llm_pooled --fusions=add,gate --seeds=0,1,2
+  python -m experiments.ablate --workdir=runs/ml100k --backbones=gru4rec,sasrec,srgnn \
+      --seeds=0,1,2,3,4
 
-Per backbone and seed it trains the plain backbone; per encoder also SLIM ID-based for every
-fusion, the shuffled-rationale control (first fusion), the ID-agnostic ranker and the zero-shot
-ranking. Each run lands in <workdir>/<out>/runs/<name>/ and is skipped when its metrics.json
-exists, so an interrupted sweep resumes (runs are named by backbone, variant, encoder and seed
-only: sweep other settings into their own --out). The table (mean and standard deviation over
-seeds of test NDCG@10 and HR@10, and the change of the mean against the plain backbone) is
-printed as JSON and written to <workdir>/<out>/table.md.
+Per backbone and seed it trains every variant of --variants (`slim.MODES`: plain, item_text,
+id_based for every fusion, the shuffled and teacher_rationales controls with the first fusion);
+per encoder and seed the ID-agnostic ranker; zero_shot and popularity, deterministic, once. Each
+run lands in <workdir>/<out>/runs/<name>/ and is skipped when its metrics.json exists, so an
+interrupted sweep resumes (runs are named by backbone, variant, fusion, encoder and seed only:
+sweep other settings, e.g. --set encoder.postprocess=whiten, into their own --out).
+
+<workdir>/<out>/table.md holds (i) test NDCG@10 and HR@10, mean ± standard deviation over seeds,
+under full ranking and among the sampled negatives (the paper's protocol); (ii) each variant
+against plain (the same backbone's; the first backbone's for the rankers without one) and
+against shuffled (same backbone, encoder): the change of the mean NDCG@10 and the p-values of
+the paired tests over seeds and over users (`slim_jax/stats.py`); (iii) the NDCG@10 gain over
+plain per quintile of user history length with its 95% interval, also plotted in quintiles.png.
+table.json holds the same rows.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from absl import app, flags, logging
 
 from slim_jax import config as config_lib
-from slim_jax import encode, parallel, pipeline
-from slim_jax.models import bert
+from slim_jax import encode, parallel, pipeline, stats
+from slim_jax.models import bert, slim
 from slim_jax.train import recommend
 
 _CONFIG = flags.DEFINE_string("config", str(pathlib.Path(__file__).parent / "ml100k_smollm2.py"),
@@ -36,48 +45,61 @@ _CONFIG = flags.DEFINE_string("config", str(pathlib.Path(__file__).parent / "ml1
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory with prepare and generate done.",
                                required=True)
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides, as launch.py's --set.")
-_BACKBONES = flags.DEFINE_list("backbones", ["gru4rec", "sasrec"], "Backbones.")
+_BACKBONES = flags.DEFINE_list("backbones", ["gru4rec", "sasrec", "srgnn"], "Backbones.")
+_VARIANTS = flags.DEFINE_list("variants", list(slim.MODES), "Variants (slim.MODES).")
 _ENCODERS = flags.DEFINE_list(
     "encoders", ["minilm"], "Encoders: minilm (frozen vectors), minilm_finetuned (trained with "
     "the recommender), llm_pooled (the student's pooled hidden states).")
-_FUSIONS = flags.DEFINE_list("fusions", ["add"], "ID-based fusions: add, concat, gate.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Recommender seeds.")
-_AGNOSTIC = flags.DEFINE_bool("agnostic", True, "Also the ID-agnostic and zero-shot rankers.")
+_FUSIONS = flags.DEFINE_list("fusions", ["paper"], "ID-based user-side fusions (slim.FUSIONS); "
+                             "the controls use the first.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Recommender seeds.")
 _OUT = flags.DEFINE_string("out", "ablations", "Subdirectory of --workdir for this sweep's runs "
                            "and table: give each --set combination its own.")
 
 METRICS = ("ndcg@10", "hr@10")
+TESTED = "ndcg@10"  # the metric of the paired tests and the quintile gains
+NONE = "-"  # a Run field that does not apply
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  backbone: str  # "-" for the ID-agnostic rankers
-  variant: str  # plain | id_based/<fusion> | shuffled/<fusion> | id_agnostic | zero_shot
-  encoder: str  # "-" for the plain backbone
+  backbone: str  # NONE for the backbone-free rankers
+  mode: str  # a key of slim.MODES
+  fusion: str  # the ID-based modes' user side; NONE for the others
+  encoder: str  # NONE for plain and popularity
   seed: int
 
   @property
   def name(self) -> str:
-    return f"{self.backbone}_{self.variant.replace('/', '-')}_{self.encoder}_s{self.seed}"
+    return f"{self.backbone}_{self.mode}_{self.fusion}_{self.encoder}_s{self.seed}"
 
   @property
-  def mode(self) -> str:
-    return self.variant.split("/")[0]
+  def group(self) -> tuple[str, str, str, str]:
+    """What the table averages over seeds."""
+    return self.backbone, self.mode, self.fusion, self.encoder
 
 
-def plan(backbones, encoders, fusions, seeds, agnostic: bool) -> list[Run]:
+def plan(backbones, encoders, fusions, seeds, variants) -> list[Run]:
+  unknown = [v for v in variants if v not in slim.MODES]
+  if unknown:
+    raise ValueError(f"--variants: {unknown[0]!r} is not one of {tuple(slim.MODES)}")
+  wanted = lambda *modes: [mode for mode in modes if mode in variants]
   runs = []
   for seed in seeds:
     for backbone in backbones:
-      runs.append(Run(backbone, "plain", "-", seed))
+      runs += [Run(backbone, "plain", NONE, NONE, seed) for _ in wanted("plain")]
       for encoder in encoders:
-        runs += [Run(backbone, f"id_based/{fusion}", encoder, seed) for fusion in fusions]
-        runs.append(Run(backbone, f"shuffled/{fusions[0]}", encoder, seed))
-    if agnostic:
-      runs += [Run("-", "id_agnostic", encoder, seed) for encoder in encoders]
-  if agnostic:  # deterministic: one seed is enough
-    runs += [Run("-", "zero_shot", encoder, seeds[0]) for encoder in encoders
-             if encoder != "minilm_finetuned"]  # nothing trains: the same as minilm
+        runs += [Run(backbone, "item_text", NONE, encoder, seed) for _ in wanted("item_text")]
+        runs += [Run(backbone, "id_based", fusion, encoder, seed) for fusion in fusions
+                 if wanted("id_based")]
+        runs += [Run(backbone, control, fusions[0], encoder, seed)
+                 for control in wanted("shuffled", "teacher_rationales")]
+    runs += [Run(NONE, "id_agnostic", NONE, encoder, seed) for encoder in encoders
+             if wanted("id_agnostic")]
+  # Deterministic: one seed is enough; a fine-tuned encoder trains nothing here.
+  runs += [Run(NONE, "zero_shot", NONE, encoder, seeds[0]) for encoder in encoders
+           if wanted("zero_shot") and encoder != "minilm_finetuned"]
+  runs += [Run(NONE, "popularity", NONE, NONE, seeds[0]) for _ in wanted("popularity")]
   return runs
 
 
@@ -86,12 +108,12 @@ def execute(run: Run, cfg, prepared, encoded: dict, minilm, root: pathlib.Path, 
   if (out / "metrics.json").is_file():
     return json.loads((out / "metrics.json").read_text())
   logging.info("ablation run %s", run.name)
-  rec = dataclasses.replace(cfg.rec, backbone=run.backbone if run.backbone != "-" else
+  rec = dataclasses.replace(cfg.rec, backbone=run.backbone if run.backbone != NONE else
                             cfg.rec.backbone, seed=run.seed)
-  fusion = run.variant.split("/")[1] if "/" in run.variant else cfg.slim.fusion
   finetune = run.encoder == "minilm_finetuned"
-  slim = dataclasses.replace(cfg.slim, fusion=fusion, finetune_encoder=finetune)
-  return recommend.train_recommender(rec, prepared, out, mesh, run.mode, slim,
+  slim_cfg = dataclasses.replace(cfg.slim, finetune_encoder=finetune,
+                                 fusion=run.fusion if run.fusion != NONE else cfg.slim.fusion)
+  return recommend.train_recommender(rec, prepared, out, mesh, run.mode, slim_cfg,
                                      encoded.get(encoding(run.encoder)),
                                      minilm if finetune else None)
 
@@ -101,39 +123,160 @@ def encoding(encoder: str) -> str:
   return "minilm" if encoder == "minilm_finetuned" else encoder
 
 
-def table(runs: list[Run], results: list[dict]) -> list[dict]:
-  """Mean and standard deviation over seeds per (backbone, variant, encoder), with the change
-  of the mean against the same backbone's plain runs."""
+def sampled_metrics(test: Mapping) -> Mapping[str, float]:
+  """The sampled protocol's metrics in a metrics.json "test" section (keyed by its negatives)."""
+  return next(value for key, value in test.items() if key.startswith("sampled"))
+
+
+def protocol_metrics(test: Mapping, protocol: str) -> Mapping[str, float]:
+  return test if protocol == "full" else sampled_metrics(test)
+
+
+GROUP_FIELDS = ("backbone", "variant", "fusion", "encoder")  # of a table row, as Run.group
+
+
+def row_group(row: Mapping) -> tuple[str, ...]:
+  """The Run.group a table row averages."""
+  return tuple(row[name] for name in GROUP_FIELDS)
+
+
+def summarize(runs: Sequence[Run], results: Sequence[dict]) -> list[dict]:
+  """A row per group: mean and standard deviation over seeds of METRICS under both protocols."""
   groups: dict[tuple, list[dict]] = {}
   for run, result in zip(runs, results):
-    groups.setdefault((run.backbone, run.variant, run.encoder), []).append(result["test"])
+    groups.setdefault(run.group, []).append(result["test"])
   rows = []
-  for (backbone, variant, encoder), tests in groups.items():
-    row = {"backbone": backbone, "variant": variant, "encoder": encoder, "seeds": len(tests)}
-    for metric in METRICS:
-      values = np.array([t[metric] for t in tests])
-      row[metric] = float(values.mean())
-      row[f"{metric}_std"] = float(values.std())
+  for group, tests in groups.items():
+    row = {**dict(zip(GROUP_FIELDS, group)), "seeds": len(tests)}
+    for protocol in stats.PROTOCOLS:
+      for metric in METRICS:
+        values = np.array([protocol_metrics(t, protocol)[metric] for t in tests])
+        row[f"{protocol}/{metric}"] = float(values.mean())
+        row[f"{protocol}/{metric}_std"] = float(values.std())
     rows.append(row)
-  plain = {r["backbone"]: r for r in rows if r["variant"] == "plain"}
-  for row in rows:
-    base = plain.get(row["backbone"])
-    for metric in METRICS:
-      row[f"{metric}_vs_plain"] = (row[metric] / base[metric] - 1) if base else None
   return rows
 
 
-def markdown(rows: list[dict]) -> str:
-  header = ["backbone", "variant", "encoder", "seeds", "NDCG@10", "HR@10", "NDCG@10 vs plain",
-            "HR@10 vs plain"]
+def reference(rows: Sequence[dict], row: dict, against: str) -> dict | None:
+  """The row `row` is compared with: the same backbone's plain (the first backbone's for the
+  backbone-free rankers), or the same backbone and encoder's shuffled."""
+  if against == "plain":
+    plains = [r for r in rows if r["variant"] == "plain"]
+    same = [r for r in plains if r["backbone"] == row["backbone"]]
+    return (same or plains or [None])[0]
+  return next((r for r in rows if r["variant"] == "shuffled" and r["backbone"] == row["backbone"]
+               and r["encoder"] == row["encoder"]), None)
+
+
+def comparisons(runs: Sequence[Run], rows: Sequence[dict],
+                users: Sequence[Mapping[str, Mapping[int, float]]]) -> list[dict]:
+  """Each row against plain and against shuffled, per protocol: the change of the mean TESTED
+  metric, the paired t-test over the seeds both have and Wilcoxon over seed-averaged users.
+  `users[i]` is run i's {protocol: {user: TESTED}}."""
+  by_group: dict[tuple, dict[int, Mapping]] = {}
+  for run, per_user in zip(runs, users):
+    by_group.setdefault(run.group, {})[run.seed] = per_user
+  out = []
+  for row in rows:
+    for against in ("plain", "shuffled"):
+      base = reference(rows, row, against)
+      if base is None or base is row:
+        continue
+      mine, theirs = by_group[row_group(row)], by_group[row_group(base)]
+      seeds = sorted(set(mine) & set(theirs))
+      for protocol in stats.PROTOCOLS:
+        metric = f"{protocol}/{TESTED}"
+        mean_of = lambda group: stats.seed_averaged([s[protocol] for s in group.values()])
+        _, a, b = stats.paired_users(mean_of(mine), mean_of(theirs))
+        out.append({**{name: row[name] for name in GROUP_FIELDS},
+                    "against": against, "protocol": protocol, "metric": TESTED,
+                    "change": row[metric] / base[metric] - 1 if base[metric] else None,
+                    "p_seeds": stats.p_over_seeds(
+                        [np.mean(list(mine[s][protocol].values())) for s in seeds],
+                        [np.mean(list(theirs[s][protocol].values())) for s in seeds]),
+                    "p_users": stats.p_over_users(a, b)})
+  return out
+
+
+def quintile_gains(runs: Sequence[Run], rows: Sequence[dict],
+                   users: Sequence[Mapping[str, Mapping[int, float]]],
+                   history_lengths: np.ndarray) -> list[dict]:
+  """Per row but plain: the full-ranking TESTED gain over plain of each user (seed-averaged),
+  by quintile of history length, with its interval (`stats.gain_by_history`)."""
+  by_group: dict[tuple, list[Mapping[int, float]]] = {}
+  for run, per_user in zip(runs, users):
+    by_group.setdefault(run.group, []).append(per_user["full"])
+  out = []
+  for row in rows:
+    base = reference(rows, row, "plain")
+    if base is None or base is row:
+      continue
+    users_, a, b = stats.paired_users(stats.seed_averaged(by_group[row_group(row)]),
+                                      stats.seed_averaged(by_group[row_group(base)]))
+    out.append({**{name: row[name] for name in GROUP_FIELDS},
+                "groups": stats.gain_by_history(dict(zip(users_.tolist(), a - b)),
+                                                history_lengths)})
+  return out
+
+
+def _named(row: Mapping) -> str:
+  return " | ".join(row_group(row))
+
+
+def markdown(rows: Sequence[dict], compared: Sequence[dict], gains: Sequence[dict],
+             negatives: str) -> str:
+  """The three tables of table.md."""
   pct = lambda v: "" if v is None else f"{100 * v:+.1f}%"
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r in rows:
-    lines.append(f"| {r['backbone']} | {r['variant']} | {r['encoder']} | {r['seeds']} | "
-                 f"{r['ndcg@10']:.4f} ± {r['ndcg@10_std']:.4f} | "
-                 f"{r['hr@10']:.4f} ± {r['hr@10_std']:.4f} | {pct(r['ndcg@10_vs_plain'])} | "
-                 f"{pct(r['hr@10_vs_plain'])} |")
+  cell = lambda row, name: f"{row[name]:.4f} ± {row[name + '_std']:.4f}"
+  lines = ["| backbone | variant | fusion | encoder | seeds | NDCG@10 | HR@10 | "
+           f"NDCG@10 ({negatives}) | HR@10 ({negatives}) |", "|" + "---|" * 9]
+  lines += [f"| {_named(r)} | {r['seeds']} | {cell(r, 'full/ndcg@10')} | "
+            f"{cell(r, 'full/hr@10')} | {cell(r, 'sampled/ndcg@10')} | "
+            f"{cell(r, 'sampled/hr@10')} |" for r in rows]
+  lines += ["", f"Paired tests of {TESTED.upper()} (p over seeds: paired t-test; over users: "
+            "Wilcoxon on each user's value averaged over seeds):", "",
+            "| backbone | variant | fusion | encoder | against | protocol | change | p over seeds "
+            "| p over users |", "|" + "---|" * 9]
+  lines += [f"| {_named(c)} | {c['against']} | "
+            f"{'full ranking' if c['protocol'] == 'full' else negatives} | {pct(c['change'])} | "
+            f"{stats.describe_p(c['p_seeds'])} | {stats.describe_p(c['p_users'])} |"
+            for c in compared]
+  if gains:
+    groups = gains[0]["groups"]
+    lines += ["", f"Full-ranking {TESTED.upper()} gain over plain per quintile of history length "
+              "(users' seed means; 95% bootstrap interval):", "",
+              "| backbone | variant | fusion | encoder | "
+              + " | ".join(f"G{g['group']} ({g['min_length']}-{g['max_length']})"
+                           for g in groups) + " |", "|" + "---|" * (4 + len(groups))]
+    lines += [f"| {_named(g)} | " + " | ".join(
+        f"{q['gain']:+.4f} [{q['low']:+.4f}, {q['high']:+.4f}]" for q in g["groups"]) + " |"
+              for g in gains]
+    lines += ["", "![gain per history quintile](quintiles.png)"]
   return "\n".join(lines)
+
+
+def plot_gains(path: pathlib.Path, gains: Sequence[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for i, gain in enumerate(gains):
+    groups = gain["groups"]
+    x = np.arange(len(groups)) + 0.04 * (i - len(gains) / 2)  # apart, so intervals stay legible
+    mean = np.array([g["gain"] for g in groups])
+    ax.errorbar(x, mean, yerr=[mean - [g["low"] for g in groups],
+                               [g["high"] for g in groups] - mean],
+                marker="o", capsize=3,
+                label=" ".join(name for name in row_group(gain) if name != NONE))
+  ax.axhline(0.0, color="black", linewidth=0.8)
+  ax.set_xticks(range(len(gains[0]["groups"])),
+                [f"G{g['group']}\n{g['min_length']}-{g['max_length']}" for g in gains[0]["groups"]])
+  ax.set_xlabel("quintile of history length (G0 sparsest)")
+  ax.set_ylabel(f"{TESTED.upper()} gain over plain")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def main(argv):
@@ -142,23 +285,36 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   root = workdir / _OUT.value
   prepared, mesh = pipeline.load_prepared(workdir), parallel.make_mesh(cfg.mesh.axes())
-  rationales = workdir / "generate" / "rationales.jsonl"
+  runs = plan(_BACKBONES.value, _ENCODERS.value, _FUSIONS.value, [int(s) for s in _SEEDS.value],
+              _VARIANTS.value)
   encoded = {}
-  for kind in sorted({encoding(name) for name in _ENCODERS.value}):
+  for kind in sorted({encoding(run.encoder) for run in runs} - {NONE}):
+    kind_cfg = dataclasses.replace(cfg.encoder, kind=kind)
     out = workdir / "ablations" / f"encode_{kind}"  # shared by every sweep
     out.mkdir(parents=True, exist_ok=True)
-    encode.encode_stage(dataclasses.replace(cfg.encoder, kind=kind), prepared, rationales, out,
-                        mesh)
-    encoded[kind] = encode.load_encoded(out)
-  runs = plan(_BACKBONES.value, _ENCODERS.value, _FUSIONS.value,
-              [int(s) for s in _SEEDS.value], _AGNOSTIC.value)
+    encode.encode_stage(kind_cfg, prepared, workdir / "generate" / "rationales.jsonl", out, mesh)
+    teacher = (encode.encode_teacher(kind_cfg, prepared, workdir / "teacher" / "rationales.jsonl",
+                                     out / "teacher", mesh)
+               if "teacher_rationales" in _VARIANTS.value else ({}, {}))
+    encoded[kind] = encode.load_encoded(out, cfg.encoder.postprocess, teacher)
   minilm = (bert.load(encode.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
             if "minilm_finetuned" in _ENCODERS.value else None)
   results = [execute(run, cfg, prepared, encoded, minilm, root, mesh) for run in runs]
-  rows = table(runs, results)
-  (root / "table.md").write_text(markdown(rows) + "\n")
-  print(json.dumps(rows, indent=2))
-  print(markdown(rows))
+  users = []
+  for run in runs:
+    ranked = np.load(root / "runs" / run.name / "ranked_test.npz")
+    users.append({protocol: stats.user_metric(ranked, protocol, TESTED)
+                  for protocol in stats.PROTOCOLS})
+  rows = summarize(runs, results)
+  compared = comparisons(runs, rows, users)
+  gains = quintile_gains(runs, rows, users, np.diff(prepared.split("test").history_offsets))
+  negatives = f"{cfg.rec.sampled_negatives} {cfg.rec.sampled_eval} negatives"
+  if gains:
+    plot_gains(root / "quintiles.png", gains)
+  (root / "table.md").write_text(markdown(rows, compared, gains, negatives) + "\n")
+  (root / "table.json").write_text(json.dumps({"rows": rows, "comparisons": compared,
+                                               "quintile_gains": gains}, indent=2))
+  print(markdown(rows, compared, gains, negatives))
 
 
 if __name__ == "__main__":

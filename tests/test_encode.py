@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import dataclasses
 import json
 import pathlib
 import tempfile
@@ -115,6 +116,91 @@ class CacheTest(absltest.TestCase):
     shorter = self.encode(directory, texts=changed, cfg=encode.EncoderConfig(
         checkpoint=self.cfg.checkpoint, batch_size=8, max_len=4))
     self.assertGreater(np.abs(shorter - vectors).max(), 1e-3)
+
+
+  def test_items_without_text_get_a_zero_vector_and_a_count(self):
+    directory = pathlib.Path(self.create_tempdir().full_path)
+    item_text = ["", "item one", "  ", "item three", ""]  # row 0 is padding
+    table, without_text = encode.item_vectors(self.cfg, item_text, directory)
+    self.assertEqual(without_text, 2)
+    np.testing.assert_array_equal(table[[0, 2, 4]], 0.0)
+    expected, _ = encode_ours(bert.load(self.cfg.checkpoint), ["item one", "item three"])
+    np.testing.assert_allclose(table[[1, 3]], expected, atol=1e-6)
+
+
+def _encoded_for_postprocess(seed: int = 0) -> encode.Encoded:
+  """Items and rationales around a shared direction, as sentence vectors are; user 3 has no
+  training rationale, item 2 no text."""
+  rng = np.random.default_rng(seed)
+  shared = 3.0 * np.ones(6)
+  items = shared + rng.normal(size=(8, 6)) * np.linspace(0.2, 2.0, 6)
+  items[[0, 2]] = 0.0
+  train = shared + rng.normal(size=(5, 6)) * np.linspace(2.0, 0.2, 6)
+  has_train = np.array([True, True, True, False, True])
+  train[~has_train] = 0.0
+  test = shared + rng.normal(size=(5, 6))
+  return encode.Encoded(items.astype(np.float32),
+                        {"valid": (train.astype(np.float32), has_train),
+                         "test": (test.astype(np.float32), np.ones(5, bool))},
+                        teacher={"valid": (test.astype(np.float32), np.ones(5, bool))})
+
+
+class PostprocessTest(parameterized.TestCase):
+
+  @parameterized.parameters("center", "whiten")
+  def test_statistics_come_from_training_rationales_and_items_only(self, kind):
+    encoded = _encoded_for_postprocess()
+    processed = encode.postprocessed(encoded, kind)
+    # What only the test reads (and the teacher's rationales) changes: the statistics do not.
+    test_vectors, present = encoded.rationales["test"]
+    moved = dataclasses.replace(encoded, rationales={**encoded.rationales, "test": (
+        test_vectors + 100.0, present)}, teacher={"valid": (test_vectors - 50.0, present)})
+    again = encode.postprocessed(moved, kind)
+    np.testing.assert_array_equal(again.rationales["valid"][0], processed.rationales["valid"][0])
+    np.testing.assert_array_equal(again.item_vectors, processed.item_vectors)
+    # A user without a training rationale adds nothing either; a training rationale does.
+    train, has_train = encoded.rationales["valid"]
+    absent = dataclasses.replace(encoded, rationales={**encoded.rationales, "valid": (
+        train + 7.0 * ~has_train[:, None], has_train)})
+    np.testing.assert_array_equal(encode.postprocessed(absent, kind).rationales["test"][0],
+                                  processed.rationales["test"][0])
+    shifted = dataclasses.replace(encoded, rationales={**encoded.rationales, "valid": (
+        train + 1.0, has_train)})
+    self.assertFalse(np.allclose(encode.postprocessed(shifted, kind).rationales["test"][0],
+                                 processed.rationales["test"][0]))
+
+  @parameterized.parameters("center", "whiten")
+  def test_training_rationales_are_centred_and_absent_rows_stay_zero(self, kind):
+    processed = encode.postprocessed(_encoded_for_postprocess(), kind)
+    vectors, present = processed.rationales["valid"]
+    np.testing.assert_allclose(vectors[present].mean(0), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(vectors[~present], 0.0)
+    np.testing.assert_array_equal(processed.item_vectors[[0, 2]], 0.0)
+    has_text = np.ones(8, bool)
+    has_text[[0, 2]] = False
+    np.testing.assert_allclose(processed.item_vectors[has_text].mean(0), 0.0, atol=1e-5)
+    self.assertFalse(np.allclose(processed.teacher["valid"][0],
+                                 _encoded_for_postprocess().teacher["valid"][0]))
+
+  def test_whitened_items_have_unit_covariance(self):
+    rng = np.random.default_rng(1)
+    rotation, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    items = (rng.normal(size=(400, 6)) * np.linspace(1.0, 3.0, 6)) @ rotation + 2.0
+    encoded = encode.Encoded(np.concatenate([np.zeros((1, 6)), items]).astype(np.float32), {})
+    whitened = encode.postprocessed(encoded, "whiten").item_vectors[1:]
+    # Off by the shrinkage alone: 1e-3 of the mean variance against the smallest, ~1/5 of it.
+    np.testing.assert_allclose(np.cov(whitened, rowvar=False), np.eye(6), atol=1e-2)
+
+  def test_teacher_rationales_without_the_teacher_stage_name_it(self):
+    missing = pathlib.Path(self.create_tempdir().full_path) / "teacher" / "rationales.jsonl"
+    with self.assertRaisesRegex(FileNotFoundError, "--stages=teacher"):
+      encode.encode_teacher(encode.EncoderConfig(), None, missing, missing.parent)
+
+  def test_none_is_the_identity_and_unknown_kinds_fail(self):
+    encoded = _encoded_for_postprocess()
+    self.assertIs(encode.postprocessed(encoded, "none"), encoded)
+    with self.assertRaisesRegex(ValueError, "encoder.postprocess='pca'"):
+      encode.postprocessed(encoded, "pca")
 
 
 class LlmPooledTest(absltest.TestCase):

@@ -123,15 +123,6 @@ def encoding(encoder: str) -> str:
   return "minilm" if encoder == "minilm_finetuned" else encoder
 
 
-def sampled_metrics(test: Mapping) -> Mapping[str, float]:
-  """The sampled protocol's metrics in a metrics.json "test" section (keyed by its negatives)."""
-  return next(value for key, value in test.items() if key.startswith("sampled"))
-
-
-def protocol_metrics(test: Mapping, protocol: str) -> Mapping[str, float]:
-  return test if protocol == "full" else sampled_metrics(test)
-
-
 GROUP_FIELDS = ("backbone", "variant", "fusion", "encoder")  # of a table row, as Run.group
 
 
@@ -150,7 +141,7 @@ def summarize(runs: Sequence[Run], results: Sequence[dict]) -> list[dict]:
     row = {**dict(zip(GROUP_FIELDS, group)), "seeds": len(tests)}
     for protocol in stats.PROTOCOLS:
       for metric in METRICS:
-        values = np.array([protocol_metrics(t, protocol)[metric] for t in tests])
+        values = np.array([recommend.protocol_metrics(t, protocol)[metric] for t in tests])
         row[f"{protocol}/{metric}"] = float(values.mean())
         row[f"{protocol}/{metric}_std"] = float(values.std())
     rows.append(row)

@@ -18,12 +18,14 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from slim_jax import teacher
+from slim_jax import stats, teacher
 from slim_jax.config import Config
 from slim_jax.models.slim import BACKBONE_FREE_MODES, MODES
+from slim_jax.train import recommend
 
 KS = (10, 20)
 ACCURACY = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr")]
+SAMPLED = ["ndcg@10", "hr@10", "hr@20"]  # of the sampled protocol, the paper's metrics
 BIAS = [f"{m}@{k}" for k in KS for m in ("mean_popularity", "long_tail", "coverage")]
 
 
@@ -51,19 +53,40 @@ def load_variants(train_dir: pathlib.Path) -> dict[str, dict]:
   return {name: json.loads((train_dir / name / "metrics.json").read_text()) for name in index}
 
 
-def accuracy_section(variants: Mapping[str, dict]) -> str:
-  """Test HR/NDCG/MRR@{10,20} per variant; NDCG@10 and HR@10 relative to the plain backbone."""
-  plain = {v["backbone"]: v["test"] for v in variants.values() if v["mode"] == "plain"}
-  first = next(iter(variants.values()))
-  rows = [["popularity", *[first["popularity_test"][m] for m in ACCURACY], "", ""]]
-  for variant in variants.values():
-    test, base = variant["test"], plain.get(variant["backbone"])
-    rows.append([label(variant), *[test[m] for m in ACCURACY],
-                 relative(test["ndcg@10"], base and base["ndcg@10"]),
-                 relative(test["hr@10"], base and base["hr@10"])])
-  header = ["model", *[m.upper() for m in ACCURACY], "NDCG@10 vs plain",
-            "HR@10 vs plain"]
-  return markdown_table(header, rows)
+def accuracy_section(variants: Mapping[str, dict], train_dir: pathlib.Path) -> str:
+  """Test metrics per variant under full ranking and among sampled negatives (the paper's
+  protocol); NDCG@10 against plain and shuffled: the change and Wilcoxon's p over users (one
+  seed here, so no test over seeds: experiments/ablate.py runs those)."""
+  users = {name: {protocol: stats.user_metric(np.load(train_dir / name / "ranked_test.npz"),
+                                              protocol) for protocol in stats.PROTOCOLS}
+           for name in variants}
+  first = lambda mode: next((n for n, v in variants.items() if v["mode"] == mode), None)
+
+  def versus(name: str, base: str | None, protocol: str) -> list[str]:
+    if base is None or base == name:
+      return ["", ""]
+    metric = lambda n: recommend.protocol_metrics(variants[n]["test"], protocol)["ndcg@10"]
+    _, a, b = stats.paired_users(users[name][protocol], users[base][protocol])
+    return [relative(metric(name), metric(base)), stats.describe_p(stats.p_over_users(a, b))]
+
+  rows = [[label(v), *[v["test"][m] for m in ACCURACY],
+           *[recommend.sampled_metrics(v["test"])[m] for m in SAMPLED],
+           *[cell for protocol in stats.PROTOCOLS for base in (first("plain"), first("shuffled"))
+             for cell in versus(name, base, protocol)]]
+          for name, v in variants.items()]
+  header = ["model", *[m.upper() for m in ACCURACY], *[f"sampled {m.upper()}" for m in SAMPLED],
+            *[f"{protocol} NDCG@10 vs {base}{p}" for protocol in stats.PROTOCOLS
+              for base in ("plain", "shuffled") for p in ("", ": p over users")]]
+  config = next(iter(variants.values()))["config"]
+  notes = [f"Sampled: each test target among {config['sampled_negatives']} "
+           f"{config['sampled_eval']} negatives. p: Wilcoxon signed-rank over users, two-sided; "
+           f"p >= {stats.ALPHA} reads \"{stats.NO_DIFFERENCE}\"."]
+  notes += [f"{label(v)}: {count} users read the teacher's rationale instead of the student's "
+            f"({split} split)." for v in variants.values()
+            for split, count in v.get("users_with_teacher_rationale", {}).items()]
+  legend = [f"- `{mode}`: {MODES[mode]}" for mode in dict.fromkeys(v["mode"]
+                                                                   for v in variants.values())]
+  return "\n\n".join([markdown_table(header, rows), *notes, "\n".join(legend)])
 
 
 def popularity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:
@@ -166,7 +189,7 @@ def write_report(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> pathl
       f"{', history excluded' if cfg.rec.exclude_history else ''}. Encoder: "
       f"{cfg.encoder.kind}; fusion: {cfg.slim.fusion}"
       f"; postprocess: {cfg.encoder.postprocess}.",
-      "## Accuracy (test)", accuracy_section(variants),
+      "## Accuracy (test)", accuracy_section(variants, workdir / "train"),
       "## Popularity bias (test)", popularity_section(variants, out),
       "## User sparsity groups (test)", sparsity_section(variants, out),
       "## Cost", cost_section(cfg, workdir, prepared),

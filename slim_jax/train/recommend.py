@@ -14,7 +14,7 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax
@@ -227,6 +227,17 @@ def report(ranked: dict[str, np.ndarray], popularity: np.ndarray, history_length
   return {**out,
           "groups": metrics.grouped_metrics(ranked["ranks"], history_lengths[ranked["users"]]),
           sampled: metrics.ranking_metrics(ranked["sampled_ranks"])}
+
+
+def sampled_metrics(split_metrics: Mapping[str, Any]) -> Mapping[str, float]:
+  """The sampled evaluation's metrics in one split of metrics.json (`report` keys them by their
+  negatives, e.g. "sampled100_uniform")."""
+  return next(value for key, value in split_metrics.items() if key.startswith("sampled"))
+
+
+def protocol_metrics(split_metrics: Mapping[str, Any], protocol: str) -> Mapping[str, float]:
+  """One split's metrics under `protocol`: "full" ranking or "sampled" negatives."""
+  return split_metrics if protocol == "full" else sampled_metrics(split_metrics)
 
 
 def popularity_ranks(popularity: np.ndarray, targets: np.ndarray) -> np.ndarray:

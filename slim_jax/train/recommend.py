@@ -3,9 +3,10 @@
 Every variant of `models/slim.py` trains here: the plain backbone, backbone+ (item text), SLIM
 ID-based and its controls, SLIM ID-agnostic; the zero-shot and popularity rankings have nothing
 to train and are only evaluated. Rationale and item-text vectors reach the jitted steps as a
-replicated `side` argument. The train step is data parallel over the mesh's batch axes, with the item table's rows optionally sharded over a model axis
-(`rec.table_axis`) for catalogues too large to replicate. Evaluation ranks the full catalogue
-on the device in jitted batches; only a rank and a top-20 list per user come back to the host.
+replicated `side` argument. The train step is data parallel over the mesh's batch axes, with
+the item table's rows optionally sharded over a model axis (`rec.table_axis`) for catalogues too
+large to replicate. Evaluation ranks the full catalogue on the device in jitted batches; only
+ranks and a top-20 list per user come back to the host.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def get_config(preset: str = "quick") -> Config:
     raise ValueError(f"preset={preset!r}: expected quick or full")
   return dataclasses.replace(
       full, preset="quick",
-      prompt=dataclasses.replace(full.prompt, max_prompt_tokens=320, max_words=80),
+      prompt=dataclasses.replace(full.prompt, max_prompt_tokens=512, max_words=80),
       # Large generation batches: at batch 32 this CPU writes 1.9x the rationales a minute of
       # batch 16 (prompt 384, 128 new tokens): a decode step costs nearly the same at either.
       teacher=dataclasses.replace(full.teacher, max_users=48, max_tokens=160, batch_size=48),

@@ -33,6 +33,53 @@ class SamplingConfig:
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0  # 0 = no top-k filter
   top_p: float = 1.0  # 1 = no nucleus filter
+  # > 1 makes tokens this row already generated less likely (CTRL's penalty: positive logits
+  # divided, negative multiplied). Prompt tokens are exempt: a rationale should name its history.
+  repetition_penalty: float = 1.0
+  # > 0 forbids a token that would repeat an n-gram this row already generated (the loops small
+  # models fall into) while letting single tokens such as "Step" recur.
+  no_repeat_ngram: int = 0
+  # Guided steps: token ids of the markers that open steps 2..N ("Step 2:", ...). A row's first
+  # line end (a token of `line_ends`) in step k < N is followed by step k+1's marker, forced;
+  # a line end in step N stops the row. A small model then writes every step in order, each on
+  # one line, and stops after the last, instead of numbering its own steps and rambling on.
+  step_markers: tuple[tuple[int, ...], ...] = ()
+  line_ends: tuple[int, ...] = ()
+
+
+def banned_by_ngrams(out, step, n: int):
+  """bool [B, T]: which of out's [B, T] positions hold a token that would, emitted at `step`,
+  repeat an n-gram of the row's first `step` tokens (their (n-1)-token prefix ends the row)."""
+  batch, length = out.shape
+  context = jax.vmap(lambda row: jax.lax.dynamic_slice_in_dim(row, step - (n - 1), n - 1))(out)
+  starts = jnp.arange(length)
+  window = jnp.stack([jnp.roll(out, -k, axis=1) for k in range(n - 1)], axis=-1)  # [B, T, n-1]
+  matches = jnp.all(window == context[:, None, :], axis=-1) & (starts + n - 1 < step)
+  matches &= step >= n - 1
+  return jnp.roll(matches, n - 1, axis=1)  # the position after each matching window
+
+
+def forbid_ngram_repeats(logits, out, step, n: int):
+  """fp32 logits [B, V] with every token that would complete a repeated n-gram at -inf."""
+  if n <= 0:
+    return logits
+  banned = banned_by_ngrams(out, step, n)
+  rows = jnp.broadcast_to(jnp.arange(out.shape[0])[:, None], out.shape)
+  hits = jnp.zeros(logits.shape, bool).at[rows, out].max(banned)
+  return jnp.where(hits, -jnp.inf, logits)
+
+
+def penalize_repeats(logits, generated, penalty: float):
+  """fp32 logits [B, V] with the tokens marked in `generated` [B, V] made less likely."""
+  if penalty == 1.0:
+    return logits
+  return jnp.where(generated, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+# Nucleus sampling looks for its head among this many most likely tokens: sorting the whole
+# vocabulary costs XLA's CPU backend more than a decode step of a small model, and top-k is cheap.
+# A nucleus wider than this is cut to it (no ordinary top_p reaches that far).
+NUCLEUS_CANDIDATES = 256
 
 
 def sample(logits, key, sampling: SamplingConfig):
@@ -40,36 +87,76 @@ def sample(logits, key, sampling: SamplingConfig):
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / sampling.temperature
-  if sampling.top_k:
-    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if not sampling.top_k and sampling.top_p >= 1:
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  values, indices = jax.lax.top_k(
+      logits, min(sampling.top_k or NUCLEUS_CANDIDATES, logits.shape[-1]))
   if sampling.top_p < 1:
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
+    probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
     # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < p
     before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(before < sampling.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    values = jnp.where(before < sampling.top_p, values, -jnp.inf)
+  choice = jax.random.categorical(key, values, axis=-1)
+  return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 class DecodeState(NamedTuple):
   """The decode loop's carry. out [B, max_new_tokens] holds the tokens emitted so far (step of
-  them per row; pad_id after a row's first stop token), done [B] the rows that have stopped."""
+  them per row; pad_id after a row's first stop token), done [B] the rows that have stopped,
+  generated [B, V] (or [B, 0] without a repetition penalty) the tokens each row has emitted;
+  with guided steps, marker [B] the step marker a row is writing (-1: none) and forced [B] how
+  many of its tokens are out, steps [B] the steps it has opened after the first."""
   step: jax.Array
   cache: tuple
   mask: jax.Array
   out: jax.Array
   done: jax.Array
   key: jax.Array
+  generated: jax.Array
+  marker: jax.Array
+  forced: jax.Array
+  steps: jax.Array
+
+
+def _markers(sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """(marker ids [M, L] padded with 0, lengths [M]) of the guided steps."""
+  width = max(map(len, sampling.step_markers))
+  ids = [list(m) + [0] * (width - len(m)) for m in sampling.step_markers]
+  return jnp.asarray(ids, jnp.int32), jnp.asarray([len(m) for m in sampling.step_markers])
+
+
+def _guide(state: DecodeState, sampled, sampling: SamplingConfig):
+  """(token, state, finished [B]): the sampled tokens, except rows writing a step marker, which
+  emit its next token; a line end opens the next step's marker or finishes the last step."""
+  if not sampling.step_markers:
+    return sampled, state, jnp.zeros_like(state.done)
+  ids, lengths = _markers(sampling)
+  forcing = state.marker >= 0
+  marker = jnp.maximum(state.marker, 0)
+  token = jnp.where(forcing, ids[marker, state.forced], sampled)
+  forced = jnp.where(forcing, state.forced + 1, 0)
+  line_end = ~forcing & jnp.isin(token, jnp.asarray(sampling.line_ends, jnp.int32))
+  opens = line_end & (state.steps < len(sampling.step_markers))
+  marker = jnp.where(opens, state.steps,
+                     jnp.where(forcing & (forced < lengths[marker]), state.marker, -1))
+  state = state._replace(marker=marker, forced=jnp.where(marker >= 0, forced, 0),
+                         steps=state.steps + opens)
+  return token, state, line_end & ~opens
 
 
 def _emit(state: DecodeState, logits, sampling: SamplingConfig, stops, pad_id: int):
   key, sub = jax.random.split(state.key)
-  token = jnp.where(state.done, pad_id, sample(logits[:, -1], sub, sampling))
+  logits = penalize_repeats(logits[:, -1].astype(jnp.float32), state.generated,
+                            sampling.repetition_penalty)
+  logits = forbid_ngram_repeats(logits, state.out, state.step, sampling.no_repeat_ngram)
+  token, state, finished = _guide(state, sample(logits, sub, sampling), sampling)
+  token = jnp.where(state.done, pad_id, token)
   out = jax.lax.dynamic_update_slice_in_dim(state.out, token[:, None], state.step, axis=1)
-  return state._replace(step=state.step + 1, out=out, done=state.done | jnp.isin(token, stops),
-                        key=key)
+  generated = state.generated
+  if sampling.repetition_penalty != 1.0:
+    generated = generated.at[jnp.arange(len(token)), token].set(True)
+  done = state.done | jnp.isin(token, stops) | finished
+  return state._replace(step=state.step + 1, out=out, done=done, key=key, generated=generated)
 
 
 def _prefill(model: Llama, variables, tokens, mask, key, sampling: SamplingConfig,
@@ -80,8 +167,11 @@ def _prefill(model: Llama, variables, tokens, mask, key, sampling: SamplingConfi
   cache = init_cache(model.config, batch, prompt_len + steps)
   mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, steps), bool)], axis=1)
   logits, cache = model.apply(variables, tokens, mask, cache, 0, last_only=True)
+  vocab = logits.shape[-1] if sampling.repetition_penalty != 1.0 else 0
   state = DecodeState(jnp.int32(0), cache, mask, jnp.full((batch, steps), pad_id, jnp.int32),
-                      jnp.zeros(batch, bool), key)
+                      jnp.zeros(batch, bool), key, jnp.zeros((batch, vocab), bool),
+                      jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32),
+                      jnp.zeros(batch, jnp.int32))
   return _emit(state, logits, sampling, jnp.asarray(stop_ids, jnp.int32), pad_id)
 
 

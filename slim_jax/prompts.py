@@ -26,25 +26,107 @@ class PromptConfig:
   domain: str = "movies"  # a key of DOMAINS
   history: str = "prefix"  # prefix: one rationale per user from seq[:-2]; per_split: + seq[:-1]
   max_prompt_tokens: int = 1024  # whole prompt, counted by the tokenizer that reads it
-  recommend: int = 5  # concrete items asked for in step 3
+  recommend: int = 3  # concrete items asked for in step 3 (the exemplars name three)
   max_words: int = 0  # asks for an answer under this many words (0 = no limit): small models ramble
+  # Local models: the answer opens with "Step 1:" and every line end opens the next step, so
+  # the model writes content instead of restating the instructions (OpenAI requests are plain).
+  guided: bool = True
+  # One-shot: a hand-written, fictional user and rationale as an earlier chat turn, the domain's
+  # own unless exemplar_history / exemplar_rationale give another.
+  exemplar: bool = True
+  exemplar_history: tuple[str, ...] = ()
+  exemplar_rationale: str = ""
+  instruction: str = ""  # a template in INSTRUCTION's placeholders; "" = INSTRUCTION
+
+  def checked(self) -> PromptConfig:
+    """This config, or a clear error for a value that would fail (or mislead) a run."""
+    domain(self)
+    if self.history not in HISTORIES:
+      raise ValueError(f"prompt.history={self.history!r}; expected one of {tuple(HISTORIES)}")
+    if self.instruction:
+      missing = [marker for marker in ("{history}", *step_markers(self))
+                 if marker not in self.instruction]
+      if missing:
+        raise ValueError(f"prompt.instruction lacks {', '.join(missing)}: a template must show "
+                         "the history and ask for the three steps by their markers")
+    if self.exemplar_rationale and not self.exemplar_history:
+      raise ValueError("prompt.exemplar_rationale is set without prompt.exemplar_history")
+    if self.exemplar:
+      _, rationale = exemplar(self)
+      if not all(split_steps(rationale)):
+        raise ValueError(f"prompt exemplar rationale {rationale[:60]!r}...: it must have the "
+                         f"three steps {', '.join(step_markers(self))}, in order")
+    return self
 
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
-  """The words that make one template read naturally for a kind of catalogue."""
+  """The words that make one template read naturally for a kind of catalogue, and a one-shot
+  exemplar: a fictional user (history lines shaped like the catalogue's item texts) and the
+  rationale a good teacher would write, each step on one line."""
   items: str  # plural noun for the catalogue's items
   verb: str  # what the user did with them
   kinds: str  # the coarse attributes step 2 asks about
+  exemplar_history: tuple[str, ...]
+  exemplar_rationale: str
 
 
 DOMAINS = {
-    "movies": Domain("movies", "watched", "genres"),
-    "games": Domain("video games", "played", "genres, platforms or publishers"),
-    "food": Domain("grocery and gourmet food products", "bought", "categories or brands"),
-    "home": Domain("home and kitchen products", "bought", "categories or brands"),
-    "books": Domain("books", "read", "genres or authors"),
-    "generic": Domain("items", "interacted with", "categories or brands"),
+    "movies": Domain(
+        "movies", "watched", "genres",
+        ("Starfall Station (1989) | Genres: Sci-Fi, Thriller",
+         "The Quiet Orchard (1994) | Genres: Drama",
+         "Neon Harbor (1991) | Genres: Action, Sci-Fi"),
+        "Step 1: The user likes tense science fiction with action, and sometimes a quiet drama.\n"
+        "Step 2: Sci-Fi, Action and Thriller are the most likely genres next.\n"
+        "Step 3: Orbit Zero, a sci-fi thriller on a failing space station; Iron Tide, an action "
+        "chase in a flooded city; Cold Signal, a thriller about a message from space."),
+    "games": Domain(
+        "video games", "played", "genres, platforms or publishers",
+        ("Dungeon Lantern | Categories: Video Games, PC, Role-Playing | Brand: Owlbright",
+         "Rally Comet 2 | Categories: Video Games, Racing | Brand: Tarmac Works",
+         "Dungeon Lantern: Ember Keep | Categories: Video Games, PC, Role-Playing"),
+        "Step 1: The user plays role-playing games on PC and follows a series they enjoy.\n"
+        "Step 2: Role-Playing games on PC, perhaps from Owlbright, are the most likely next.\n"
+        "Step 3: Dungeon Lantern 3, the next game of the series; Hollow Crown, a PC role-playing "
+        "game; a PC game controller for long sessions."),
+    "food": Domain(
+        "grocery and gourmet food products", "bought", "categories or brands",
+        ("Green Hill Sencha Tea, 20 bags | Categories: Grocery, Beverages, Tea | Brand: Kumo",
+         "Wildflower Honey, 12 oz | Categories: Grocery, Honey | Brand: Meadowcomb",
+         "Jasmine Green Tea, 50 bags | Categories: Grocery, Beverages, Tea | Brand: Kumo"),
+        "Step 1: The user drinks green tea, mostly from Kumo, and sweetens it with honey.\n"
+        "Step 2: Tea and Honey, especially the Kumo brand, are the most likely categories next.\n"
+        "Step 3: Kumo Genmaicha Tea, a green tea of the same brand; Meadowcomb Clover Honey, a "
+        "milder honey; a glass tea infuser."),
+    "home": Domain(
+        "home and kitchen products", "bought", "categories or brands",
+        ("Cast Iron Skillet, 10 inch | Categories: Kitchen, Cookware | Brand: Emberforge",
+         "Chef Knife, 8 inch | Categories: Kitchen, Cutlery | Brand: Keenline",
+         "Cast Iron Dutch Oven | Categories: Kitchen, Cookware | Brand: Emberforge"),
+        "Step 1: The user is equipping a kitchen with durable cast iron cookware and good knives.\n"
+        "Step 2: Cookware and Cutlery, especially from Emberforge, are the most likely next.\n"
+        "Step 3: Emberforge Cast Iron Griddle, to complete the set; Keenline Paring Knife, to go "
+        "with the chef knife; a cast iron care kit."),
+    "books": Domain(
+        "books", "read", "genres or authors",
+        ("The Salt Archive | Categories: Books, Mystery | Brand: Ida Marren",
+         "Lanterns at Low Tide | Categories: Books, Mystery, Historical",
+         "The Salt Archive II | Categories: Books, Mystery | Brand: Ida Marren"),
+        "Step 1: The user reads mysteries, often historical ones, and follows Ida Marren.\n"
+        "Step 2: Mystery and Historical fiction, especially by Ida Marren, are the most likely "
+        "next.\n"
+        "Step 3: The Salt Archive III, the next of the series; The Tin Lighthouse, a historical "
+        "mystery; a mystery anthology."),
+    "generic": Domain(
+        "items", "interacted with", "categories or brands",
+        ("Trail Bottle, 1 l | Categories: Outdoors, Hydration | Brand: Ridgeway",
+         "Headlamp 300 | Categories: Outdoors, Lighting | Brand: Ridgeway",
+         "Trekking Poles | Categories: Outdoors, Hiking"),
+        "Step 1: The user is getting ready for hiking, with Ridgeway gear for long days out.\n"
+        "Step 2: Outdoors and Hiking items, especially from Ridgeway, are the most likely next.\n"
+        "Step 3: Ridgeway Daypack, for the gear; a trail first-aid kit; Ridgeway Rain Shell, "
+        "for bad weather."),
 }
 
 SYSTEM = ("You are an expert in recommender systems. You explain a user's behaviour step by "
@@ -58,7 +140,7 @@ Step 1: Summarize the user's preferences from this history.
 Step 2: Based on these preferences, infer the {kinds} the user is most likely to want next.
 Step 3: Recommend {recommend} concrete {items} that fit these preferences and {kinds}, each \
 with a short reason.
-Answer in exactly these three steps, each starting with "Step N:"."""
+Answer in these three steps, each on a single line."""
 
 
 def domain(cfg: PromptConfig) -> Domain:
@@ -67,15 +149,45 @@ def domain(cfg: PromptConfig) -> Domain:
   return DOMAINS[cfg.domain]
 
 
-def cot_messages(item_texts: Sequence[str], cfg: PromptConfig) -> list[dict[str, str]]:
-  """The chat messages asking for a three-step rationale about this (oldest-first) history."""
+def step_markers(cfg: PromptConfig) -> tuple[str, ...]:
+  del cfg  # one wording for every domain
+  return tuple(f"Step {k}:" for k in range(1, STEPS + 1))
+
+
+def prefill(cfg: PromptConfig) -> str:
+  """How a local model's answer opens: the first step's marker when steps are guided."""
+  return step_markers(cfg)[0] if cfg.guided else ""
+
+
+def exemplar(cfg: PromptConfig) -> tuple[tuple[str, ...], str]:
+  """(history, rationale) of the one-shot exemplar."""
+  if cfg.exemplar_history:
+    return cfg.exemplar_history, cfg.exemplar_rationale
+  words = domain(cfg)
+  return words.exemplar_history, words.exemplar_rationale
+
+
+def request_text(item_texts: Sequence[str], cfg: PromptConfig) -> str:
+  """The user message asking for a three-step rationale about this (oldest-first) history."""
   words = domain(cfg)
   history = "\n".join(f"{i}. {text}" for i, text in enumerate(item_texts, 1))
-  user = INSTRUCTION.format(verb=words.verb, items=words.items, kinds=words.kinds,
-                            recommend=cfg.recommend, history=history)
+  user = (cfg.instruction or INSTRUCTION).format(
+      verb=words.verb, items=words.items, kinds=words.kinds, recommend=cfg.recommend,
+      history=history)
   if cfg.max_words:
     user += f" Keep the whole answer under {cfg.max_words} words."
-  return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+  return user
+
+
+def cot_messages(item_texts: Sequence[str], cfg: PromptConfig) -> list[dict[str, str]]:
+  """The chat messages asking for a three-step rationale about this (oldest-first) history,
+  after the exemplar's question and answer when the config has one."""
+  messages = [{"role": "system", "content": SYSTEM}]
+  if cfg.exemplar:
+    history, rationale = exemplar(cfg)
+    messages += [{"role": "user", "content": request_text(history, cfg)},
+                 {"role": "assistant", "content": rationale}]
+  return messages + [{"role": "user", "content": request_text(item_texts, cfg)}]
 
 
 Prompt = TypeVar("Prompt")
@@ -109,13 +221,20 @@ def teacher_prompt(item_texts: Sequence[str], cfg: PromptConfig,
                      cfg.max_prompt_tokens)
 
 
+def student_config(cfg: PromptConfig) -> PromptConfig:
+  """The student's prompt: the teacher's without the exemplar (the paper's simplified student
+  template). Distillation teaches the student the answer's form, and every user's prompt is
+  then a shorter, cheaper prefill."""
+  return dataclasses.replace(cfg, exemplar=False)
+
+
 def student_prompt(item_texts: Sequence[str], cfg: PromptConfig,
                    render: Callable[[list[dict[str, str]]], Sequence[int]]
                    ) -> tuple[Sequence[int], int]:
-  """(token ids, items kept): the same messages through the student's chat template `render`
+  """(token ids, items kept): the student's messages through its chat template `render`
   (e.g. apply_chat_template with the generation prompt), cut to the student's own budget."""
-  return fit_history(item_texts, lambda texts: render(cot_messages(texts, cfg)), len,
-                     cfg.max_prompt_tokens)
+  return fit_history(item_texts, lambda texts: render(cot_messages(texts, student_config(cfg))),
+                     len, cfg.max_prompt_tokens)
 
 
 def visible_histories(prepared, history: str) -> Iterator[tuple[int, str, np.ndarray]]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from slim_jax import stats, teacher
+from slim_jax import prompts, quality, rationales, stats, teacher
 from slim_jax.config import Config
 from slim_jax.models.slim import BACKBONE_FREE_MODES, MODES
 from slim_jax.train import recommend
@@ -149,31 +149,95 @@ def cost_section(cfg: Config, workdir: pathlib.Path, prepared) -> str:
   return "\n".join(lines)
 
 
+def _share(part: float, whole: float) -> str:
+  return f"{100 * part / whole:.1f}%" if whole else ""
+
+
+def rationale_vectors_quality(cfg: Config, workdir: pathlib.Path, out: pathlib.Path,
+                              texts: Sequence[str]) -> dict[str, float]:
+  """Mean pairwise cosine of the encoded `texts`, raw and centred on the mean item text (see
+  quality.centered_cosine), by the configured frozen encoder; {} without one."""
+  from slim_jax import encode
+  items = workdir / "encode" / "item_vectors.npy"
+  if cfg.encoder.kind == "none" or len(texts) < 2 or not items.is_file():
+    return {}
+  item_vectors = np.load(items)
+  reference = item_vectors[np.abs(item_vectors).sum(axis=1) > 0].mean(axis=0)
+  vectors = encode.encode(list(texts), cfg.encoder, out / "rationale_cache")
+  return quality.centered_cosine(vectors, reference)
+
+
+def quality_section(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> str:
+  """The teacher's and the student's rationales: how many passed the quality filter, why the
+  others did not, how alike they are, and whether step 2 predicts the next item's attributes."""
+  rows, reasons = [], sorted({r for stage in ("teacher", "generate")
+                              for r in _stage_summary(workdir, stage).get("rejections", {})})
+  for name, stage in (("teacher", "teacher"), ("student", "generate")):
+    summary = _stage_summary(workdir, stage)
+    if not summary.get("quality"):
+      continue
+    path = workdir / stage / rationales.RATIONALES
+    texts = [row["text"] for row in rationales.read_rationales(path)] if path.is_file() else []
+    cosine = rationale_vectors_quality(cfg, workdir, out, texts)
+    predictive = summary["quality"]["predictive"]
+    low, high = predictive["lift_interval"]
+    candidates = summary["candidates"]
+    rows.append([
+        name, summary["model"], summary["requests"], _share(summary["ok"], summary["requests"]),
+        f"{candidates / max(summary['requests'], 1):.2f}",
+        *[_share(summary["rejections"].get(reason, 0), candidates) for reason in reasons],
+        f"{summary['quality']['distinct_share']:.3f}",
+        *(f"{cosine[k]:.3f}" if cosine else "" for k in ("mean_cosine", "mean_cosine_centered")),
+        f"{predictive['hit']:.3f} / {predictive['shuffled_hit']:.3f}",
+        f"{predictive['lift']:.2f} [{low:.2f}, {high:.2f}]"])
+  if not rows:
+    return "No rationales were generated."
+  header = ["", "model", "requests", "accepted", "candidates per request",
+            *[f"rejected: {reason}" for reason in reasons], "distinct texts / accepted",
+            "mean cosine", "mean cosine, centred", "step-2 hit / shuffled", "lift [95% CI]"]
+  return (markdown_table(header, rows) + "\n\nRejections are shares of all candidates drawn "
+          "(the first rule a candidate broke). Cosines are between the encoded accepted "
+          "rationales, raw and after subtracting the mean item-text vector. Step-2 hit: share "
+          "of users whose step 2 names an attribute of their held-out next item; shuffled: the "
+          "same with every other user's next item; lift: their ratio, with a bootstrap interval "
+          "over users.")
+
+
 def examples_section(prepared, workdir: pathlib.Path, variants: Mapping[str, dict],
                      count: int = 5) -> str:
-  """`count` users with a student rationale: history, rationale, top-10 and true next item."""
-  rationales_file = workdir / "generate" / "rationales.jsonl"
-  if not rationales_file.is_file():
+  """`count` users with a student rationale: history, rationale, what its step 2 named against
+  the attributes of the held-out item it was written for, top-10 and the true test item."""
+  path = workdir / "generate" / rationales.RATIONALES
+  if not path.is_file():
     return "No student rationales were generated."
-  rationales = {row["user"]: row["text"] for row in map(json.loads, rationales_file.open())
-                if row.get("split") == "valid" and row.get("text")}
+  written = {row["user"]: row for row in rationales.read_rationales(path)
+             if row["split"] == "valid" and row["text"]}
   name = next((n for n, v in variants.items() if v["mode"] == "id_based"), next(iter(variants)))
   ranked = np.load(workdir / "train" / name / "ranked_test.npz")
   test = prepared.split("test")
+  vocabulary = tuple(sorted({a for meta in prepared.item_meta
+                             for a in quality.item_attributes(meta)}))
   title = lambda item: prepared.item_text[item].split(" | ")[0]
   parts = [f"Top-10 lists of **{label(variants[name])}**."]
   for row, user in enumerate(ranked["users"]):
-    if len(parts) > count or user not in rationales:
+    if len(parts) > count or user not in written:
       continue
     top = [title(i) + (" **(hit)**" if i == test.targets[user] else "")
            for i in ranked["top"][row][:10]]
     history = [title(i) for i in test.history(user)[-10:]]
+    text = written[user]["text"]
+    named = quality.named_attributes(prompts.split_steps(text)[1], vocabulary)
+    (following,) = quality.next_items(prepared, [written[user]])
+    expected = set(quality.item_attributes(prepared.item_meta[following]))
     parts.append(f"### User {prepared.user_ids[user]}\n\n"
                  f"- Last {len(history)} items: {'; '.join(history)}\n"
-                 f"- True next item: {title(test.targets[user])} "
+                 f"- Step 2 names {', '.join(sorted(named)) or 'no attribute'}; the validation "
+                 f"item ({title(following)}) has {', '.join(sorted(expected)) or 'none'}: "
+                 f"{'hit' if named & expected else 'miss'}\n"
+                 f"- True test item: {title(test.targets[user])} "
                  f"(rank {int(ranked['ranks'][row]) + 1})\n"
                  f"- Top 10: {'; '.join(top)}\n\n"
-                 f"Student rationale:\n\n> " + rationales[user].strip().replace("\n", "\n> "))
+                 f"Student rationale:\n\n> " + text.strip().replace("\n", "\n> "))
   return "\n\n".join(parts)
 
 
@@ -192,6 +256,7 @@ def write_report(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> pathl
       "## Accuracy (test)", accuracy_section(variants, workdir / "train"),
       "## Popularity bias (test)", popularity_section(variants, out),
       "## User sparsity groups (test)", sparsity_section(variants, out),
+      "## Rationale quality", quality_section(cfg, workdir, out),
       "## Cost", cost_section(cfg, workdir, prepared),
       "## Example users", examples_section(prepared, workdir, variants),
   ]

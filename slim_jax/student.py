@@ -1,12 +1,11 @@
-"""The distilled student writes a rationale for every user, resumably, through the teacher's cache.
+"""The distilled student writes a rationale for every user, resumably, as the local teacher does.
 
 The adapter is merged into the base once (W + BA, sharded like W), so decoding costs what the
 base model costs. Pointed at a base checkpoint instead of an adapter, the same code gives the
-undistilled student's rationales: the before-distillation baseline. Records go to
-out_dir/cache.jsonl with the teacher's writer and keys; the model label carries a hash of the
-adapter's weights, so a re-distilled adapter never reuses rationales of an older one. Unlike a
-teacher's, a completion cut at max_tokens is kept (with finish_reason "length"): it is still
-this student's rationale, and every user needs one.
+undistilled student's rationales: the before-distillation baseline. Generation, its quality filter
+and its cache are `rationales`' (the local teacher's path); the model label carries a hash of the
+adapter's weights, so a re-distilled adapter never reuses rationales of an older one. A user whose
+candidates are all rejected gets no rationale, and the recommenders read it as absent.
 """
 
 from __future__ import annotations
@@ -15,13 +14,11 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import time
-from collections.abc import Sequence
 
 import jax
 from absl import logging
 
-from slim_jax import checkpoints, generate, parallel, teacher
+from slim_jax import checkpoints, parallel, prompts, quality, rationales
 from slim_jax.checkpoints import peft
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
@@ -31,11 +28,19 @@ from slim_jax.prompts import PromptConfig
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
   max_users: int = 0  # rationales for the first N users only (0 = all)
-  max_tokens: int = 256  # generated tokens per rationale at most
-  temperature: float = 0.0
+  max_tokens: int = 256  # generated tokens per candidate at most (a retry after a cut: twice)
+  # Sampled, best of `candidates` through the teacher's quality filter (see rationales.py).
+  temperature: float = 0.7
+  top_p: float = 0.9
+  repetition_penalty: float = 1.0
+  no_repeat_ngram: int = 4
+  candidates: int = 3
   batch_size: int = 8  # prompts per generation call; a multiple of the batch-axis devices
   dtype: str = "bfloat16"  # merged weights and activations
-  retry_failures: bool = False  # on a rerun, generate again for empty completions
+  retry_failures: bool = False  # on a rerun, generate again for users without a rationale
+  # A user whose every candidate is rejected keeps the last one (marked kept_rejected in the
+  # cache) instead of going without: for a deployment that needs every user served.
+  keep_rejected: bool = False
   distilled: bool = True  # False: the base model without the adapter (the undistilled baseline)
   seed: int = 0
 
@@ -77,61 +82,31 @@ def load_student(checkpoint, mesh, dtype: str):
   return Llama(config), {"params": merged}, tokenizer
 
 
-def generate_records(requests: Sequence[teacher.Request], cfg: StudentConfig, model, variables,
-                     tokenizer, label: str, writer: teacher.CacheWriter) -> tuple[int, float]:
-  """Appends a record per request; returns (generated tokens, seconds).
-
-  Prompts go in batches of similar length; the last batch is filled up with repeats of its last
-  prompt so every call has the same shape (no extra compilation), and the repeats are dropped.
-  """
-  sampling = generate.SamplingConfig(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  prompted = sorted(((r, teacher.chat_ids(tokenizer, r.messages)) for r in requests),
-                    key=lambda pair: len(pair[1]))
-  start, produced = time.monotonic(), 0
-  for index in range(0, len(prompted), cfg.batch_size):
-    batch = prompted[index:index + cfg.batch_size]
-    filled = [ids for _, ids in batch] + [batch[-1][1]] * (cfg.batch_size - len(batch))
-    batch_start = time.monotonic()
-    outputs = generate.generate_ids(model, variables, filled,
-                                    jax.random.fold_in(jax.random.key(cfg.seed), index), sampling,
-                                    [tokenizer.eos_token_id], pad_id)
-    seconds = (time.monotonic() - batch_start) / len(batch)
-    for (request, prompt_ids), ids in zip(batch, outputs):
-      text = tokenizer.decode(ids, skip_special_tokens=True)
-      writer.append(teacher.record(
-          request, label, text=text, error=None if text.strip() else "empty completion",
-          finish_reason="length" if len(ids) >= cfg.max_tokens else "stop", attempts=1,
-          prompt_tokens=len(prompt_ids), completion_tokens=len(ids), estimated_tokens=False,
-          cost_usd=0.0, seconds=seconds))
-      produced += len(ids)
-    logging.info("student: %d/%d rationales, %.1f generated tokens/s", index + len(batch),
-                 len(prompted), produced / (time.monotonic() - start))
-  return produced, time.monotonic() - start
-
-
 def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, out_dir,
                 mesh=None) -> dict:
   """Writes out_dir/cache.jsonl (resumable log) and out_dir/rationales.jsonl: a rationale per
   user (and per split with prompt.history=per_split) from the history visible at prediction
-  time, by `checkpoint`: an adapter directory (merged into its base) or a base checkpoint. Returns a summary with the
-  teacher's counts plus this run's generated tokens and tokens/s."""
+  time, by `checkpoint`: an adapter directory (merged into its base) or a base checkpoint.
+  Returns the teacher's summary (counts, rejections, quality) plus this run's generated tokens,
+  tokens/s and wall time."""
+  pcfg.checked()
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cache, label = out_dir / "cache.jsonl", model_label(checkpoint)
+  cache, label = out_dir / rationales.CACHE, model_label(checkpoint)
   mesh = mesh or parallel.make_mesh()
   model, variables, tokenizer = load_student(checkpoint, mesh, cfg.dtype)
-  requests = teacher.build_requests(prepared, pcfg,
-                                    lambda m: len(teacher.chat_ids(tokenizer, m)), cfg.max_users)
-  todo = teacher.pending(requests, teacher.read_cache(cache), label, cfg.retry_failures)
+  pcfg = prompts.student_config(pcfg)
+  requests = rationales.build_requests(
+      prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), cfg.max_users, local=True)
+  todo = rationales.pending(requests, rationales.read_cache(cache), label, cfg.retry_failures)
   logging.info("student %s: %d of %d rationales to write", label, len(todo), len(requests))
-  with teacher.CacheWriter(cache) as writer, jax.set_mesh(mesh):
-    produced, seconds = generate_records(todo, cfg, model, variables, tokenizer, label, writer)
-  records = teacher.read_cache(cache)
-  teacher.write_rationales(out_dir / "rationales.jsonl", requests, records, label)
-  latest = {teacher.cache_key(r): r for r in records}
-  truncated = sum(latest[(q.user_id, q.prompt_hash, label)]["finish_reason"] == "length"
-                  for q in requests if (q.user_id, q.prompt_hash, label) in latest)
-  return {**teacher.summarize(requests, records, label), "generated": len(todo),
-          "truncated": truncated, "generated_tokens": produced, "generation_seconds": seconds,
-          "tokens_per_s": produced / seconds if seconds else 0.0}
+  with rationales.CacheWriter(cache) as writer, jax.set_mesh(mesh):
+    produced, seconds = rationales.generate_local(todo, rationales.Decoding.of(cfg), pcfg, model,
+                                                  variables, tokenizer, label, writer,
+                                                  cfg.keep_rejected)
+  records = rationales.read_cache(cache)
+  rows = rationales.write_rationales(out_dir / rationales.RATIONALES, requests, records, label)
+  return {**rationales.summarize(requests, records, label), "generated": len(todo),
+          "generated_tokens": produced, "generation_seconds": seconds,
+          "tokens_per_s": produced / seconds if seconds else 0.0, "dtype": cfg.dtype,
+          "quality": quality.measure(rows, len(requests), prepared, cfg.seed)}

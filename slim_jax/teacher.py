@@ -1,23 +1,20 @@
 """Teachers that write SLIM's rationales: an OpenAI-compatible chat API, or a local LLaMA.
 
-Both append one JSON record per request to `cache.jsonl`, keyed by (user id, prompt hash, model),
-with flush + fsync per record: a killed run loses at most the record being written, and a rerun
-requests only what has no record. A response that is empty, malformed or truncated is retried,
-then recorded with status "failed", never as a rationale; failures are retried on a later run
-only when `retry_failures` is set. Every record carries its token counts and dollars, summed over
-all the attempts it took, so the spend is the sum over records, each counted once.
-Finally `rationales.jsonl` gets one line per requested rationale that succeeded.
+Both write through `rationales`' cache (one durable record per request, resumable) and quality
+filter. Over HTTP, a response that is empty, malformed, truncated or rejected by the filter is
+retried, then recorded with status "failed", never as a rationale. Every record carries its token
+counts and dollars, summed over all the attempts it took, so the spend is the sum over records,
+each counted once. A local teacher generates through `rationales.generate_local`, as the student.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
-import fcntl
 import functools
-import hashlib
 import http.client
 import json
 import os
@@ -30,8 +27,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from absl import logging
 
-from slim_jax import assets, prompts
+from slim_jax import assets, quality, rationales
 from slim_jax.prompts import PromptConfig
+from slim_jax.rationales import Request
 
 KINDS = ("local", "openai")
 
@@ -40,8 +38,13 @@ KINDS = ("local", "openai")
 class TeacherConfig:
   kind: str = "local"  # local: a LLaMA checkpoint through slim_jax.generate; openai: HTTP API
   max_users: int = 0  # rationales for the first N users only (0 = all)
-  max_tokens: int = 256  # completion length limit; a completion that reaches it is a failure
-  temperature: float = 0.0
+  max_tokens: int = 256  # completion length limit; a completion that reaches it is rejected
+  # Sampling, so that a rejected rationale's retry can differ; best of `candidates` per user.
+  temperature: float = 0.7
+  top_p: float = 0.9
+  repetition_penalty: float = 1.0  # local; sent over HTTP only when not 1 (vLLM and others)
+  no_repeat_ngram: int = 4  # local only
+  candidates: int = 3
   retry_failures: bool = False  # on a rerun, request again what was recorded as failed
   # openai
   base_url: str = "https://api.openai.com/v1"
@@ -60,31 +63,8 @@ class TeacherConfig:
   # local
   checkpoint: str = ""  # HF directory or .gguf; "" = the embedded SmolLM2-135M-Instruct
   batch_size: int = 8
+  dtype: str = "float32"  # weights and activations
   seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-  """One rationale to write: a user's visible history as chat messages."""
-  user: int  # contiguous user index in Prepared
-  user_id: str  # raw user id: the cache key survives re-preparing the data
-  split: str  # whose visible history (see prompts.HISTORIES)
-  messages: tuple[Mapping[str, str], ...]
-  history_len: int  # items kept after truncation to the token budget
-  prompt_tokens: int  # as the teacher's tokenizer counts them
-
-  @property
-  def prompt_hash(self) -> str:
-    return prompt_hash(self.messages)
-
-
-def prompt_hash(messages: Iterable[Mapping[str, str]]) -> str:
-  canonical = json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
-  return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def cache_key(record: Mapping) -> tuple[str, str, str]:
-  return record["user_id"], record["prompt_hash"], record["model"]
 
 
 def model_name(cfg: TeacherConfig) -> str:
@@ -93,20 +73,6 @@ def model_name(cfg: TeacherConfig) -> str:
     return cfg.model
   return "local:" + (pathlib.Path(cfg.checkpoint).name if cfg.checkpoint else
                      assets.ASSETS["smollm2"].main.rsplit("/", 1)[-1])
-
-
-def build_requests(prepared, pcfg: PromptConfig, count_tokens: Callable[[list[dict]], int],
-                   max_users: int = 0) -> list[Request]:
-  """A request per rationale the prompt config asks for, truncated with `count_tokens`."""
-  requests = []
-  for user, split, items in prompts.visible_histories(prepared, pcfg.history):
-    if max_users and user >= max_users:
-      continue
-    messages, kept = prompts.teacher_prompt(
-        [prepared.item_text[i] for i in items], pcfg, count_tokens)
-    requests.append(Request(user, str(prepared.user_ids[user]), split, tuple(messages), kept,
-                            count_tokens(messages)))
-  return requests
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +113,7 @@ def dollars(prompt_tokens: int, completion_tokens: int, cfg: TeacherConfig) -> f
 
 def estimate_cost(tcfg: TeacherConfig, pcfg: PromptConfig, prepared) -> dict:
   """Tokens and dollars for the whole run before anything is spent (the OpenAI dry run)."""
-  requests = build_requests(prepared, pcfg, chat_tokens, tcfg.max_users)
+  requests = rationales.build_requests(prepared, pcfg, chat_tokens, tcfg.max_users)
   output = tcfg.assumed_output_tokens or tcfg.max_tokens
   prompt_tokens = sum(r.prompt_tokens for r in requests)
   completion_tokens = output * len(requests)
@@ -160,117 +126,6 @@ def estimate_cost(tcfg: TeacherConfig, pcfg: PromptConfig, prepared) -> dict:
       "completion_assumption": ("assumed_output_tokens (mean)" if tcfg.assumed_output_tokens
                                 else "max_tokens (upper bound)"),
       "cost_usd": dollars(prompt_tokens, completion_tokens, tcfg)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache: an append-only JSONL log.
-
-
-def read_cache(path: pathlib.Path) -> list[dict]:
-  """Records in file order. A last line without its newline is a write cut short by a kill: it
-  is ignored and cut from the file, so the next append starts on a fresh line."""
-  if not path.exists():
-    return []
-  data = path.read_bytes()
-  *lines, torn = data.split(b"\n")
-  records = []
-  for number, line in enumerate(lines, 1):
-    if line.strip():
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
-  if torn:
-    logging.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run",
-                    path, len(torn))
-    with open(path, "r+b") as f:
-      f.truncate(len(data) - len(torn))
-  return records
-
-
-class CacheWriter:
-  """Appends records durably; holds an exclusive lock so two runs never interleave."""
-
-  def __init__(self, path: pathlib.Path):
-    self._file = open(path, "a", encoding="utf-8")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.close()
-      raise RuntimeError(f"{path} is being written by another run") from None
-
-  def append(self, record: Mapping) -> None:
-    self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    self._file.flush()
-    os.fsync(self._file.fileno())
-
-  def close(self) -> None:
-    self._file.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-
-def pending(requests: Sequence[Request], records: Iterable[Mapping], model: str,
-            retry_failures: bool) -> list[Request]:
-  """Requests with no record yet (and, if asked, those whose latest record is a failure)."""
-  latest = {cache_key(r): r["status"] for r in records}
-  todo = []
-  for request in requests:
-    status = latest.get((request.user_id, request.prompt_hash, model))
-    if status is None or (retry_failures and status != "ok"):
-      todo.append(request)
-  return todo
-
-
-def record(request: Request, model: str, *, text: str, error: str | None,
-           finish_reason: str | None, attempts: int, prompt_tokens: int,
-           completion_tokens: int, estimated_tokens: bool, cost_usd: float,
-           seconds: float) -> dict:
-  return {"user": request.user, "user_id": request.user_id, "split": request.split,
-          "prompt_hash": request.prompt_hash, "model": model,
-          "status": "failed" if error else "ok", "text": "" if error else text, "error": error,
-          "finish_reason": finish_reason, "attempts": attempts, "history_len": request.history_len,
-          "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "estimated_tokens": estimated_tokens, "cost_usd": cost_usd,
-          "seconds": round(seconds, 3)}
-
-
-def summarize(requests: Sequence[Request], records: Sequence[Mapping], model: str) -> dict:
-  """Outcomes of the current requests (latest record per key) and the spend of every record of
-  this model in the cache, each counted once: failed attempts were paid for too."""
-  mine = [r for r in records if r["model"] == model]
-  latest = {cache_key(r): r for r in mine}
-  final = [latest.get((q.user_id, q.prompt_hash, model)) for q in requests]
-  texts = [r["text"] for r in final if r and r["status"] == "ok"]
-  return {
-      "model": model, "requests": len(requests), "ok": len(texts),
-      "failed": sum(1 for r in final if r and r["status"] != "ok"),
-      "missing": sum(1 for r in final if r is None),
-      "steps": prompts.missing_steps(texts),
-      "records": len(mine), "attempts": sum(r["attempts"] for r in mine),
-      "prompt_tokens": sum(r["prompt_tokens"] for r in mine),
-      "completion_tokens": sum(r["completion_tokens"] for r in mine),
-      "estimated_token_records": sum(1 for r in mine if r["estimated_tokens"]),
-      "cost_usd": sum(r["cost_usd"] for r in mine)}
-
-
-def write_rationales(path: pathlib.Path, requests: Sequence[Request], records: Sequence[Mapping],
-                     model: str) -> None:
-  """One line per requested rationale that succeeded, in request order (written atomically)."""
-  latest = {cache_key(r): r for r in records if r["status"] == "ok"}
-  tmp = path.with_suffix(".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for request in requests:
-      found = latest.get((request.user_id, request.prompt_hash, model))
-      if found:
-        f.write(json.dumps({k: found[k] for k in (
-            "user", "user_id", "split", "prompt_hash", "model", "history_len", "text")},
-                           ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,27 +251,72 @@ def backoff(attempt: int, cfg: TeacherConfig, server_wait: float | None) -> floa
   return min(cfg.max_backoff_s, cfg.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
-def complete(request: Request, cfg: TeacherConfig, api_key: str, limiter: RateLimiter) -> dict:
-  """The cache record of one request after up to 1 + max_retries attempts."""
-  body = {"model": cfg.model, "messages": list(request.messages),
-          "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-  start, spent, estimated = time.monotonic(), [0, 0], False
-  for attempt in range(cfg.max_retries + 1):
+class OptionalParameters:
+  """Request parameters beyond the protocol's core that a server may refuse: a 400 that names one
+  drops it from every later request (logged once), and the request goes again without it."""
+
+  def __init__(self, cfg: TeacherConfig):
+    self._values = {"top_p": cfg.top_p}
+    if cfg.repetition_penalty != 1.0:
+      self._values["repetition_penalty"] = cfg.repetition_penalty
+    self._lock = threading.Lock()
+
+  def values(self) -> dict:
+    with self._lock:
+      return dict(self._values)
+
+  def drop_named(self, status: int, body: bytes) -> bool:
+    """Whether an error response names a parameter we sent (now dropped)."""
+    if status != 400:
+      return False
+    text = body.decode("utf-8", "replace")
+    with self._lock:
+      named = [name for name in self._values if name in text]
+      for name in named:
+        del self._values[name]
+        logging.warning("teacher: the server refused the parameter %r; dropped from requests",
+                        name)
+    return bool(named)
+
+
+def complete(request: Request, cfg: TeacherConfig, api_key: str, limiter: RateLimiter,
+             optional: OptionalParameters, pcfg: PromptConfig) -> dict:
+  """The cache record of one request after up to 1 + max_retries attempts, of which at most
+  `candidates` complete answers the quality filter rejects."""
+  start, spent, estimated, rejections = time.monotonic(), [0, 0], False, collections.Counter()
+  attempt = 0
+  while True:
+    body = {"model": cfg.model, "messages": list(request.messages),
+            "temperature": cfg.temperature, "max_tokens": cfg.max_tokens, **optional.values()}
     limiter.acquire(request.prompt_tokens + cfg.max_tokens)
     try:
-      outcome = interpret(*post_chat(cfg.base_url, body, api_key, cfg.timeout_s), request)
+      status, headers, payload = post_chat(cfg.base_url, body, api_key, cfg.timeout_s)
+      if optional.drop_named(status, payload):
+        continue
+      outcome = interpret(status, headers, payload, request)
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets, dropped connections
       outcome = Outcome(f"{type(e).__name__}: {e}")
+    attempt += 1
     spent = [spent[0] + outcome.prompt_tokens, spent[1] + outcome.completion_tokens]
     estimated |= outcome.estimated_tokens
-    if outcome.error is None or not outcome.retryable or attempt == cfg.max_retries:
+    if outcome.error is None:
+      reason = quality.rejection(outcome.text, False, request.history_attributes, pcfg)
+      if reason:
+        rejections[reason] += 1
+        retryable = sum(rejections.values()) < cfg.candidates
+        outcome = dataclasses.replace(outcome, error=f"rejected: {reason}", retryable=retryable)
+    elif outcome.finish_reason == "length":
+      rejections["truncated"] += 1
+    if outcome.error is None or not outcome.retryable or attempt > cfg.max_retries:
       break
-    logging.debug("user %s attempt %d: %s", request.user_id, attempt + 1, outcome.error)
-    time.sleep(backoff(attempt, cfg, outcome.retry_after))
-  return record(request, cfg.model, text=outcome.text, error=outcome.error,
-                finish_reason=outcome.finish_reason, attempts=attempt + 1,
-                prompt_tokens=spent[0], completion_tokens=spent[1], estimated_tokens=estimated,
-                cost_usd=dollars(*spent, cfg), seconds=time.monotonic() - start)
+    logging.debug("user %s attempt %d: %s", request.user_id, attempt, outcome.error)
+    if not outcome.error.startswith("rejected"):
+      time.sleep(backoff(attempt - 1, cfg, outcome.retry_after))
+  return rationales.record(
+      request, cfg.model, text=outcome.text, error=outcome.error,
+      finish_reason=outcome.finish_reason, attempts=attempt, prompt_tokens=spent[0],
+      completion_tokens=spent[1], estimated_tokens=estimated, cost_usd=dollars(*spent, cfg),
+      seconds=time.monotonic() - start, rejections=rejections)
 
 
 def api_key(cfg: TeacherConfig) -> str:
@@ -435,15 +335,18 @@ def _log_progress(done: int, total: int, failed: int, cost: float, start: float)
                  done / max(time.monotonic() - start, 1e-9), cost)
 
 
-def run_openai(requests: Sequence[Request], cfg: TeacherConfig, cache: pathlib.Path) -> None:
+def run_openai(requests: Sequence[Request], cfg: TeacherConfig, pcfg: PromptConfig,
+               cache: pathlib.Path) -> None:
   """Completes `requests` with bounded concurrency, appending each record as it finishes."""
   key = api_key(cfg)
   limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+  optional = OptionalParameters(cfg)
   pool = concurrent.futures.ThreadPoolExecutor(cfg.concurrency)
   start, failed, cost = time.monotonic(), 0, 0.0
   try:
-    with CacheWriter(cache) as writer:
-      futures = [pool.submit(complete, request, cfg, key, limiter) for request in requests]
+    with rationales.CacheWriter(cache) as writer:
+      futures = [pool.submit(complete, request, cfg, key, limiter, optional, pcfg)
+                 for request in requests]
       for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
         result = future.result()
         writer.append(result)
@@ -454,81 +357,54 @@ def run_openai(requests: Sequence[Request], cfg: TeacherConfig, cache: pathlib.P
     pool.shutdown(cancel_futures=True)  # an interrupted run must not keep spending
 
 
-# ---------------------------------------------------------------------------------------------
-# The local teacher.
-
-
-def chat_ids(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
-  """Token ids of `messages` in the model's chat template, ready for the answer."""
-  text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-  return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def run_local(requests: Sequence[Request], cfg: TeacherConfig, cache: pathlib.Path, model,
-              variables, tokenizer, model_label: str) -> None:
-  """Generates in batches of similar prompt length through slim_jax.generate; records cost no
-  dollars. A completion that reaches max_tokens without a stop token is a failure."""
-  import jax
-  from slim_jax import generate
-  sampling = generate.SamplingConfig(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  prompted = sorted(((r, chat_ids(tokenizer, r.messages)) for r in requests),
-                    key=lambda pair: len(pair[1]))
-  start, produced = time.monotonic(), 0
-  with CacheWriter(cache) as writer:
-    for index in range(0, len(prompted), cfg.batch_size):
-      batch = prompted[index:index + cfg.batch_size]
-      batch_start = time.monotonic()
-      outputs = generate.generate_ids(
-          model, variables, [ids for _, ids in batch],
-          jax.random.fold_in(jax.random.key(cfg.seed), index), sampling,
-          [tokenizer.eos_token_id], pad_id)
-      seconds = (time.monotonic() - batch_start) / len(batch)
-      for (request, prompt_ids), ids in zip(batch, outputs):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        truncated = len(ids) >= cfg.max_tokens
-        error = ("truncated (finish_reason=length)" if truncated else
-                 "empty completion" if not text.strip() else None)
-        writer.append(record(
-            request, model_label, text=text, error=error,
-            finish_reason="length" if truncated else "stop", attempts=1,
-            prompt_tokens=len(prompt_ids), completion_tokens=len(ids), estimated_tokens=False,
-            cost_usd=0.0, seconds=seconds))
-        produced += len(ids)
-      logging.info("local teacher: %d/%d, %.1f generated tokens/s",
-                   index + len(batch), len(prompted), produced / (time.monotonic() - start))
+def run_local(requests: Sequence[Request], cfg: TeacherConfig, pcfg: PromptConfig,
+              cache: pathlib.Path, model, variables, tokenizer, label: str) -> dict:
+  """Generates through `rationales.generate_local`; records cost no dollars. Returns the
+  generation's throughput."""
+  with rationales.CacheWriter(cache) as writer:
+    produced, seconds = rationales.generate_local(requests, rationales.Decoding.of(cfg), pcfg,
+                                                  model, variables, tokenizer, label, writer)
+  return {"generated_tokens": produced, "generation_seconds": seconds,
+          "tokens_per_s": produced / seconds if seconds else 0.0}
 
 
 def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh=None) -> dict:
-  """Writes out_dir/cache.jsonl (resumable log) and out_dir/rationales.jsonl; returns a summary.
+  """Writes out_dir/cache.jsonl (resumable log) and out_dir/rationales.jsonl; returns a summary
+  with the rationales' quality (`quality.measure`).
 
   With a mesh, the local teacher's parameters are sharded by the LLaMA rules and its batches
   by the mesh's batch axes.
   """
   if tcfg.kind not in KINDS:
     raise ValueError(f"teacher.kind={tcfg.kind!r}; expected one of {KINDS}")
+  pcfg.checked()
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cache, model = out_dir / "cache.jsonl", model_name(tcfg)
+  cache, model = out_dir / rationales.CACHE, model_name(tcfg)
+  throughput = {}
   if tcfg.kind == "openai":
-    requests = build_requests(prepared, pcfg, chat_tokens, tcfg.max_users)
-    todo = pending(requests, read_cache(cache), model, tcfg.retry_failures)
+    requests = rationales.build_requests(prepared, pcfg, chat_tokens, tcfg.max_users)
+    todo = rationales.pending(requests, rationales.read_cache(cache), model, tcfg.retry_failures)
     logging.info("teacher %s: %d of %d requests to do", model, len(todo), len(requests))
-    run_openai(todo, tcfg, cache)
+    run_openai(todo, tcfg, pcfg, cache)
   else:
     import jax
     from slim_jax import checkpoints
     from slim_jax.models.llama import Llama
-    config, params, tokenizer = checkpoints.load(tcfg.checkpoint or assets.path("smollm2"), mesh)
-    requests = build_requests(prepared, pcfg, lambda m: len(chat_ids(tokenizer, m)),
-                              tcfg.max_users)
-    todo = pending(requests, read_cache(cache), model, tcfg.retry_failures)
+    config, params, tokenizer = checkpoints.load(tcfg.checkpoint or assets.path("smollm2"), mesh,
+                                                 dtype=tcfg.dtype, param_dtype=tcfg.dtype)
+    requests = rationales.build_requests(
+        prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), tcfg.max_users,
+        local=True)
+    todo = rationales.pending(requests, rationales.read_cache(cache), model, tcfg.retry_failures)
     logging.info("teacher %s: %d of %d requests to do", model, len(todo), len(requests))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      run_local(todo, tcfg, cache, Llama(config), {"params": params}, tokenizer, model)
-  records = read_cache(cache)
-  write_rationales(out_dir / "rationales.jsonl", requests, records, model)
-  summary = summarize(requests, records, model)
+      throughput = run_local(todo, tcfg, pcfg, cache, Llama(config), {"params": params},
+                             tokenizer, model)
+  records = rationales.read_cache(cache)
+  rows = rationales.write_rationales(out_dir / rationales.RATIONALES, requests, records, model)
+  summary = {**rationales.summarize(requests, records, model), **throughput,
+             "quality": quality.measure(rows, len(requests), prepared, tcfg.seed)}
   if summary["failed"]:
     logging.warning("teacher %s: %d requests failed (see %s); rerun with "
                     "teacher.retry_failures=true to retry them", model, summary["failed"], cache)

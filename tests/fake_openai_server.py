@@ -18,7 +18,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 FAULTS = ("429", "500", "stall", "drop", "malformed", "length", "empty")
 
@@ -53,10 +53,15 @@ class FakeOpenAI:
   def __init__(self, *, seed: int = 0, fault_rate: float = 0.3, faults: Sequence[str] = FAULTS,
                faulty_attempts: tuple[int, int] = (1, 2), retry_after: str = "0.05",
                stall_s: float = 1.5, latency_s: float = 0.0, api_key: str | None = None,
-               with_usage: bool = True):
+               with_usage: bool = True, unsupported: Sequence[str] = (),
+               answer: Callable[[Sequence[dict]], str] = rationale_for):
     self.seed, self.fault_rate, self.faults = seed, fault_rate, tuple(faults)
     self.faulty_attempts, self.retry_after, self.stall_s = faulty_attempts, retry_after, stall_s
     self.latency_s, self.api_key, self.with_usage = latency_s, api_key, with_usage
+    self.unsupported = tuple(unsupported)  # request parameters answered with a 400 naming them
+    self.refused: collections.Counter[str] = collections.Counter()
+    self.bodies: list[dict] = []
+    self.answer = answer  # the text a prompt's messages get
     self.requests: collections.Counter[str] = collections.Counter()
     self.faults_served: collections.Counter[str] = collections.Counter()
     self.billed = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -96,6 +101,9 @@ def _handler(server: FakeOpenAI):
     def log_message(self, *args):  # keep test output quiet
       pass
 
+    def server_unsupported(self):
+      return server.unsupported
+
     def do_POST(self):
       body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
       if self.path != "/v1/chat/completions":
@@ -104,6 +112,14 @@ def _handler(server: FakeOpenAI):
           self.headers.get("Authorization") != f"Bearer {server.api_key}"):
         return self._send(401, {"error": {"type": "invalid_request_error",
                                           "code": "invalid_api_key"}})
+      refused = [name for name in self.server_unsupported() if name in body]
+      if refused:
+        with server.lock:
+          server.refused[refused[0]] += 1
+        return self._send(400, {"error": {"type": "invalid_request_error", "message":
+                                          f"Unrecognized request argument supplied: {refused[0]}"}})
+      with server.lock:
+        server.bodies.append(body)
       key = prompt_key(body["messages"])
       with server.lock:
         attempt = server.requests[key]
@@ -126,7 +142,8 @@ def _handler(server: FakeOpenAI):
 
     def _answer(self, body: dict, fault: str | None):
       messages = body["messages"]
-      text, finish = rationale_for(messages), "stop"
+      with server.lock:
+        text, finish = server.answer(messages), "stop"
       if fault == "429":
         return self._send(429, {"error": {"type": "rate_limit"}},
                           {"Retry-After": server.retry_after})

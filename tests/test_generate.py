@@ -148,6 +148,33 @@ class TinyGenerateTest(parameterized.TestCase):
     self.assertEqual(top_p[3], 0)
     self.assertGreater(top_p[2], 0)
 
+  def test_no_repeat_ngram_forbids_repeating_any_generated_trigram(self):
+    prompts = _prompts([5, 7, 9])
+    trigrams = lambda ids: [tuple(ids[k:k + 3]) for k in range(len(ids) - 2)]
+    plain = _generate(self.model, self.variables, prompts, SamplingConfig(40))
+    self.assertTrue(any(len(set(trigrams(ids))) < len(trigrams(ids)) for ids in plain))  # loops
+    for ids in _generate(self.model, self.variables, prompts,
+                         SamplingConfig(40, no_repeat_ngram=3)):
+      self.assertLen(ids, 40)
+      self.assertEqual(len(set(trigrams(ids))), len(trigrams(ids)))
+
+  def test_repetition_penalty_applies_only_to_generated_tokens(self):
+    logits = jnp.array([[2.0, -1.0, 3.0, 0.5]])
+    generated = jnp.array([[True, True, False, False]])
+    np.testing.assert_allclose(generate.penalize_repeats(logits, generated, 2.0),
+                               [[1.0, -2.0, 3.0, 0.5]])
+    prompts = _prompts([6])
+    penalized = _generate(self.model, self.variables, prompts,
+                          SamplingConfig(24, repetition_penalty=1e6))[0]
+    self.assertEqual(len(set(penalized)), len(penalized))  # no token twice
+
+  def test_guided_steps_force_each_marker_after_a_line_end_then_stop(self):
+    everything = tuple(range(TINY.vocab_size))  # every token ends a line
+    guided = SamplingConfig(16, step_markers=((101, 102), (103, 104, 105)), line_ends=everything)
+    for ids in _generate(self.model, self.variables, _prompts([4, 6]), guided):
+      self.assertLen(ids, 8)  # a token, marker 2, a token, marker 3, the last step's token
+      self.assertEqual((ids[1:3], ids[4:7]), ([101, 102], [103, 104, 105]))
+
   def test_lora_unmerged_equals_merged(self):
     config = LoraConfig(rank=4, targets=("q_proj", "v_proj", "up_proj"))
     model = Llama(TINY, config)

@@ -54,14 +54,15 @@ from slim_jax.train.distill import DistillConfig
 def get_config():
   return Config(
       name="tiny", data=DataConfig(name="tiny", path={data!r}),
-      prompt=PromptConfig(domain="generic", max_prompt_tokens=192),
+      prompt=PromptConfig(domain="generic", max_prompt_tokens=192, exemplar=False),
       teacher=TeacherConfig(kind="openai", base_url={url!r}, api_key_env="", max_tokens=64,
                             concurrency=2, backoff_s=0.01),
       distill=DistillConfig(checkpoint={model!r}, lora_rank=4, lora_alpha=8.0, steps=4,
                             batch_size=8, lr=2e-2, warmup_steps=1, max_rationale_tokens=48,
                             buckets=(256,), heldout_fraction=0.25, eval_every=2,
                             checkpoint_every=2, dtype="float32", base_dtype="float32"),
-      student=StudentConfig(max_tokens=8, batch_size=8, dtype="float32", temperature=1.0),
+      student=StudentConfig(max_tokens=8, batch_size=8, dtype="float32", temperature=1.0,
+                            keep_rejected=True),
       encoder=EncoderConfig(kind="minilm", batch_size=8),
       rec=RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16, batch=16,
                     eval_batch=16, epochs=6, eval_every=2, sampled_negatives=5))

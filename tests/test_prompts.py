@@ -22,13 +22,49 @@ class MessagesTest(parameterized.TestCase):
   @parameterized.parameters(*prompts.DOMAINS)
   def test_every_domain_lists_history_in_order_and_asks_three_steps(self, domain):
     messages = prompts.cot_messages(ITEMS[:3], PromptConfig(domain=domain, recommend=7))
-    self.assertEqual([m["role"] for m in messages], ["system", "user"])
-    user = messages[1]["content"]
+    self.assertEqual([m["role"] for m in messages], ["system", "user", "assistant", "user"])
+    self.assertEqual(messages[2]["content"], prompts.DOMAINS[domain].exemplar_rationale)
+    user = messages[3]["content"]
     self.assertLess(user.index("1. Movie 0"), user.index("2. Movie 1"))
     self.assertLess(user.index("2. Movie 1"), user.index("3. Movie 2"))
     for step in ("Step 1:", "Step 2:", "Step 3:"):
       self.assertIn(step, user)
     self.assertIn("Recommend 7 concrete " + prompts.DOMAINS[domain].items, user)
+
+  @parameterized.parameters(*prompts.DOMAINS)
+  def test_every_exemplar_has_three_steps_that_answer_rather_than_echo(self, domain):
+    steps = prompts.split_steps(prompts.DOMAINS[domain].exemplar_rationale)
+    self.assertTrue(all(steps))
+    self.assertFalse(any(prompts.echoes_instruction(step, k + 1) for k, step in enumerate(steps)))
+    self.assertTrue(all("\n" not in step for step in steps))  # one line each, as asked
+    PromptConfig(domain=domain).checked()
+
+  def test_without_exemplar_only_the_question(self):
+    messages = prompts.cot_messages(ITEMS[:3], PromptConfig(exemplar=False))
+    self.assertEqual([m["role"] for m in messages], ["system", "user"])
+
+  def test_a_custom_exemplar_replaces_the_domains(self):
+    cfg = PromptConfig(exemplar_history=("Gizmo 1",), exemplar_rationale=(
+        "Step 1: likes gizmos.\nStep 2: Gadgets next.\nStep 3: Gizmo 2, the sequel."))
+    messages = prompts.cot_messages(ITEMS[:2], cfg.checked())
+    self.assertIn("1. Gizmo 1", messages[1]["content"])
+    self.assertEqual(messages[2]["content"], cfg.exemplar_rationale)
+
+  @parameterized.named_parameters(
+      ("exemplar_without_steps", dict(exemplar_history=("Gizmo",),
+                                      exemplar_rationale="The user likes gizmos."),
+       "must have the three steps"),
+      ("exemplar_without_history", dict(exemplar_rationale="Step 1: a\nStep 2: b\nStep 3: c"),
+       "without prompt.exemplar_history"),
+      ("template_without_steps", dict(instruction="History:\n{history}\nWhat next?"),
+       "lacks Step 1:, Step 2:, Step 3:"),
+      ("template_without_history", dict(instruction="Step 1: a Step 2: b Step 3: c"),
+       "lacks {history}"),
+      ("unknown_history", dict(history="all"), "prompt.history='all'"),
+  )
+  def test_bad_templates_fail_at_start_up(self, changes, message):
+    with self.assertRaisesRegex(ValueError, message):
+      PromptConfig(**changes).checked()
 
   def test_unknown_domain_is_rejected(self):
     with self.assertRaisesRegex(ValueError, "prompt.domain='cars'"):
@@ -37,7 +73,7 @@ class MessagesTest(parameterized.TestCase):
 
 class TruncationTest(parameterized.TestCase):
 
-  @parameterized.parameters(110, 150, 250, 400, 10_000)
+  @parameterized.parameters(270, 300, 400, 500, 10_000)
   def test_keeps_the_newest_items_that_fit(self, budget):
     cfg = PromptConfig(max_prompt_tokens=budget)
     messages, kept = prompts.teacher_prompt(ITEMS, cfg, _words)
@@ -45,13 +81,13 @@ class TruncationTest(parameterized.TestCase):
     self.assertEqual(messages, prompts.cot_messages(ITEMS[-kept:], cfg))
     if kept < len(ITEMS):  # one more (older) item would not have fit
       self.assertGreater(_words(prompts.cot_messages(ITEMS[-kept - 1:], cfg)), budget)
-    self.assertIn(f"{kept}. {ITEMS[-1]}", messages[1]["content"])
+    self.assertIn(f"{kept}. {ITEMS[-1]}", messages[-1]["content"])
 
   def test_student_prompt_counts_the_student_tokenizer(self):
     render = lambda messages: list(" ".join(m["content"] for m in messages).encode())  # bytes
     ids, kept = prompts.student_prompt(ITEMS, PromptConfig(max_prompt_tokens=900), render)
     self.assertLessEqual(len(ids), 900)
-    self.assertEqual(ids, render(prompts.cot_messages(ITEMS[-kept:], PromptConfig())))
+    self.assertEqual(ids, render(prompts.cot_messages(ITEMS[-kept:], PromptConfig(exemplar=False))))
     self.assertLess(kept, len(ITEMS))
 
   def test_budget_below_one_item_is_an_error(self):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
-from slim_jax import checkpoints, generate, parallel, student, teacher
+from slim_jax import checkpoints, generate, parallel, prompts, rationales, student
 from slim_jax.checkpoints import hf, peft
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
@@ -33,7 +33,9 @@ class StudentTest(absltest.TestCase):
     root = pathlib.Path(self.create_tempdir().full_path)
     model_dir, prepared, _ = make_fixture(root)
     random_adapter(model_dir, root / "adapter")
-    cfg = StudentConfig(max_tokens=8, batch_size=8, dtype="float32")
+    # A random student's answers are all rejected; kept, every user still gets one.
+    cfg = StudentConfig(max_tokens=8, batch_size=8, dtype="float32", temperature=0.0,
+                        keep_rejected=True)
     mesh = parallel.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     out = root / "student"
 
@@ -47,24 +49,27 @@ class StudentTest(absltest.TestCase):
     self.assertEqual((summary["requests"], summary["generated"], summary["ok"]),
                      (users, users - 5, users))
     self.assertTrue((out / "cache.jsonl").read_text().startswith(cache))
-    records = teacher.read_cache(out / "cache.jsonl")
-    self.assertEqual(collections.Counter(map(teacher.cache_key, records)).most_common(1)[0][1], 1)
+    records = rationales.read_cache(out / "cache.jsonl")
+    self.assertEqual(collections.Counter(map(rationales.cache_key, records)).most_common(1)[0][1],
+                     1)
     self.assertEqual(student.run_student(cfg, PROMPT, prepared, root / "adapter", out,
                                          mesh)["generated"], 0)
     lines = (out / "rationales.jsonl").read_text().splitlines()
     self.assertLen(lines, users)
-    self.assertEqual(summary["truncated"], sum(r["finish_reason"] == "length" for r in records))
+    self.assertEqual(summary["kept_rejected"], users)
+    self.assertEqual(sum(summary["rejections"].values()), users)
 
     # The merged, sharded student writes what the unmerged adapter writes on one device.
     adapters, lora_config = peft.load_peft(root / "adapter")
     tokenizer = checkpoints.load_tokenizer(model_dir)
-    requests = teacher.build_requests(prepared, PROMPT,
-                                      lambda m: len(teacher.chat_ids(tokenizer, m)), max_users=8)
-    texts = lambda model, variables: [tokenizer.decode(i, skip_special_tokens=True) for i in (
-        generate.generate_ids(model, variables,
-                              [teacher.chat_ids(tokenizer, r.messages) for r in requests],
-                              jax.random.key(0), generate.SamplingConfig(max_new_tokens=8),
-                              [tokenizer.eos_token_id], tokenizer.pad_token_id))]
+    pcfg = prompts.student_config(PROMPT)
+    requests = rationales.build_requests(
+        prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), max_users=8, local=True)
+    sampling = rationales.sampling_config(rationales.Decoding.of(cfg), tokenizer, pcfg)
+    texts = lambda model, variables: [(r.prefill + tokenizer.decode(i, skip_special_tokens=True))
+                                      .strip() for r, i in zip(requests, generate.generate_ids(
+        model, variables, [rationales.chat_ids(tokenizer, r.messages, r.prefill) for r in requests],
+        jax.random.key(0), sampling, [tokenizer.eos_token_id], tokenizer.pad_token_id))]
     base = hf.load_params(model_dir)
     written = [{r["user"]: r["text"] for r in records}[q.user] for q in requests]
     self.assertEqual(written, texts(Llama(CONFIG, lora_config), {"params": base, "lora": adapters}))
@@ -74,7 +79,8 @@ class StudentTest(absltest.TestCase):
     undistilled = student.run_student(dataclasses.replace(cfg, max_users=8), PROMPT, prepared,
                                       model_dir, root / "base", mesh)
     self.assertEqual(undistilled["model"], f"base:{model_dir.name}")
-    base_records = {r["user"]: r["text"] for r in teacher.read_cache(root / "base" / "cache.jsonl")}
+    base_records = {r["user"]: r["text"]
+                    for r in rationales.read_cache(root / "base" / "cache.jsonl")}
     self.assertEqual([base_records[q.user] for q in requests],
                      texts(Llama(CONFIG), {"params": base}))
 

@@ -17,7 +17,7 @@ import time
 from absl.testing import absltest
 import numpy as np
 
-from slim_jax import prompts, teacher
+from slim_jax import parallel, prompts, rationales, teacher
 from slim_jax.prompts import PromptConfig
 from slim_jax.teacher import TeacherConfig
 from tests import fake_openai_server as fake
@@ -25,15 +25,16 @@ from tests import fake_openai_server as fake
 REPO = pathlib.Path(__file__).resolve().parent.parent
 KEY_ENV = "SLIM_JAX_TEST_TEACHER_KEY"
 SECRET = "sk-test-8c1f0e2d9b7a4c6e"
+PCFG = PromptConfig()
 
 
-def synthetic_requests(n: int) -> list[teacher.Request]:
+def synthetic_requests(n: int) -> list[rationales.Request]:
   """`n` distinct prompts, as the teacher stage would build them."""
   requests = []
   for user in range(n):
     history = [f"Movie {user}-{k} ({1980 + k}) | Genres: Drama" for k in range(1 + user % 7)]
     messages = tuple(prompts.cot_messages(history, PromptConfig()))
-    requests.append(teacher.Request(user, f"u{user}", "valid", messages, len(history),
+    requests.append(rationales.Request(user, f"u{user}", "valid", messages, len(history),
                                     prompt_tokens=sum(len(m["content"]) for m in messages) // 4))
   return requests
 
@@ -60,8 +61,9 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(200)
     cfg = client_config("")
     with fake.FakeOpenAI(seed=1, fault_rate=0.3, api_key=SECRET) as server:
-      teacher.run_openai(requests, dataclasses.replace(cfg, base_url=server.url), self.cache)
-    records = teacher.read_cache(self.cache)
+      teacher.run_openai(requests, dataclasses.replace(cfg, base_url=server.url), PCFG,
+                         self.cache)
+    records = rationales.read_cache(self.cache)
 
     self.assertEqual(set(server.faults_served), set(fake.FAULTS))  # every fault was served
     self.assertGreater(sum(server.faults_served.values()), 60)
@@ -76,23 +78,23 @@ class OpenAIClientTest(absltest.TestCase):
       self.assertEqual(got["prompt_hash"], request.prompt_hash)
       self.assertGreaterEqual(got["attempts"], requested)  # a timed-out connect never arrives
 
-    summary = teacher.summarize(requests, records, "gpt-test")
+    summary = rationales.summarize(requests, records, "gpt-test")
     self.assertEqual((summary["ok"], summary["failed"], summary["missing"]), (200, 0, 0))
     self.assertEqual(summary["steps"]["missing_any"], 0)
     self.assertEqual(summary["prompt_tokens"], server.billed["prompt_tokens"])
     self.assertEqual(summary["completion_tokens"], server.billed["completion_tokens"])
     self.assertAlmostEqual(summary["cost_usd"], (server.billed["prompt_tokens"] * 0.0015 +
                                                  server.billed["completion_tokens"] * 0.002) / 1000)
-    self.assertEqual(teacher.pending(requests, records, "gpt-test", retry_failures=True), [])
+    self.assertEqual(rationales.pending(requests, records, "gpt-test", retry_failures=True), [])
 
   def test_sigkill_midway_then_rerun_requests_nothing_already_recorded(self):
     requests = synthetic_requests(200)
     child = textwrap.dedent("""
         import pathlib, sys
         from slim_jax import teacher
-        from tests.test_teacher import client_config, synthetic_requests
+        from tests.test_teacher import PCFG, client_config, synthetic_requests
         teacher.run_openai(synthetic_requests(200), client_config(sys.argv[1], concurrency=4),
-                           pathlib.Path(sys.argv[2]))
+                           PCFG, pathlib.Path(sys.argv[2]))
         """)
     with fake.FakeOpenAI(seed=2, fault_rate=0.3, latency_s=0.02, api_key=SECRET) as server:
       process = subprocess.Popen([sys.executable, "-c", child, server.url, str(self.cache)],
@@ -104,16 +106,17 @@ class OpenAIClientTest(absltest.TestCase):
       stderr = process.communicate()[1]
       self.assertEqual(process.returncode, -signal.SIGKILL, stderr)
 
-      recorded = teacher.read_cache(self.cache)
+      recorded = rationales.read_cache(self.cache)
       self.assertBetween(len(recorded), 40, 199)
       before = dict(server.requests)
       cfg = client_config(server.url)
-      teacher.run_openai(teacher.pending(requests, recorded, "gpt-test", False), cfg, self.cache)
+      teacher.run_openai(rationales.pending(requests, recorded, "gpt-test", False), cfg, PCFG,
+                         self.cache)
 
     for record in recorded:
       key = fake.prompt_key(list(requests[record["user"]].messages))
       self.assertEqual(server.requests[key], before[key], record)  # not requested again
-    records = teacher.read_cache(self.cache)
+    records = rationales.read_cache(self.cache)
     self.assertEqual(sorted(r["user"] for r in records), list(range(200)))
     self.assertTrue(all(r["status"] == "ok" for r in records))
     self.assertNotIn(SECRET, stderr)
@@ -122,30 +125,30 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(5)
     with fake.FakeOpenAI(fault_rate=1.0, faults=["length"], faulty_attempts=(99, 99)) as server:
       cfg = client_config(server.url, max_retries=2)
-      teacher.run_openai(requests, cfg, self.cache)
+      teacher.run_openai(requests, cfg, PCFG, self.cache)
       self.assertEqual(served(server, requests), [3] * 5)
-      records = teacher.read_cache(self.cache)
+      records = rationales.read_cache(self.cache)
       self.assertEqual({(r["status"], r["text"], r["finish_reason"]) for r in records},
                        {("failed", "", "length")})
-      self.assertEqual(teacher.pending(requests, records, "gpt-test", retry_failures=False), [])
-      todo = teacher.pending(requests, records, "gpt-test", retry_failures=True)
-      teacher.run_openai(todo, cfg, self.cache)
+      self.assertEqual(rationales.pending(requests, records, "gpt-test", retry_failures=False), [])
+      todo = rationales.pending(requests, records, "gpt-test", retry_failures=True)
+      teacher.run_openai(todo, cfg, PCFG, self.cache)
       self.assertEqual(served(server, requests), [6] * 5)
-      summary = teacher.summarize(requests, teacher.read_cache(self.cache), "gpt-test")
+      summary = rationales.summarize(requests, rationales.read_cache(self.cache), "gpt-test")
     self.assertEqual((summary["ok"], summary["failed"], summary["records"]), (0, 5, 10))
     self.assertEqual(summary["prompt_tokens"], server.billed["prompt_tokens"])  # paid, though
     out = pathlib.Path(self.create_tempdir().full_path) / "rationales.jsonl"
-    teacher.write_rationales(out, requests, teacher.read_cache(self.cache), "gpt-test")
+    rationales.write_rationales(out, requests, rationales.read_cache(self.cache), "gpt-test")
     self.assertEqual(out.read_text(), "")
 
   def test_api_key_is_sent_but_never_logged_or_written(self):
     requests = synthetic_requests(30)
     with self.assertLogs(level=logging.DEBUG) as logs:
       with fake.FakeOpenAI(seed=3, fault_rate=0.5, api_key=SECRET) as server:
-        teacher.run_openai(requests, client_config(server.url), self.cache)
+        teacher.run_openai(requests, client_config(server.url), PCFG, self.cache)
       with fake.FakeOpenAI(api_key="another-key") as server:
-        teacher.run_openai(synthetic_requests(31)[30:], client_config(server.url), self.cache)
-    records = teacher.read_cache(self.cache)
+        teacher.run_openai(synthetic_requests(31)[30:], client_config(server.url), PCFG, self.cache)
+    records = rationales.read_cache(self.cache)
     self.assertEqual(collections.Counter(r["status"] for r in records), {"ok": 30, "failed": 1})
     self.assertEqual(records[-1]["error"], "HTTP 401")  # refused at once, not retried
     self.assertEqual(records[-1]["attempts"], 1)
@@ -153,18 +156,50 @@ class OpenAIClientTest(absltest.TestCase):
     self.assertNotIn(SECRET, "\n".join(logs.output))
     self.assertNotIn(SECRET.encode(), self.cache.read_bytes())
 
+  def test_a_refused_parameter_is_dropped_and_logged_and_prompts_carry_no_prefill(self):
+    requests = synthetic_requests(6)
+    with fake.FakeOpenAI(fault_rate=0, unsupported=["repetition_penalty"]) as server:
+      with self.assertLogs(level="WARNING") as logs:
+        teacher.run_openai(requests, client_config(server.url, repetition_penalty=1.2), PCFG,
+                           self.cache)
+    self.assertTrue(all(r["status"] == "ok" for r in rationales.read_cache(self.cache)))
+    self.assertBetween(server.refused["repetition_penalty"], 1, 6)  # until the first refusal
+    self.assertTrue(any("repetition_penalty" in line for line in logs.output))
+    self.assertEqual(served(server, requests), [1] * 6)
+    for body in server.bodies:
+      self.assertNotIn("repetition_penalty", body)
+      self.assertEqual(body["top_p"], TeacherConfig().top_p)
+      self.assertEqual(body["messages"][-1]["role"], "user")  # no prefilled answer over HTTP
+      self.assertNotIn("Step 1:", body["messages"][-1]["content"].splitlines()[-1])
+
+  def test_rejected_answers_are_retried_up_to_candidates_then_recorded_as_failures(self):
+    echo = prompts.INSTRUCTION.split("think step by step about what the user will want next.\n")[1]
+    requests = synthetic_requests(3)
+    answers = iter([echo, echo, echo, echo, echo, fake.rationale_for(requests[2].messages)] * 2)
+    with fake.FakeOpenAI(fault_rate=0, answer=lambda messages: next(answers)) as server:
+      teacher.run_openai(requests[:2], client_config(server.url, candidates=2, concurrency=1),
+                         PCFG, self.cache)
+      self.assertEqual(served(server, requests[:2]), [2, 2])
+      teacher.run_openai(requests[2:], client_config(server.url, candidates=3), PCFG, self.cache)
+    records = {r["user"]: r for r in rationales.read_cache(self.cache)}
+    self.assertEqual([records[u]["status"] for u in range(3)], ["failed", "failed", "ok"])
+    self.assertEqual(records[0]["error"], "rejected: echo")
+    self.assertEqual(records[0]["rejections"], {"echo": 2})
+    self.assertEqual(records[0]["rejected_text"], echo)
+    self.assertEqual((records[2]["attempts"], records[2]["rejections"]), (2, {"echo": 1}))
+
   def test_missing_key_names_the_variable(self):
     del os.environ[KEY_ENV]
     with self.assertRaisesRegex(KeyError, KEY_ENV):
-      teacher.run_openai(synthetic_requests(1), client_config("http://127.0.0.1:9/v1"),
+      teacher.run_openai(synthetic_requests(1), client_config("http://127.0.0.1:9/v1"), PCFG,
                          self.cache)
 
   def test_without_usage_tokens_are_counted_with_cl100k(self):
     requests = [dataclasses.replace(r, prompt_tokens=teacher.chat_tokens(r.messages))
                 for r in synthetic_requests(4)]
     with fake.FakeOpenAI(fault_rate=0, with_usage=False) as server:
-      teacher.run_openai(requests, client_config(server.url), self.cache)
-    for request, record in zip(requests, sorted(teacher.read_cache(self.cache),
+      teacher.run_openai(requests, client_config(server.url), PCFG, self.cache)
+    for request, record in zip(requests, sorted(rationales.read_cache(self.cache),
                                                 key=lambda r: r["user"])):
       self.assertTrue(record["estimated_tokens"])
       self.assertEqual(record["prompt_tokens"], request.prompt_tokens)
@@ -177,23 +212,23 @@ class CacheTest(absltest.TestCase):
   def test_torn_last_line_is_dropped_and_cut_off(self):
     path = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "te')
-    self.assertEqual(teacher.read_cache(path), [{"a": 1}, {"a": 2}])
+    self.assertEqual(rationales.read_cache(path), [{"a": 1}, {"a": 2}])
     self.assertEqual(path.read_text(), '{"a": 1}\n{"a": 2}\n')
-    with teacher.CacheWriter(path) as writer:
+    with rationales.CacheWriter(path) as writer:
       writer.append({"a": 4})
-    self.assertEqual(teacher.read_cache(path), [{"a": 1}, {"a": 2}, {"a": 4}])
+    self.assertEqual(rationales.read_cache(path), [{"a": 1}, {"a": 2}, {"a": 4}])
 
   def test_corrupt_inner_line_names_file_and_line(self):
     path = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
     path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
     with self.assertRaisesRegex(ValueError, "cache.jsonl:2: not a JSON record"):
-      teacher.read_cache(path)
+      rationales.read_cache(path)
 
   def test_second_writer_is_refused(self):
     path = pathlib.Path(self.create_tempdir().full_path) / "cache.jsonl"
-    with teacher.CacheWriter(path):
+    with rationales.CacheWriter(path):
       with self.assertRaisesRegex(RuntimeError, "being written by another run"):
-        teacher.CacheWriter(path)
+        rationales.CacheWriter(path)
 
 
 class RateLimiterTest(absltest.TestCase):
@@ -250,7 +285,7 @@ class DryRunTest(absltest.TestCase):
     self.assertEqual(estimate["completion_tokens"], 943 * tcfg.max_tokens)
     self.assertAlmostEqual(estimate["cost_usd"], (estimate["prompt_tokens"] * 0.0015
                                                   + estimate["completion_tokens"] * 0.002) / 1000)
-    requests = teacher.build_requests(prepared, pcfg, teacher.chat_tokens, max_users=10)
+    requests = rationales.build_requests(prepared, pcfg, teacher.chat_tokens, max_users=10)
     self.assertLen(requests, 10)
     self.assertLessEqual(max(r.prompt_tokens for r in requests), 1024)
     lengths = np.diff(prepared.seq_offsets)[:10] - 2
@@ -296,50 +331,60 @@ def bigram_params(config, transitions: dict[int, int], seed: int = 0):
 
 class LocalTeacherTest(absltest.TestCase):
 
-  def test_bigram_llama_writes_the_same_records_at_zero_dollars(self):
-    from slim_jax import parallel
-    from slim_jax.checkpoints import hf
-    from slim_jax.config import DataConfig
-    from slim_jax.data import preprocess
-    from slim_jax.data.formats import RawDataset
-    from slim_jax.models import llama
-
-    tokenizer = byte_tokenizer()
-    newline, letter = tokenizer.encode("\n")[0], tokenizer.encode("A")[0]
-    config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=len(tokenizer),
-                                 max_position_embeddings=2048)
+  def test_bigram_llama_answers_every_request_once_at_zero_dollars(self):
     directory = pathlib.Path(self.create_tempdir().full_path)
-    params = bigram_params(config, {newline: letter, letter: tokenizer.eos_token_id})
-    hf.save_hf(directory / "bigram", config, params, tokenizer)
-    rows = [(f"u{u}", f"i{(u * 3 + k) % 11}", k) for u in range(6) for k in range(4 + u)]
-    users, items, times = zip(*rows)
-    prepared = preprocess.prepare(RawDataset(
-        "toy", np.asarray(users, str), np.asarray(items, str), np.asarray(times, float),
-        np.full(len(rows), np.nan, np.float32), {}, {}), DataConfig())
-
+    prepared, tokenizer = bigram_fixture(directory)
     tcfg = TeacherConfig(kind="local", checkpoint=str(directory / "bigram"), max_tokens=4,
-                         batch_size=4, max_users=4)
+                         batch_size=4, max_users=4, temperature=0.0)
     pcfg = PromptConfig(max_prompt_tokens=680, domain="generic")
     mesh = parallel.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
     summary = teacher.run_teacher(tcfg, pcfg, prepared, directory / "out", mesh)
-    records = teacher.read_cache(directory / "out" / "cache.jsonl")
+    records = rationales.read_cache(directory / "out" / "cache.jsonl")
 
-    self.assertEqual((summary["requests"], summary["ok"], summary["failed"]), (4, 4, 0))
+    # The bigram model writes "A" after the prefilled "Step 1:" and stops: a rationale without
+    # steps 2 and 3, which the filter rejects.
+    self.assertEqual((summary["requests"], summary["ok"], summary["failed"]), (4, 0, 4))
+    self.assertEqual(summary["rejections"], {"missing_step": 4})
     self.assertEqual(sorted(r["user"] for r in records), [0, 1, 2, 3])
     cut = 0
     for r in records:
       history = [prepared.item_text[i] for i in prepared.split("valid").history(r["user"])]
       cut += r["history_len"] < len(history)
-      prompt = teacher.chat_ids(tokenizer, prompts.cot_messages(history[-r["history_len"]:], pcfg))
-      self.assertLessEqual(len(prompt), 680)
-      self.assertEqual((r["model"], r["text"], r["status"]), ("local:bigram", "A", "ok"))
+      messages = prompts.cot_messages(history[-r["history_len"]:], pcfg)
+      self.assertLessEqual(len(rationales.chat_ids(tokenizer, messages)), 680)
+      prompt = rationales.chat_ids(tokenizer, messages, "Step 1:")
+      self.assertEqual(tokenizer.decode(prompt[-7:]), "Step 1:")  # the answer is prefilled
+      self.assertEqual((r["model"], r["rejected_text"], r["status"], r["error"]),
+                       ("local:bigram", "Step 1:A", "failed", "rejected: missing_step"))
       self.assertEqual((r["prompt_tokens"], r["completion_tokens"]), (len(prompt), 1))
       self.assertEqual(r["cost_usd"], 0.0)
     self.assertEqual(summary["prompt_tokens"], sum(r["prompt_tokens"] for r in records))
     self.assertBetween(cut, 1, 3)  # the budget cut some histories, not all
-    self.assertLen((directory / "out" / "rationales.jsonl").read_text().splitlines(), 4)
+    self.assertEqual((directory / "out" / "rationales.jsonl").read_text(), "")
     teacher.run_teacher(tcfg, pcfg, prepared, directory / "out", mesh)  # a rerun adds nothing
-    self.assertLen(teacher.read_cache(directory / "out" / "cache.jsonl"), 4)
+    self.assertLen(rationales.read_cache(directory / "out" / "cache.jsonl"), 4)
+
+
+def bigram_fixture(directory: pathlib.Path):
+  """(prepared, tokenizer): six toy users without item metadata, and at directory/bigram a tiny
+  LLaMA that answers any prompt ending in ":" with "A" and stops."""
+  from slim_jax.checkpoints import hf
+  from slim_jax.config import DataConfig
+  from slim_jax.data import preprocess
+  from slim_jax.data.formats import RawDataset
+  from slim_jax.models import llama
+  tokenizer = byte_tokenizer()
+  colon, letter = tokenizer.encode(":")[0], tokenizer.encode("A")[0]
+  config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=len(tokenizer),
+                               max_position_embeddings=2048)
+  params = bigram_params(config, {colon: letter, letter: tokenizer.eos_token_id})
+  hf.save_hf(directory / "bigram", config, params, tokenizer)
+  rows = [(f"u{u}", f"i{(u * 3 + k) % 11}", k) for u in range(6) for k in range(4 + u)]
+  users, items, times = zip(*rows)
+  prepared = preprocess.prepare(RawDataset(
+      "toy", np.asarray(users, str), np.asarray(items, str), np.asarray(times, float),
+      np.full(len(rows), np.nan, np.float32), {}, {}), DataConfig())
+  return prepared, tokenizer
 
 
 if __name__ == "__main__":

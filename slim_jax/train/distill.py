@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import time
@@ -28,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from slim_jax import assets, checkpoints, parallel, prompts, teacher
+from slim_jax import assets, checkpoints, parallel, prompts, rationales
 from slim_jax.checkpoints import peft
 from slim_jax.data import loader
 from slim_jax.models import llama, lora as lora_lib
@@ -87,23 +86,13 @@ class TrainState:
 # Examples: teacher rationales -> (student prompt ids, rationale ids).
 
 
-def read_rationales(path: pathlib.Path) -> list[dict]:
-  """The records of a rationales.jsonl; a malformed line is reported by file and line."""
-  records = []
-  for number, line in enumerate(pathlib.Path(path).read_text(encoding="utf-8").splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      missing = [k for k in ("user_id", "split", "text") if k not in record]
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
-    if missing:
-      raise ValueError(f"{path}:{number}: record lacks {', '.join(missing)}")
-    records.append(record)
-  if not records:
-    raise ValueError(f"{path}: no rationales to distill")
-  return records
+def read_teacher_rationales(path: pathlib.Path) -> list[dict]:
+  """The teacher's accepted rationales; none is a clear error (nothing to distill)."""
+  rows = rationales.read_rationales(path)
+  if not rows:
+    raise ValueError(f"{path}: no rationales to distill (the teacher stage accepted none; see "
+                     f"its summary's rejections)")
+  return rows
 
 
 def training_examples(records: Sequence[Mapping], prepared, pcfg: PromptConfig, tokenizer,
@@ -118,7 +107,7 @@ def training_examples(records: Sequence[Mapping], prepared, pcfg: PromptConfig, 
   histories = {(user, split): items
                for user, split, items in prompts.visible_histories(prepared, "per_split")}
   index = {str(user_id): user for user, user_id in enumerate(prepared.user_ids)}
-  render = functools.partial(teacher.chat_ids, tokenizer)
+  render = functools.partial(rationales.chat_ids, tokenizer)
   users, prompt_ids, rationale_ids = [], [], []
   for record in records:
     items = histories.get((index.get(str(record["user_id"])), record["split"]))
@@ -312,7 +301,8 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
       checkpoint, mesh, dtype=cfg.dtype, param_dtype=cfg.base_dtype,
       remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
   users, prompt_ids, rationale_ids = training_examples(
-      read_rationales(rationales_path), prepared, pcfg, tokenizer, cfg.max_rationale_tokens)
+      read_teacher_rationales(rationales_path), prepared, pcfg, tokenizer,
+      cfg.max_rationale_tokens)
   held_out = heldout_users(users, cfg.heldout_fraction, cfg.seed)
   train = [i for i, user in enumerate(users) if user not in held_out]
   heldout = [i for i, user in enumerate(users) if user in held_out]

@@ -220,5 +220,9 @@ def run(cfg: Config, workdir: pathlib.Path, stages: list[str]) -> dict[str, dict
   unknown = [name for name in stages if name not in STAGES]
   if unknown:
     raise ValueError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+  for section in dataclasses.fields(cfg):  # a bad value fails here, not stages later
+    value = getattr(cfg, section.name)
+    if hasattr(value, "checked"):
+      value.checked()
   workdir.mkdir(parents=True, exist_ok=True)
   return {name: run_stage(name, cfg, workdir) for name in stages}

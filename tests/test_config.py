@@ -24,6 +24,16 @@ class OverrideTest(absltest.TestCase):
     with self.assertRaisesRegex(KeyError, r"data\.max_len.*valid keys:.*rec\.max_len"):
       config.apply_overrides(config.Config(), ["data.max_len=3"])
 
+  def test_bad_values_fail_before_the_first_stage(self):
+    from slim_jax import pipeline
+    workdir = pathlib.Path(self.create_tempdir().full_path) / "work"
+    for assignment, message in (("slim.modes=plain,backbone_plus", "slim.modes"),
+                                ("prompt.instruction=Tell me about {history}", "Step 1:")):
+      cfg = config.apply_overrides(config.Config(), [assignment])
+      with self.assertRaisesRegex(ValueError, message):
+        pipeline.run(cfg, workdir, ["fetch", "prepare"])
+      self.assertFalse(workdir.exists())  # nothing ran
+
   def test_wrong_type(self):
     with self.assertRaisesRegex(ValueError, r"rec\.max_len=abc: expected int"):
       config.apply_overrides(config.Config(), ["rec.max_len=abc"])

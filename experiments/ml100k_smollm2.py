@@ -5,12 +5,14 @@ Evaluation follows RecBole's protocol: no filtering, leave-one-out by time, full
 
 Presets (`--set preset=NAME`):
   quick (default): the teacher writes short rationales for the first 48 users, the student
-    distils on them for 12 steps and writes one for each of the first 200 users, and GRU4Rec
-    trains for at most 12 epochs per variant, so the whole pipeline runs in about 11 minutes
-    on a 2-core CPU (measured: 10 min 45 s). With 200 of 943 users holding a rationale, it
-    shows the pipeline working, not SLIM's effect: experiments/ablate.py measures that.
-  full: every one of the 943 users, longer rationales, longer distillation.
-On a CPU the LLM stages compute in float32: XLA's CPU bfloat16 matmuls are slower.
+    distils on them for 12 steps and writes one for each of the first 128 users, and GRU4Rec
+    trains for at most 12 epochs per variant of the paper's main rows, so the whole pipeline
+    fits a coffee break on a 2-core CPU (docs/results.md has the wall time). With 128 of 943
+    users holding a rationale, it shows the pipeline working, not SLIM's effect:
+    experiments/ablate.py measures that.
+  full: every one of the 943 users, longer rationales, longer distillation, every variant.
+On a CPU the LLM stages compute in float32: generation in bfloat16 is slower there
+(docs/benchmarks.md).
 """
 
 import dataclasses
@@ -29,12 +31,14 @@ def get_config(preset: str = "quick") -> Config:
       name="ml100k_smollm2",
       preset="full",
       data=DataConfig(name="ml-100k", format="recbole"),
-      prompt=PromptConfig(domain="movies", max_prompt_tokens=768, max_words=150),
-      teacher=TeacherConfig(kind="local", max_tokens=320, batch_size=16),
+      # Budgets a token or more under a prefill bucket (768, 512): the answer's "Step 1:" joins.
+      prompt=PromptConfig(domain="movies", max_prompt_tokens=760, student_max_prompt_tokens=500,
+                          max_words=150),
+      teacher=TeacherConfig(kind="local", max_tokens=256, batch_size=32),
       distill=DistillConfig(steps=300, batch_size=8, max_rationale_tokens=320,
                             buckets=(512, 768, 1024, 1280), dtype="float32",
                             base_dtype="float32", eval_every=50, checkpoint_every=50),
-      student=StudentConfig(max_tokens=320, batch_size=16, dtype="float32"),
+      student=StudentConfig(max_tokens=256, batch_size=32, dtype="float32"),
       encoder=EncoderConfig(kind="minilm"),
       rec=RecConfig(backbone="sasrec"),
   )
@@ -44,17 +48,21 @@ def get_config(preset: str = "quick") -> Config:
     raise ValueError(f"preset={preset!r}: expected quick or full")
   return dataclasses.replace(
       full, preset="quick",
-      prompt=dataclasses.replace(full.prompt, max_prompt_tokens=384, max_words=80),
-      # Large generation batches: at batch 32 this CPU writes 1.9x the rationales a minute of
-      # batch 16 (prompt 384, 128 new tokens): a decode step costs nearly the same at either.
+      prompt=dataclasses.replace(full.prompt, max_prompt_tokens=500, student_max_prompt_tokens=380,
+                                 max_words=80),
+      # The teacher's prompt holds the exemplar; the student's has none and a smaller budget, so
+      # both prefill within one 384- or 512-token bucket. Large generation batches: a decode step
+      # costs nearly the same for 16 rows as for 48.
       teacher=dataclasses.replace(full.teacher, max_users=48, max_tokens=128, batch_size=48),
-      # lr 1e-3: in 12 steps held-out perplexity fell 1.415 -> 1.235 (2e-4: -> 1.366); a fifth
-      # of the ~25 rationales the teacher finishes are held out, so that perplexity means something.
+      # lr 1e-3: 12 steps at 2e-4 barely move the held-out perplexity; a fifth of the teacher's
+      # rationales are held out, so that perplexity means something.
       distill=dataclasses.replace(full.distill, steps=12, batch_size=4, max_rationale_tokens=160,
                                   buckets=(384, 544), eval_every=4, checkpoint_every=4,
                                   warmup_steps=2, lr=1e-3, heldout_fraction=0.2),
-      student=dataclasses.replace(full.student, max_users=200, max_tokens=128, batch_size=40),
-      # GRU4Rec: the fastest backbone here (5 s an epoch) and the most accurate; 12 epochs each
-      # for the plain and the SLIM variants keep the train stage to a few minutes.
+      student=dataclasses.replace(full.student, max_users=128, max_tokens=128, batch_size=32),
+      # GRU4Rec: the fastest backbone here and the most accurate; 12 epochs for each of the
+      # paper's main rows keep the train stage to a few minutes.
       rec=dataclasses.replace(full.rec, backbone="gru4rec", epochs=12),
+      slim=dataclasses.replace(full.slim, modes=("plain", "item_text", "id_based", "id_agnostic",
+                                                 "zero_shot", "popularity")),
   )

@@ -25,7 +25,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from slim_jax import assets, parallel
+from slim_jax import assets, parallel, rationales as rationale_files
 from slim_jax.data import loader
 from slim_jax.models import bert, llama
 
@@ -246,12 +246,6 @@ def encode(texts: Sequence[str], cfg: EncoderConfig, cache_dir: str | pathlib.Pa
   return vectors
 
 
-def read_rationales(path: pathlib.Path) -> list[dict]:
-  """The rows of a rationales.jsonl (teacher or student), in file order."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def rationale_vectors(rows: Sequence[Mapping], vectors: np.ndarray, num_users: int,
                       split: str) -> tuple[np.ndarray, np.ndarray]:
   """[U, D] vectors of each user's `split` rationale and a [U] mask of users that have one."""
@@ -313,7 +307,7 @@ def encode_teacher(cfg: EncoderConfig, prepared, teacher_path: pathlib.Path,
   """The teacher's rationales encoded by the encoder that encoded the student's (for
   `load_encoded`); a clear error when the teacher stage has not written them."""
   teacher_path = pathlib.Path(teacher_path)
-  rows = read_rationales(teacher_path) if teacher_path.is_file() else []
+  rows = rationale_files.read_rationales(teacher_path) if teacher_path.is_file() else []
   if not rows:
     raise FileNotFoundError(f"mode teacher_rationales reads {teacher_path}, which is missing or "
                             "empty: run --stages=teacher")
@@ -416,7 +410,8 @@ def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
   np.save(out / "item_vectors.npy", items)
   if without_text:
     logging.warning("encode: %d items have no text; their text vector is zero", without_text)
-  rows = read_rationales(rationales_path) if pathlib.Path(rationales_path).is_file() else []
+  path = pathlib.Path(rationales_path)
+  rows = rationale_files.read_rationales(path) if path.is_file() else []
   summary = {"kind": cfg.kind, "items": len(items) - 1, "items_without_text": without_text,
              "dim": int(items.shape[1]), "rationales": len(rows)}
   if not rows:

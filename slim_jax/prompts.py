@@ -37,6 +37,9 @@ class PromptConfig:
   exemplar_history: tuple[str, ...] = ()
   exemplar_rationale: str = ""
   instruction: str = ""  # a template in INSTRUCTION's placeholders; "" = INSTRUCTION
+  # The student's prompt budget (0 = max_prompt_tokens): it has no exemplar to fit, and every
+  # user's prompt is prefilled at generation, so a smaller one buys throughput.
+  student_max_prompt_tokens: int = 0
 
   def checked(self) -> PromptConfig:
     """This config, or a clear error for a value that would fail (or mislead) a run."""
@@ -167,25 +170,29 @@ def exemplar(cfg: PromptConfig) -> tuple[tuple[str, ...], str]:
   return words.exemplar_history, words.exemplar_rationale
 
 
-def request_text(item_texts: Sequence[str], cfg: PromptConfig) -> str:
-  """The user message asking for a three-step rationale about this (oldest-first) history."""
+def request_text(item_texts: Sequence[str], cfg: PromptConfig, history_only: bool = False) -> str:
+  """The user message asking for a three-step rationale about this (oldest-first) history; with
+  `history_only`, the template up to and including the history."""
   words = domain(cfg)
+  template = cfg.instruction or INSTRUCTION
+  if history_only:
+    template = template.split("{history}")[0] + "{history}"
   history = "\n".join(f"{i}. {text}" for i, text in enumerate(item_texts, 1))
-  user = (cfg.instruction or INSTRUCTION).format(
-      verb=words.verb, items=words.items, kinds=words.kinds, recommend=cfg.recommend,
-      history=history)
-  if cfg.max_words:
+  user = template.format(verb=words.verb, items=words.items, kinds=words.kinds,
+                         recommend=cfg.recommend, history=history)
+  if cfg.max_words and not history_only:
     user += f" Keep the whole answer under {cfg.max_words} words."
   return user
 
 
 def cot_messages(item_texts: Sequence[str], cfg: PromptConfig) -> list[dict[str, str]]:
   """The chat messages asking for a three-step rationale about this (oldest-first) history,
-  after the exemplar's question and answer when the config has one."""
+  after the exemplar when the config has one: a turn with its history alone (the instructions
+  once, in the question that matters, keep the prompt short) and the answer it deserves."""
   messages = [{"role": "system", "content": SYSTEM}]
   if cfg.exemplar:
     history, rationale = exemplar(cfg)
-    messages += [{"role": "user", "content": request_text(history, cfg)},
+    messages += [{"role": "user", "content": request_text(history, cfg, history_only=True)},
                  {"role": "assistant", "content": rationale}]
   return messages + [{"role": "user", "content": request_text(item_texts, cfg)}]
 
@@ -225,7 +232,8 @@ def student_config(cfg: PromptConfig) -> PromptConfig:
   """The student's prompt: the teacher's without the exemplar (the paper's simplified student
   template). Distillation teaches the student the answer's form, and every user's prompt is
   then a shorter, cheaper prefill."""
-  return dataclasses.replace(cfg, exemplar=False)
+  return dataclasses.replace(cfg, exemplar=False, max_prompt_tokens=(
+      cfg.student_max_prompt_tokens or cfg.max_prompt_tokens))
 
 
 def student_prompt(item_texts: Sequence[str], cfg: PromptConfig,
@@ -233,8 +241,9 @@ def student_prompt(item_texts: Sequence[str], cfg: PromptConfig,
                    ) -> tuple[Sequence[int], int]:
   """(token ids, items kept): the student's messages through its chat template `render`
   (e.g. apply_chat_template with the generation prompt), cut to the student's own budget."""
-  return fit_history(item_texts, lambda texts: render(cot_messages(texts, student_config(cfg))),
-                     len, cfg.max_prompt_tokens)
+  cfg = student_config(cfg)
+  return fit_history(item_texts, lambda texts: render(cot_messages(texts, cfg)), len,
+                     cfg.max_prompt_tokens)
 
 
 def visible_histories(prepared, history: str) -> Iterator[tuple[int, str, np.ndarray]]:

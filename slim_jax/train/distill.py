@@ -273,8 +273,9 @@ def _check(cfg: DistillConfig, pcfg: PromptConfig, mesh) -> None:
     raise ValueError("distill.pack=True is not supported yet: packed rows need segment-aware "
                      "attention and positions in models/llama.py; without it examples would "
                      "attend across each other")
-  if pcfg.max_prompt_tokens + cfg.max_rationale_tokens > max(cfg.buckets):
-    raise ValueError(f"prompt.max_prompt_tokens={pcfg.max_prompt_tokens} + "
+  budget = prompts.student_config(pcfg).max_prompt_tokens
+  if budget + cfg.max_rationale_tokens > max(cfg.buckets):
+    raise ValueError(f"the student's prompt budget {budget} + "
                      f"distill.max_rationale_tokens={cfg.max_rationale_tokens} exceed the largest "
                      f"of distill.buckets={cfg.buckets}")
   multiple = cfg.grad_accum * parallel.batch_size_multiple(mesh)

@@ -41,8 +41,9 @@ class SamplingConfig:
   no_repeat_ngram: int = 0
   # Guided steps: token ids of the markers that open steps 2..N ("Step 2:", ...). A row's first
   # line end (a token of `line_ends`) in step k < N is followed by step k+1's marker, forced;
-  # a line end in step N stops the row. A small model then writes every step in order, each on
-  # one line, and stops after the last, instead of numbering its own steps and rambling on.
+  # a line end in step N stops the row (pad_id follows, so pad_id should be a stop id, as EOS
+  # is). A small model then writes every step in order, each on one line, and stops after the
+  # last, instead of numbering its own steps and rambling on.
   step_markers: tuple[tuple[int, ...], ...] = ()
   line_ends: tuple[int, ...] = ()
 

@@ -171,7 +171,8 @@ class TinyGenerateTest(parameterized.TestCase):
   def test_guided_steps_force_each_marker_after_a_line_end_then_stop(self):
     everything = tuple(range(TINY.vocab_size))  # every token ends a line
     guided = SamplingConfig(16, step_markers=((101, 102), (103, 104, 105)), line_ends=everything)
-    for ids in _generate(self.model, self.variables, _prompts([4, 6]), guided):
+    # a finished row goes on with pad_id, here a stop id as EOS is in use
+    for ids in _generate(self.model, self.variables, _prompts([4, 6]), guided, stop_ids=(0,)):
       self.assertLen(ids, 8)  # a token, marker 2, a token, marker 3, the last step's token
       self.assertEqual((ids[1:3], ids[4:7]), ([101, 102], [103, 104, 105]))
 

@@ -259,23 +259,25 @@ class OptionalParameters:
     self._values = {"top_p": cfg.top_p}
     if cfg.repetition_penalty != 1.0:
       self._values["repetition_penalty"] = cfg.repetition_penalty
+    self._optional = tuple(self._values)
     self._lock = threading.Lock()
 
   def values(self) -> dict:
     with self._lock:
       return dict(self._values)
 
-  def drop_named(self, status: int, body: bytes) -> bool:
-    """Whether an error response names a parameter we sent (now dropped)."""
+  def drop_named(self, status: int, body: bytes, sent: Mapping) -> bool:
+    """Whether an error response names an optional parameter of the request `sent` (dropped
+    now, unless a concurrent request's refusal dropped it already)."""
     if status != 400:
       return False
     text = body.decode("utf-8", "replace")
     with self._lock:
-      named = [name for name in self._values if name in text]
+      named = [name for name in sent if name in self._optional and name in text]
       for name in named:
-        del self._values[name]
-        logging.warning("teacher: the server refused the parameter %r; dropped from requests",
-                        name)
+        if self._values.pop(name, None) is not None:
+          logging.warning("teacher: the server refused the parameter %r; dropped from requests",
+                          name)
     return bool(named)
 
 
@@ -291,7 +293,7 @@ def complete(request: Request, cfg: TeacherConfig, api_key: str, limiter: RateLi
     limiter.acquire(request.prompt_tokens + cfg.max_tokens)
     try:
       status, headers, payload = post_chat(cfg.base_url, body, api_key, cfg.timeout_s)
-      if optional.drop_named(status, payload):
+      if optional.drop_named(status, payload, body):
         continue
       outcome = interpret(status, headers, payload, request)
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets, dropped connections

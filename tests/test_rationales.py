@@ -54,7 +54,7 @@ class SharedPathTest(absltest.TestCase):
   def test_prefill_is_in_local_prompts_and_in_the_cache_key(self):
     directory = pathlib.Path(self.create_tempdir().full_path)
     prepared, tokenizer = bigram_fixture(directory)
-    pcfg = PromptConfig(domain="generic")
+    pcfg = PromptConfig(domain="generic", exemplar=False)
     count = lambda messages: len(rationales.chat_ids(tokenizer, messages))
     local = rationales.build_requests(prepared, pcfg, count, local=True)
     remote = rationales.build_requests(prepared, pcfg, count)
@@ -132,7 +132,7 @@ class KillTest(absltest.TestCase):
         teacher.run_teacher(TeacherConfig(kind="local", checkpoint=str(directory / "bigram"),
                                           max_tokens=4, batch_size=1, temperature=0.0,
                                           max_users=USERS),
-                            PromptConfig(), prepared, directory / "out")
+                            PromptConfig(exemplar=False), prepared, directory / "out")
         """).replace("USERS", str(USERS))
     run = lambda: subprocess.Popen([sys.executable, "-c", child, str(directory)], cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -69,7 +69,7 @@ class OpenAIClientTest(absltest.TestCase):
     self.assertGreater(sum(server.faults_served.values()), 60)
     self.assertLessEqual(server.max_in_flight, cfg.concurrency)
     self.assertLen(records, 200)
-    self.assertEqual(collections.Counter(map(teacher.cache_key, records)).most_common(1)[0][1], 1)
+    self.assertEqual(collections.Counter(map(rationales.cache_key, records)).most_common(1)[0][1], 1)
     by_user = {r["user_id"]: r for r in records}
     for request, requested in zip(requests, served(server, requests)):
       got = by_user[request.user_id]
@@ -336,7 +336,7 @@ class LocalTeacherTest(absltest.TestCase):
     prepared, tokenizer = bigram_fixture(directory)
     tcfg = TeacherConfig(kind="local", checkpoint=str(directory / "bigram"), max_tokens=4,
                          batch_size=4, max_users=4, temperature=0.0)
-    pcfg = PromptConfig(max_prompt_tokens=680, domain="generic")
+    pcfg = PromptConfig(max_prompt_tokens=660, domain="generic", exemplar=False)
     mesh = parallel.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
     summary = teacher.run_teacher(tcfg, pcfg, prepared, directory / "out", mesh)
     records = rationales.read_cache(directory / "out" / "cache.jsonl")
@@ -351,7 +351,7 @@ class LocalTeacherTest(absltest.TestCase):
       history = [prepared.item_text[i] for i in prepared.split("valid").history(r["user"])]
       cut += r["history_len"] < len(history)
       messages = prompts.cot_messages(history[-r["history_len"]:], pcfg)
-      self.assertLessEqual(len(rationales.chat_ids(tokenizer, messages)), 680)
+      self.assertLessEqual(len(rationales.chat_ids(tokenizer, messages)), 660)
       prompt = rationales.chat_ids(tokenizer, messages, "Step 1:")
       self.assertEqual(tokenizer.decode(prompt[-7:]), "Step 1:")  # the answer is prefilled
       self.assertEqual((r["model"], r["rejected_text"], r["status"], r["error"]),

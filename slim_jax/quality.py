@@ -52,6 +52,11 @@ def attributes_of(prepared, items: Iterable[int]) -> tuple[str, ...]:
   return tuple(sorted({a for i in items for a in item_attributes(prepared.item_meta[i])}))
 
 
+def catalogue_attributes(prepared) -> tuple[str, ...]:
+  """Every attribute of the catalogue, sorted: what a rationale's step 2 can name."""
+  return tuple(sorted({a for meta in prepared.item_meta for a in item_attributes(meta)}))
+
+
 @functools.lru_cache(maxsize=4096)
 def _index(attributes: tuple[str, ...]) -> dict[tuple[str, ...], str]:
   """Each attribute by its normalised words (attributes without a word are left out)."""
@@ -168,7 +173,7 @@ def next_items(prepared, rows: Iterable[Mapping]) -> list[int]:
 def measure(rows: Sequence[Mapping], requests: int, prepared, seed: int = 0) -> dict:
   """The quality of accepted rationale `rows` (rationales.jsonl's) out of `requests` asked."""
   texts = [row["text"] for row in rows]
-  vocabulary = tuple(sorted({a for meta in prepared.item_meta for a in item_attributes(meta)}))
+  vocabulary = catalogue_attributes(prepared)
   step_two = [named_attributes(prompts.split_steps(text)[1], vocabulary) for text in texts]
   following = [set(item_attributes(prepared.item_meta[i])) for i in next_items(prepared, rows)]
   return {"accepted_share": len(rows) / requests if requests else 0.0,

@@ -215,8 +215,7 @@ def examples_section(prepared, workdir: pathlib.Path, variants: Mapping[str, dic
   name = next((n for n, v in variants.items() if v["mode"] == "id_based"), next(iter(variants)))
   ranked = np.load(workdir / "train" / name / "ranked_test.npz")
   test = prepared.split("test")
-  vocabulary = tuple(sorted({a for meta in prepared.item_meta
-                             for a in quality.item_attributes(meta)}))
+  vocabulary = quality.catalogue_attributes(prepared)
   title = lambda item: prepared.item_text[item].split(" | ")[0]
   parts = [f"Top-10 lists of **{label(variants[name])}**."]
   for row, user in enumerate(ranked["users"]):

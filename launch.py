@@ -2,7 +2,7 @@
 
   python launch.py                                   # the embedded default, every stage
   python launch.py --stages=fetch,prepare --workdir=/tmp/slim
-  python launch.py --config=experiments/ml100k_smollm2.py --set rec.max_len=100
+  python launch.py --config=experiments/configs/ml100k_smollm2.py --set rec.max_len=100
 
 On a multi-host TPU pod, run the same command with --multiprocess on every host; JAX's
 distributed runtime then initialises from the environment (TPU metadata, SLURM, Open MPI).
@@ -14,7 +14,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "ml100k_smollm2.py"
+_DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "ml100k_smollm2.py"
 
 _CONFIG = flags.DEFINE_string("config", str(_DEFAULT_CONFIG), "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/ml100k_smollm2", "Where every stage writes.")

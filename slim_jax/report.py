@@ -56,7 +56,7 @@ def load_variants(train_dir: pathlib.Path) -> dict[str, dict]:
 def accuracy_section(variants: Mapping[str, dict], train_dir: pathlib.Path) -> str:
   """Test metrics per variant under full ranking and among sampled negatives (the paper's
   protocol); NDCG@10 against plain and shuffled: the change and Wilcoxon's p over users (one
-  seed here, so no test over seeds: experiments/ablate.py runs those)."""
+  seed here, so no test over seeds: experiments/analysis/ablate.py runs those)."""
   users = {name: {protocol: stats.user_metric(np.load(train_dir / name / "ranked_test.npz"),
                                               protocol) for protocol in stats.PROTOCOLS}
            for name in variants}

@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 from absl.testing import absltest
 
-from experiments import ablate
+from experiments.analysis import ablate
 from slim_jax.models import slim
 
 

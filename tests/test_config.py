@@ -49,7 +49,7 @@ class OverrideTest(absltest.TestCase):
     self.assertEqual(cfg.distill.lora_targets, ("q_proj", "v_proj", "down_proj"))
 
   def test_experiment_files_load(self):
-    for path in sorted((ROOT / "experiments").glob("*.py")):
+    for path in sorted((ROOT / "experiments" / "configs").glob("*.py")):
       source = path.read_text()
       if "def get_config" in source:
         with self.subTest(path.name):
@@ -57,7 +57,7 @@ class OverrideTest(absltest.TestCase):
           self.assertTrue(config.to_json(cfg))
 
   def test_preset_is_chosen_before_other_overrides(self):
-    path = ROOT / "experiments" / "ml100k_smollm2.py"
+    path = ROOT / "experiments" / "configs" / "ml100k_smollm2.py"
     quick = config.from_flags(path, [])
     full = config.from_flags(path, ["preset=full", "teacher.max_tokens=99"])
     self.assertEqual((quick.preset, full.preset), ("quick", "full"))

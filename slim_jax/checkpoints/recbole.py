@@ -1,4 +1,4 @@
-"""RecBole 1.2.1 model tensors (`experiments/recbole_reference.py`'s .weights.npz) as our params.
+"""RecBole 1.2.1 model tensors (`experiments/reference/recbole_train.py`'s .weights.npz) as our params.
 
 RecBole names its tensors after its torch modules and orders item rows by its own item ids; these
 functions rename, transpose (torch Linear weights are [out, in]) and reorder them into our

@@ -76,7 +76,7 @@ class RecConfig:
   clip_norm: float = 5.0  # global gradient norm; 0 = no clipping
   # > 0: validate, select and test an exponential moving average of the parameters with this
   # decay per step (e.g. 0.999, a window of ~1,000 steps): a smoother test curve; on ml-100k it
-  # raised GRU4Rec's test NDCG@10 (experiments/ml100k_gru4rec.py uses it) and left SASRec's
+  # raised GRU4Rec's test NDCG@10 (experiments/configs/ml100k_gru4rec.py uses it) and left SASRec's
   # (README); 0 = the trained parameters themselves, as RecBole.
   ema_decay: float = 0.0
   # Rows per step; None: 256 prefixes (last_position, RecBole's batch) or, per_position, windows

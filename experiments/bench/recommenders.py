@@ -1,12 +1,12 @@
 """Recommender speed on ml-100k, per backbone, as JSON: training examples/s, seconds per epoch,
 full-ranking evaluation users/s (all after compilation).
 
-  python -m experiments.bench_recommenders [--backbones=sasrec,gru4rec] [--steps=30] \
+  python -m experiments.bench.recommenders [--backbones=sasrec,gru4rec] [--steps=30] \
       [--set rec.train_mode=last_position]
 
 A training example is one next-item target with a loss (RecBole trains on 97,171 prefixes per
 epoch, one target each; a per-position window holds up to max_len of them). Each backbone uses
-its ml-100k experiment config (experiments/ml100k_<backbone>.py). Evaluation ranks all 1,682
+its ml-100k experiment config (experiments/configs/ml100k_<backbone>.py). Evaluation ranks all 1,682
 items for each of the 943 validation users on the device, as training's validation does.
 """
 
@@ -28,7 +28,7 @@ _STEPS = flags.DEFINE_integer("steps", 30, "Training steps to time per backbone.
 _EVALS = flags.DEFINE_integer("evals", 10, "Full evaluations to time per backbone.")
 _SET = flags.DEFINE_multi_string("set", [], "Config override key.sub=value, as in launch.py.")
 
-_EXPERIMENTS = pathlib.Path(__file__).parent
+_CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 
 
 def bench(cfg, prepared, mesh, steps: int, evals: int) -> dict:
@@ -74,7 +74,7 @@ def main(argv):
   results = {"devices": mesh.size, "backend": jax.default_backend(),
              "host_keeps_freed_memory": host.keep_freed_memory()}  # as training does
   for backbone in _BACKBONES.value:
-    cfg = config.from_flags(_EXPERIMENTS / f"ml100k_{backbone}.py", _SET.value)
+    cfg = config.from_flags(_CONFIGS / f"ml100k_{backbone}.py", _SET.value)
     results[backbone] = bench(cfg, prepared, mesh, _STEPS.value, _EVALS.value)
     print(json.dumps({backbone: results[backbone]}), flush=True)
   print(json.dumps(results, indent=2))

@@ -10,7 +10,7 @@ stopping again: windows alone reach RecBole's validation plateau 8-32x sooner th
 of six seeds) but rank users with long histories worse (test NDCG@10 on the three longer quintiles
 0.048 against RecBole's 0.055); the prefix finish brings them to 0.053 (README).
 
-  python launch.py --config=experiments/ml100k_sasrec.py --stages=fetch,prepare,train
+  python launch.py --config=experiments/configs/ml100k_sasrec.py --stages=fetch,prepare,train
 """
 
 from slim_jax.config import Config, DataConfig

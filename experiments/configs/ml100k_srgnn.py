@@ -4,7 +4,7 @@ No filtering, leave-one-out by time (RecBole's float32 time order), full ranking
 items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
 patience 10 on valid NDCG@10. Training: last position, on every training prefix as RecBole.
 
-  python launch.py --config=experiments/ml100k_srgnn.py --stages=fetch,prepare,train
+  python launch.py --config=experiments/configs/ml100k_srgnn.py --stages=fetch,prepare,train
 """
 
 from slim_jax.config import Config, DataConfig

@@ -1,6 +1,6 @@
 """Loader throughput on ml-100k: 256 x 50 next-item batches per second, as JSON.
 
-  python -m experiments.bench_loader [--batches=2000]
+  python -m experiments.bench.loader [--batches=2000]
 
 Measures host-side batches (what a training step could wait on) and global arrays placed on a
 mesh of all local devices.

@@ -6,7 +6,7 @@ patience 10 on valid NDCG@10. Training as RecBole's: every prefix, 256 a step; h
 mask only their rows' last item, the others 20% of their items. Windows train an epoch ~35x
 faster and reach less (`--set rec.train_mode=per_position --set rec.mask_last_ratio=0`; README).
 
-  python launch.py --config=experiments/ml100k_bert4rec.py --stages=fetch,prepare,train
+  python launch.py --config=experiments/configs/ml100k_bert4rec.py --stages=fetch,prepare,train
 """
 
 from slim_jax.config import Config, DataConfig

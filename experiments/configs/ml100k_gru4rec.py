@@ -7,7 +7,7 @@ next items at once). Validation, selection and test use a moving average of the 
 (decay 0.999): over eight seeds it raised the mean test NDCG@10 from epoch 10 on for every seed
 (README, Results); `--set rec.ema_decay=0` trains and selects the raw parameters, as RecBole.
 
-  python launch.py --config=experiments/ml100k_gru4rec.py --stages=fetch,prepare,train
+  python launch.py --config=experiments/configs/ml100k_gru4rec.py --stages=fetch,prepare,train
 """
 
 from slim_jax.config import Config, DataConfig

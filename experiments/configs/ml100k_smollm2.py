@@ -9,7 +9,7 @@ Presets (`--set preset=NAME`):
     trains for at most 12 epochs per variant of the paper's main rows, so the whole pipeline
     fits a coffee break on a 2-core CPU (docs/results.md has the wall time). With 96 of 943
     users holding a rationale, it shows the pipeline working, not SLIM's effect:
-    experiments/ablate.py measures that.
+    experiments/analysis/ablate.py measures that.
   full: every one of the 943 users, longer rationales, longer distillation, every variant.
 On a CPU the LLM stages compute in float32: generation in bfloat16 is slower there
 (docs/benchmarks.md).

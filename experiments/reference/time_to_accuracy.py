@@ -1,11 +1,11 @@
 """Wall-clock time to reach RecBole's best validation NDCG@10, ours against RecBole's, as JSON.
 
-  python -m experiments.time_to_accuracy \
+  python -m experiments.reference.time_to_accuracy \
       --ours=runs/gru4rec/train/gru4rec_plain/metrics.json \
       --recbole=runs/recbole/gru4rec.json
 
 `--ours` is a recommender run's metrics.json (its `history` holds every validation with the
-run's elapsed seconds, compilation included); `--recbole` is what experiments/recbole_reference.py
+run's elapsed seconds, compilation included); `--recbole` is what experiments/reference/recbole_train.py
 wrote (its `curve` holds each epoch's cumulative seconds, validation included). The target is
 RecBole's best validation NDCG@10; each side's time is that of its first validation reaching it.
 Both runs should have had the machine to themselves: the script compares the clocks they logged.

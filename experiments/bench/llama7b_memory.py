@@ -2,7 +2,7 @@
 emulated 8-device mesh: does a global batch of 8 x 1024 bf16 tokens fit in 16 GiB per device (one
 TPU v5e chip)?
 
-  python -m experiments.llama7b_memory
+  python -m experiments.bench.llama7b_memory
 
 Nothing is allocated: the base, the training state (fp32 adapters and their AdamW moments) and the
 batch are ShapeDtypeStructs with the shardings a distillation run gives them; XLA lowers and

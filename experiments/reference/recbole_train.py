@@ -3,12 +3,12 @@
 Runs in its own virtualenv (RecBole pins old numpy / ray; never install it into the project's python):
 
   python3.11 -m venv /work/recbole-venv
-  /work/recbole-venv/bin/pip install -r experiments/requirements-recbole.txt
-  /work/recbole-venv/bin/python -m experiments.recbole_reference --model=GRU4Rec --out=/work/runs/recbole/gru4rec.json
-  /work/recbole-venv/bin/python experiments/recbole_reference.py --model=SASRec --max_minutes=75 --out=...
+  /work/recbole-venv/bin/pip install -r experiments/reference/requirements-recbole.txt
+  /work/recbole-venv/bin/python -m experiments.reference.recbole_train --model=GRU4Rec --out=/work/runs/recbole/gru4rec.json
+  /work/recbole-venv/bin/python experiments/reference/recbole_train.py --model=SASRec --max_minutes=75 --out=...
 
 Besides the JSON it writes the best model's weights to `<out>.weights.npz` (RecBole's tensor names and
-its item-id order), which experiments/recbole_weights.py loads into our backbone; --export_from writes
+its item-id order), which experiments/reference/recbole_weights.py loads into our backbone; --export_from writes
 them for a checkpoint of an earlier run.
 
 Imports neither jax nor slim_jax. The data are the RecBole atomic files that slim-jax's asset fetcher
@@ -65,7 +65,7 @@ def _parse_args(argv=None):
                       "used for selection; torch's RNG is restored so training is unchanged)")
   p.add_argument("--export_from", default=None, metavar="PTH",
                  help="no training: write the weights of this RecBole checkpoint of --model to "
-                      "--out (.npz) for experiments/recbole_weights.py")
+                      "--out (.npz) for experiments/reference/recbole_weights.py")
   return p.parse_args(argv)
 
 
@@ -177,7 +177,7 @@ def _no_download(self):
 
 def save_weights(state_dict, dataset, path: pathlib.Path):
   """The model's tensors under RecBole's names, plus item_tokens (RecBole's item id -> raw item
-  id), so that experiments/recbole_weights.py can evaluate RecBole's trained model in slim-jax."""
+  id), so that experiments/reference/recbole_weights.py can evaluate RecBole's trained model in slim-jax."""
   arrays = {name: tensor.detach().cpu().numpy() for name, tensor in state_dict.items()}
   np.savez(path, item_tokens=np.asarray(dataset.field2id_token["item_id"], dtype=str), **arrays)
 

@@ -1,8 +1,8 @@
 """RecBole's trained model evaluated by slim-jax: same model, same split, same metrics, as JSON.
 
-  /work/recbole-venv/bin/python -m experiments.recbole_reference --model=SASRec \
+  /work/recbole-venv/bin/python -m experiments.reference.recbole_train --model=SASRec \
       --export_from=<run>_recbole/saved/SASRec-<date>.pth --out=runs/recbole/sasrec.weights.npz
-  python -m experiments.recbole_weights --weights=runs/recbole/sasrec.weights.npz \
+  python -m experiments.reference.recbole_weights --weights=runs/recbole/sasrec.weights.npz \
       --recbole=runs/recbole/sasrec.json --workdir=<a work directory with the prepare stage>
 
 Loads the tensors of a RecBole 1.2.1 SASRec, GRU4Rec or SRGNN (RecBole's names, item rows in

@@ -1,12 +1,12 @@
 """Where the time of a SmolLM2 LoRA training step or of batched generation goes, op by op.
 
-  python -m experiments.profile_llama [--part=train|generate] [--top=30]
+  python -m experiments.bench.profile_llama [--part=train|generate] [--top=30]
 
 Traces one call with jax.profiler, maps every XLA op it ran to its source (the op_name metadata
 of the compiled HLO, layer numbers folded) and prints JSON: wall milliseconds per (source, output
 shape), heaviest first. XLA:CPU runs independent ops on several threads at once, so summed op
 durations overcount; here each 10 µs of the trace is split among the ops running in it, and the
-shares add up to the wall time. Same workloads as experiments/bench_llama.py.
+shares add up to the wall time. Same workloads as experiments/bench/llama.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from experiments import bench_llama
+from experiments.bench import llama as bench_llama
 from slim_jax import generate, parallel
 
 _PART = flags.DEFINE_enum("part", "train", ["train", "generate"], "What to profile.")

@@ -6,7 +6,7 @@ teacher stage too for teacher_rationales), e.g.
 
   python launch.py --workdir=runs/ml100k --stages=fetch,prepare,convert,teacher,distill,generate \
       --set student.max_users=0
-  python -m experiments.ablate --workdir=runs/ml100k --backbones=gru4rec,sasrec,srgnn \
+  python -m experiments.analysis.ablate --workdir=runs/ml100k --backbones=gru4rec,sasrec,srgnn \
       --seeds=0,1,2,3,4
 
 Per backbone and seed it trains every variant of --variants (`slim.MODES`: plain, item_text,
@@ -40,8 +40,9 @@ from slim_jax import encode, parallel, pipeline, stats
 from slim_jax.models import bert, slim
 from slim_jax.train import recommend
 
-_CONFIG = flags.DEFINE_string("config", str(pathlib.Path(__file__).parent / "ml100k_smollm2.py"),
-                              "Experiment config file (its rec and encoder sections apply).")
+_CONFIG = flags.DEFINE_string(
+    "config", str(pathlib.Path(__file__).parents[1] / "configs" / "ml100k_smollm2.py"),
+    "Experiment config file (its rec and encoder sections apply).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory with prepare and generate done.",
                                required=True)
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides, as launch.py's --set.")

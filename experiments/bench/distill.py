@@ -4,7 +4,7 @@ Distillation: jitted LoRA steps (slim_jax.train.distill) on fixed-length batches
 compilation; MFU against the fp32 matmul rate measured here. Generation: the merged student
 (slim_jax.student) writing rationales for real ml-100k users. Prints one JSON object.
 
-  python experiments/bench_distill.py --steps=20 --batch=4 --seq=512
+  python experiments/bench/distill.py --steps=20 --batch=4 --seq=512
 """
 
 import json

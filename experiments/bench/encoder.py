@@ -1,6 +1,6 @@
 """Rationale-encoder throughput: ml-100k's item texts through all-MiniLM-L6-v2, texts/s as JSON.
 
-  python -m experiments.bench_encoder [--batch_size=64] [--mesh=data:-1]
+  python -m experiments.bench.encoder [--batch_size=64] [--mesh=data:-1]
 
 The first pass includes one compilation per length bucket; the second is steady state. When
 sentence-transformers (torch) is importable, it encodes the same texts side by side and the

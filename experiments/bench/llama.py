@@ -1,7 +1,7 @@
 """SmolLM2-135M in fp32 on this machine's CPU: prefill, LoRA training and KV-cache generation
 throughput and MFU, side by side with torch/transformers/PEFT when torch is importable.
 
-  python -m experiments.bench_llama [--repeats=2] [--parts=peak,prefill,train,generate]
+  python -m experiments.bench.llama [--repeats=2] [--parts=peak,prefill,train,generate]
 
 Prints one JSON object. MFU uses analytic FLOPs (llama.flops_per_token: causal attention; a LoRA
 step counts twice a forward pass) over the measured fp32 matmul peak of the same framework.

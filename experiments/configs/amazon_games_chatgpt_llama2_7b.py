@@ -5,7 +5,7 @@ Your own files (nothing here is downloaded at run time):
   distill.checkpoint   a Hugging Face LLaMA-2-7B directory (config.json + safetensors)
   OPENAI_API_KEY       in the environment, for the teacher
 
-  python launch.py --config=experiments/amazon_games_chatgpt_llama2_7b.py --multiprocess \
+  python launch.py --config=experiments/configs/amazon_games_chatgpt_llama2_7b.py --multiprocess \
       --set data.path=/data/amazon/reviews_Video_Games_5.json.gz \
       --set distill.checkpoint=/models/Llama-2-7b-hf --workdir=/mnt/shared/slim_games
 

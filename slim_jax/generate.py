@@ -78,8 +78,9 @@ def penalize_repeats(logits, generated, penalty: float):
 
 
 # Nucleus sampling looks for its head among this many most likely tokens: sorting the whole
-# vocabulary costs XLA's CPU backend more than a decode step of a small model, and top-k is cheap.
-# A nucleus wider than this is cut to it (no ordinary top_p reaches that far).
+# vocabulary costs XLA's CPU backend more than a decode step of a small model, and top-k is cheap
+# (docs/benchmarks.md, 2026-12-02). A nucleus wider than this is cut to it (no ordinary top_p
+# reaches that far).
 NUCLEUS_CANDIDATES = 256
 
 

@@ -14,7 +14,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
   XLA:CPU allocates a step's temporaries and outputs afresh at every call. glibc serves large
   ones with mmap and unmaps them when freed, so each step page-faults through new memory: a
-  third of an SRGNN training step on ml-100k (21 s an epoch, 14 s with this). Served from a heap
+  third of an SRGNN training step on ml-100k (docs/benchmarks.md, 2026-11-30). Served from a heap
   that is never trimmed, they are reused, as TPU hosts do with tcmalloc. The process keeps its
   peak memory. Returns False, changing nothing, where glibc's mallopt is missing (macOS, musl).
   """

@@ -172,7 +172,7 @@ class ArtifactsTest(absltest.TestCase):
 
 
 class MovieLens100kTest(absltest.TestCase):
-  """The embedded asset against the numbers RecBole 1.2.1 reports (PROTOCOL.md)."""
+  """The embedded asset against the numbers RecBole 1.2.1 reports (docs/protocol.md)."""
 
   def test_statistics_and_split(self):
     raw = formats.read_dataset("recbole", assets.path("ml-100k"))
@@ -188,7 +188,7 @@ class MovieLens100kTest(absltest.TestCase):
                      "Toy Story (1995) | Genres: Animation, Children's, Comedy")
 
     # RecBole's float32 time ties reorder 83 users; the rows a 50-item model sees differ for 39
-    # valid and 37 test users (PROTOCOL.md).
+    # valid and 37 test users (docs/protocol.md).
     exact = preprocess.prepare(raw, DataConfig(time_order="exact"))
     self.assertEqual(sum((prepared.sequence(u) != exact.sequence(u)).any() for u in range(943)), 83)
     for name, changed in (("valid", 39), ("test", 37)):

@@ -3,8 +3,9 @@
 No filtering, leave-one-out by time (RecBole's float32 time order), full ranking over all 1,682
 items, history not excluded, max length 50, hidden 64, CE loss, lr 1e-3, early stopping with
 patience 10 on valid NDCG@10. Training as RecBole's: every prefix, 256 a step; half the batches
-mask only their rows' last item, the others 20% of their items. Windows train an epoch ~35x
-faster and reach less (`--set rec.train_mode=per_position --set rec.mask_last_ratio=0`; README).
+mask only their rows' last item, the others 20% of their items. Windows train an epoch far
+faster and reach less (`--set rec.train_mode=per_position --set rec.mask_last_ratio=0`;
+docs/results.md, 2026-11-30, "BERT4Rec").
 
   python launch.py --config=experiments/configs/ml100k_bert4rec.py --stages=fetch,prepare,train
 """

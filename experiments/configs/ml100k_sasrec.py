@@ -6,9 +6,9 @@ patience 10 on valid NDCG@10. Training (SASRec's defaults): per position, on ove
 50 items that end every 10 items, each with the loss on its last 10 targets (rec.stride=10), 40
 windows a step: every target then sees 40-50 items of context, at a fifth of RecBole's prefix rows.
 Then (rec.finish_on_prefixes) from the windows' best state on RecBole's prefixes until early
-stopping again: windows alone reach RecBole's validation plateau 8-32x sooner than RecBole (on four
-of six seeds) but rank users with long histories worse (test NDCG@10 on the three longer quintiles
-0.048 against RecBole's 0.055); the prefix finish brings them to 0.053 (README).
+stopping again: windows alone reach RecBole's validation plateau many times sooner than RecBole
+but rank users with long histories worse; the prefix finish closes most of that gap
+(docs/results.md, 2026-11-30, "SASRec").
 
   python launch.py --config=experiments/configs/ml100k_sasrec.py --stages=fetch,prepare,train
 """

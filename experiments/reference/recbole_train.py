@@ -16,7 +16,7 @@ unpacked from the pinned `recbole==1.2.1` wheel (`python launch.py --stages=fetc
 `$SLIM_JAX_CACHE` (default ~/.cache/slim_jax) or given with --data_dir; they are symlinked into a
 temporary `<tmp>/ml-100k/` and RecBole's downloader is disabled, so nothing is fetched at run time.
 
-Protocol (PROTOCOL.md): every interaction, no filtering; leave-one-out by time (RecBole's own order:
+Protocol (docs/protocol.md): every interaction, no filtering; leave-one-out by time (RecBole's own order:
 float32 min-max-scaled timestamp, stable sort, i.e. ties keep file order); full ranking over all
 items, seen items not masked; MAX_ITEM_LIST_LENGTH 50; CE loss over the whole item table; batch 256;
 Adam lr 1e-3; early stopping with patience 10 on valid NDCG@10; seed 2020. The training loop is

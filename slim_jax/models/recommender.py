@@ -29,14 +29,13 @@ TRAIN_MODES = ("per_position", "last_position")
 
 # RecBole 1.2.1's defaults for each backbone (its model yaml files); None fields take these.
 BACKBONE_DEFAULTS = {
-    # SASRec on overlapping windows: stride 10 beat tiled windows on ml-100k (best valid NDCG@10
-    # 0.0685 against 0.0636, seed 2020) at the same targets a step.
+    # SASRec on overlapping windows: each target sees more context than in tiled windows, at the
+    # same targets a step (docs/results.md, "Recommender training recipes").
     "sasrec": dict(layers=2, dropout=0.5, attn_dropout=0.5, train_mode="per_position", stride=10),
     "gru4rec": dict(layers=1, dropout=0.3, attn_dropout=0.0, train_mode="per_position"),
     "srgnn": dict(layers=1, dropout=0.0, attn_dropout=0.0, train_mode="last_position"),
-    # BERT4Rec on prefixes, as RecBole: on ml-100k windows peaked at valid NDCG@10 0.057-0.065,
-    # prefixes passed RecBole's 0.073 (0.075 and 0.076 on two seeds; README), at ~35x the cost
-    # of an epoch.
+    # BERT4Rec on prefixes, as RecBole: windows are far cheaper an epoch but plateau lower;
+    # prefixes reach RecBole's accuracy (docs/results.md, 2026-11-30, "BERT4Rec").
     "bert4rec": dict(layers=2, dropout=0.2, attn_dropout=0.2, train_mode="last_position"),
 }
 
@@ -67,7 +66,7 @@ class RecConfig:
   # on RecBole's prefixes (256 a step, the loss at the last position) until early stopping ends
   # that too, and keep the better of the two. Windows reach a validation plateau in a few cheap
   # epochs; prefixes then train the one case that prediction asks, a whole window of context
-  # before the newest item (on ml-100k SASRec, README: long histories gain most).
+  # before the newest item (SASRec: long histories gain most; docs/results.md, 2026-11-30).
   finish_on_prefixes: bool = False
   lr: float = 1e-3
   weight_decay: float = 0.0
@@ -75,14 +74,14 @@ class RecConfig:
   schedule: str = "constant"  # constant | cosine (decays to 0 at the last step)
   clip_norm: float = 5.0  # global gradient norm; 0 = no clipping
   # > 0: validate, select and test an exponential moving average of the parameters with this
-  # decay per step (e.g. 0.999, a window of ~1,000 steps): a smoother test curve; on ml-100k it
-  # raised GRU4Rec's test NDCG@10 (experiments/configs/ml100k_gru4rec.py uses it) and left SASRec's
-  # (README); 0 = the trained parameters themselves, as RecBole.
+  # decay per step (e.g. 0.999, a window of ~1,000 steps): a smoother test curve; it helps
+  # GRU4Rec (experiments/configs/ml100k_gru4rec.py uses it), not SASRec (docs/results.md,
+  # 2026-11-30); 0 = the trained parameters themselves, as RecBole.
   ema_decay: float = 0.0
   # Rows per step; None: 256 prefixes (last_position, RecBole's batch) or, per_position, windows
   # bringing 8 * max_len new targets (8 tiled windows, 40 of stride 10 at max_len 50): ~400
-  # targets a step, ~300 updates an epoch, close to RecBole's 380; on ml-100k 32 tiled windows
-  # (75 updates) stopped early at test NDCG@10 0.062 where 8 reach 0.070, RecBole's GRU4Rec.
+  # targets a step, ~300 updates an epoch, close to RecBole's 380; fewer, larger steps stop
+  # early at a lower accuracy (docs/results.md, "Recommender training recipes").
   batch: int | None = None
   epochs: int = 200  # upper bound; early stopping usually ends training first
   patience: int = 10  # validations tolerated without a better valid/ndcg@10 (RecBole stopping_step)
@@ -90,8 +89,8 @@ class RecConfig:
   # Also rank the test users at every validation (test/* in the history, never used to select):
   # the test curve compares training recipes with less noise than one best-valid checkpoint.
   track_test: bool = False
-  # Users per evaluation batch: smaller batches run faster on a CPU (all 943 ml-100k users in
-  # 0.11-0.16 s at 128, 0.18-0.28 s at 1024); raise it on accelerators.
+  # Users per evaluation batch: smaller batches run faster on a CPU (docs/benchmarks.md,
+  # 2026-11-30); raise it on accelerators.
   eval_batch: int = 128
   exclude_history: bool = False  # full ranking drops items in the visible history (not the target)
   sampled_eval: str = "uniform"  # negatives of the sampled evaluation: uniform | popularity

@@ -8,7 +8,7 @@ last item with the global preference. All parameters start U(-1/sqrt(H), 1/sqrt(
 RecBole multiplies dense [L, L] adjacencies and applies every dense map to every node of every
 graph. Here messages are summed over the edge list and the first step's dense maps run once per
 item: the same function (tests/test_recommenders.py compares it with RecBole's torch code), at
-2.2x the training speed on ml-100k (47 -> 22 s an epoch; 15 s with slim_jax/host.py).
+about twice the training speed (docs/benchmarks.md, 2026-11-30).
 """
 
 from __future__ import annotations

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 from absl import app, flags, logging
+
+from slim_jax import config as config_lib, pipeline
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "ml100k_smollm2.py"
 
-_CONFIG = flags.DEFINE_string("config", str(_DEFAULT_CONFIG), "Experiment config file (get_config()).")
+_CONFIG = flags.DEFINE_string("config", str(_DEFAULT_CONFIG),
+                              "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/ml100k_smollm2", "Where every stage writes.")
 _STAGES = flags.DEFINE_list("stages", None, "Stages to run, in order (default: all).")
 _SET = flags.DEFINE_multi_string(
@@ -29,15 +33,12 @@ _MULTIPROCESS = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  import jax
-  from slim_jax import config as config_lib, pipeline
-
   if _MULTIPROCESS.value:
     jax.distributed.initialize()
   logging.info("JAX process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
 
-  cfg = config_lib.from_flags(_CONFIG.value, _SET.value)
+  cfg = config_lib.from_flags(_CONFIG.value, _SET.value).checked()
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_lib.to_json(cfg))

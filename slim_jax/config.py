@@ -1,7 +1,15 @@
-"""Configs are frozen dataclasses; experiments are Python files whose `get_config()` returns one.
+"""The experiment config: `Config`, a section per pipeline stage, and `--set` overrides.
 
-`--set rec.backbone=gru4rec` style overrides are parsed against the field types, so a typo or a
-wrong type fails at start-up with the list of valid keys instead of hours into a run.
+Configs are frozen dataclasses; experiments are Python files whose `get_config()` returns one.
+This module is the composition root: it defines no section itself, but imports each from the
+module whose code reads it (`DataConfig` from data/preprocess.py, `MeshConfig` from parallel.py,
+`RecConfig` from models/recommender.py, ...), so a field is documented where it is used.
+Importing a section is cheap: heavy runtimes (transformers, orbax, grain, tensorboardX) are
+imported only inside the functions that use them, and tests/test_imports.py keeps it so.
+
+`--set rec.backbone=gru4rec` style overrides are parsed against the field types, and
+`Config.checked()` runs every section's own checks and the rules between sections, so a typo, a
+wrong type or a bad value fails at start-up, before the first stage, instead of hours into a run.
 """
 
 from __future__ import annotations
@@ -15,38 +23,15 @@ import types
 import typing
 from collections.abc import Sequence
 
+from slim_jax.data.preprocess import DataConfig
 from slim_jax.encode import EncoderConfig
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
+from slim_jax.parallel import MeshConfig
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig
 from slim_jax.teacher import TeacherConfig
-from slim_jax.train.distill import DistillConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Which dataset to read and how to turn it into leave-one-out sequences."""
-  name: str = "ml-100k"
-  format: str = "recbole"  # recbole | amazon | movielens
-  path: str = ""  # "" = the embedded ml-100k asset
-  on_error: str = "raise"  # raise | skip (malformed lines)
-  min_rating: float | None = None
-  user_core: int = 0
-  item_core: int = 0
-  time_order: str = "recbole"  # recbole: (float32 scaled time, file position); exact: (time, position)
-  item_text_max_chars: int = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Device mesh axis sizes; -1 takes the devices the other axes leave over."""
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-
-  def axes(self) -> dict[str, int]:
-    return dataclasses.asdict(self)
+from slim_jax.train.distill import DistillConfig, check_lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +48,19 @@ class Config:
   encoder: EncoderConfig = EncoderConfig()
   rec: RecConfig = RecConfig()
   slim: SlimConfig = SlimConfig()
+
+  def checked(self) -> Config:
+    """This config, or the first bad value: each section's `checked()`, then the rules
+    between sections."""
+    for section in dataclasses.fields(self):
+      value = getattr(self, section.name)
+      if dataclasses.is_dataclass(value):
+        value.checked()
+    if self.slim.finetune_encoder and self.encoder.kind != "minilm":
+      raise ValueError(f"slim.finetune_encoder trains a MiniLM (BERT) encoder; encoder.kind is "
+                       f"{self.encoder.kind!r}")
+    check_lengths(self.distill, self.prompt)
+    return self
 
 
 def load_config(path: str | pathlib.Path, preset: str | None = None) -> Config:
@@ -138,7 +136,8 @@ def override(config, key: str, text: str):
   owner = config
   for name in parents:
     owner = getattr(owner, name)
-  return _replace(config, key.split("."), _parse(text, typing.get_type_hints(type(owner))[leaf], key))
+  kind = typing.get_type_hints(type(owner))[leaf]
+  return _replace(config, key.split("."), _parse(text, kind, key))
 
 
 def _replace(config, names: Sequence[str], value):

@@ -21,22 +21,23 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from slim_jax import assets, parallel, rationales as rationale_files
+from slim_jax import assets, checkpoints, checks, layout, parallel, progress
+from slim_jax import rationales as rationale_files
 from slim_jax.data import loader
 from slim_jax.models import bert, llama
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
+KINDS = ("minilm", "llm_pooled", "none")  # none: no text vectors, the modes that need none
 
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Which rationale / item-text encoder to use; `kind` is the encoder ablation."""
-  kind: str = "minilm"  # minilm | llm_pooled | none (no rationale vectors: the plain backbone)
+  kind: str = "minilm"  # one of KINDS
   checkpoint: str = ""  # HF directory (or .gguf for llm_pooled); "" = the embedded asset
   max_len: int = 0  # tokens per text; 0 = the checkpoint's (sentence-transformers max_seq_length)
   batch_size: int = 64  # a multiple of the devices on the mesh's batch axes
@@ -46,6 +47,13 @@ class EncoderConfig:
   # vectors of similar texts are nearly parallel, so their shared direction drowns each user's
   # own signal. A fine-tuned encoder's in-step rationale vectors are never postprocessed.
   postprocess: str = "none"
+
+  def checked(self) -> EncoderConfig:
+    checks.one_of("encoder.kind", self.kind, KINDS)
+    checks.one_of("encoder.postprocess", self.postprocess, POSTPROCESS)
+    checks.within(self, "encoder", "[0, inf)", "max_len")
+    checks.within(self, "encoder", "[1, inf)", "batch_size", "buckets")
+    return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +111,6 @@ def llm_pooled(params, input_ids, attention_mask, config: llama.LlamaConfig):
 
 def llm_pooled_embedder(cfg: EncoderConfig) -> Embedder:
   """The student (a HF LLaMA directory or a .gguf file) as an encoder; max_len 0 = 512 tokens."""
-  from slim_jax import checkpoints  # the LLaMA stack, only for this ablation
-
   config, params, tokenizer = checkpoints.load(checkpoint_dir(cfg))
   max_len = cfg.max_len or min(512, config.max_position_embeddings)
 
@@ -142,8 +148,9 @@ def _host(x) -> np.ndarray:
 
 def embed_texts(texts: Sequence[str], embedder: Embedder, step, params, *, batch_size: int,
                 buckets: Sequence[int], mesh: jax.sharding.Mesh,
-                progress: Callable[[int], Any] = lambda n: None) -> np.ndarray:
-  """[len(texts), D] float32 in input order; batches hold texts of similar length."""
+                on_batch: Callable[[int], Any] = lambda n: None) -> np.ndarray:
+  """[len(texts), D] float32 in input order; batches hold texts of similar length. `on_batch(1)`
+  follows every batch (a progress bar's update)."""
   token_ids = embedder.tokenize(texts)
   order = np.argsort([len(t) for t in token_ids], kind="stable")
   rows, vectors = [], []
@@ -154,7 +161,7 @@ def embed_texts(texts: Sequence[str], embedder: Embedder, step, params, *, batch
     valid = _host(batch["valid"])
     rows.append(_host(batch["index"])[valid])
     vectors.append(out[valid])
-    progress(1)
+    on_batch(1)
   result = np.empty((len(texts), vectors[0].shape[1]), np.float32)
   result[order[np.concatenate(rows)]] = np.concatenate(vectors)
   return result
@@ -230,12 +237,11 @@ def encode(texts: Sequence[str], cfg: EncoderConfig, cache_dir: str | pathlib.Pa
     embedder = embedder or make_embedder(cfg)
     step, params = embed_step(embedder, mesh)
     batches = sum(-(-min(chunk_size, len(texts) - s) // cfg.batch_size) for s in todo)
-    with tqdm.tqdm(total=batches, desc=f"encode {cache_dir.name}", unit="batch",
-                   disable=not writer) as bar:
+    with progress.bar(batches, f"encode {cache_dir.name}", "batch", disable=not writer) as bar:
       for start in todo:
         done[start] = embed_texts(texts[start:start + chunk_size], embedder, step, params,
-                            batch_size=cfg.batch_size, buckets=cfg.buckets, mesh=mesh,
-                            progress=bar.update)
+                                  batch_size=cfg.batch_size, buckets=cfg.buckets, mesh=mesh,
+                                  on_batch=bar.update)
         if writer:
           _save_atomic(chunk_path(cache_dir, start), done[start])
   vectors = np.concatenate([done[s] for s in starts])
@@ -347,8 +353,7 @@ def postprocessed(encoded: Encoded, kind: str) -> Encoded:
   """`encoded` with item vectors `kind`-processed by statistics of the items that have text, and
   every rationale (the teacher's too) by those of the training rationales: never of what only
   validation or test read."""
-  if kind not in POSTPROCESS:
-    raise ValueError(f"encoder.postprocess={kind!r}: expected one of {POSTPROCESS}")
+  checks.one_of("encoder.postprocess", kind, POSTPROCESS)
   if kind == "none":
     return encoded
   has_text = np.any(encoded.item_vectors != 0, axis=1)
@@ -368,16 +373,16 @@ def load_encoded(out: pathlib.Path, postprocess: str = "none",
   """The vectors (and token ids) that `encode_stage` wrote to `out`, with the `teacher`'s
   (`encode_teacher`), postprocessed by encoder.postprocess."""
   out = pathlib.Path(out)
-  if not (out / "item_vectors.npy").is_file():
-    raise FileNotFoundError(f"{out / 'item_vectors.npy'} is missing: run --stages=encode with an "
-                            "encoder.kind that encodes (minilm, llm_pooled)")
+  if not (out / layout.ITEM_VECTORS).is_file():
+    raise FileNotFoundError(f"{out / layout.ITEM_VECTORS} is missing: run --stages=encode with "
+                            "an encoder.kind that encodes (minilm, llm_pooled)")
   split_of = lambda path, prefix: path.stem.removeprefix(prefix)
   rationales = {split_of(path, "rationale_vectors_"):
                 (np.load(path), np.load(out / path.name.replace("vectors", "mask")))
                 for path in sorted(out.glob("rationale_vectors_*.npy"))}
   tokens = {split_of(path, "rationale_tokens_"): tuple(np.load(path)[k] for k in ("ids", "lengths"))
             for path in sorted(out.glob("rationale_tokens_*.npz"))}
-  encoded = Encoded(np.load(out / "item_vectors.npy"), rationales, tokens, *teacher)
+  encoded = Encoded(np.load(out / layout.ITEM_VECTORS), rationales, tokens, *teacher)
   return postprocessed(encoded, postprocess)
 
 
@@ -407,7 +412,7 @@ def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
   if cfg.kind == "none":
     return {"kind": "none"}
   items, without_text = item_vectors(cfg, prepared.item_text, out / "items", mesh)
-  np.save(out / "item_vectors.npy", items)
+  np.save(out / layout.ITEM_VECTORS, items)
   if without_text:
     logging.warning("encode: %d items have no text; their text vector is zero", without_text)
   path = pathlib.Path(rationales_path)

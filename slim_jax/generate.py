@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from slim_jax import checkpoints
 from slim_jax.models.llama import Llama, init_cache
 
 
@@ -306,27 +307,30 @@ def chat_prompt(tokenizer, user: str, system: str | None = None) -> list[int]:
   return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has BOS if any
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory or .gguf file.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "User message(s); each is one chat.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+def define_flags() -> None:
+  """The command line's flags: defined when this module runs as a program, never on import, so
+  that programs importing the sampler keep their own flags."""
+  flags.DEFINE_string("checkpoint", None, "HF directory or .gguf file.", required=True)
+  flags.DEFINE_multi_string("prompt", [], "User message(s); each is one chat.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate at most.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
 
 
 def main(argv):
   del argv
-  from slim_jax import checkpoints
-  config, params, tokenizer = checkpoints.load(_CHECKPOINT.value)
-  sampling = SamplingConfig(_MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  prompts = [chat_prompt(tokenizer, text) for text in _PROMPT.value]
+  args = flags.FLAGS
+  config, params, tokenizer = checkpoints.load(args.checkpoint)
+  sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+  prompts = [chat_prompt(tokenizer, text) for text in args.prompt]
   answers = generate_text(Llama(config), {"params": params}, tokenizer, prompts,
-                          jax.random.key(_SEED.value), sampling)
-  for prompt, answer in zip(_PROMPT.value, answers):
+                          jax.random.key(args.seed), sampling)
+  for prompt, answer in zip(args.prompt, answers):
     print(f">>> {prompt}\n{answer.strip()}\n")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("checkpoint")
+  define_flags()
   app.run(main)

@@ -7,6 +7,7 @@ Batches are sharded along their leading axis over the mesh's batch axes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -18,15 +19,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 Rules = Sequence[tuple[str, P]]
 
 BATCH_AXES = ("data", "fsdp")
-DEFAULT_MESH = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; -1 takes the devices the other axes leave over."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def axes(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+  def checked(self) -> MeshConfig:
+    check_axes(self.axes())
+    return self
+
+
+def check_axes(axes: Mapping[str, int]) -> None:
+  """Sizes are positive, or -1 for at most one axis: what fits the devices is known only when
+  the mesh is made (`mesh_shape`)."""
+  if any(size < 1 and size != -1 for size in axes.values()):
+    raise ValueError(f"mesh {dict(axes)}: expected positive axis sizes, or -1")
+  if list(axes.values()).count(-1) > 1:
+    raise ValueError(f"mesh {dict(axes)}: at most one axis may be -1")
 
 
 def mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """Resolves one -1 entry to the devices the other axes leave over."""
+  check_axes(axes)
   sizes = dict(axes)
   unknown = [name for name, size in sizes.items() if size == -1]
-  if len(unknown) > 1:
-    raise ValueError(f"mesh {sizes}: at most one axis may be -1")
   known = math.prod(size for size in sizes.values() if size != -1)
   if unknown:
     if num_devices % known:
@@ -37,7 +60,7 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(axes: Mapping[str, int] = DEFAULT_MESH, devices=None) -> Mesh:
+def make_mesh(axes: Mapping[str, int] = MeshConfig().axes(), devices=None) -> Mesh:
   """A mesh over `devices` (default: all) with named axes, e.g. {"data": -1, "fsdp": 2}."""
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(axes, len(devices))

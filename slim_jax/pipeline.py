@@ -16,13 +16,16 @@ from collections.abc import Callable
 
 from absl import logging
 
-from slim_jax import assets
+from slim_jax import assets, checkpoints, encode, layout, parallel, report, student, teacher
 from slim_jax.config import Config
+from slim_jax.data import formats, preprocess
+from slim_jax.models import bert, slim
+from slim_jax.train import distill, recommend
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  name: str
+  name: str  # also its directory under the work directory
   run: Callable[[Config, pathlib.Path], dict]  # (config, stage dir) -> summary written to DONE
   sections: tuple[str, ...]  # config sections whose change invalidates the stage's output
   # Whether a config change deletes the stage's directory: true for stages whose partial state
@@ -40,7 +43,6 @@ def dataset_path(cfg: Config) -> pathlib.Path:
 
 
 def _prepare(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax.data import formats, preprocess
   raw = formats.read_dataset(cfg.data.format, dataset_path(cfg), on_error=cfg.data.on_error)
   prepared = preprocess.prepare(raw, cfg.data)
   preprocess.save(prepared, out)
@@ -49,16 +51,15 @@ def _prepare(cfg: Config, out: pathlib.Path) -> dict:
   return stats
 
 
-def load_prepared(workdir: pathlib.Path):
+def load_prepared(workdir: pathlib.Path) -> preprocess.Prepared:
   """The prepare stage's dataset; a clear error when that stage has not run."""
-  from slim_jax.data import preprocess
-  if not (workdir / "prepare" / "DONE").is_file():
-    raise FileNotFoundError(f"{workdir / 'prepare'} is not complete: run --stages=prepare first")
-  return preprocess.load(workdir / "prepare")
+  if _done(workdir / layout.PREPARE) is None:
+    raise FileNotFoundError(f"{workdir / layout.PREPARE} is not complete: run --stages=prepare "
+                            "first")
+  return preprocess.load(workdir / layout.PREPARE)
 
 
 def _mesh(cfg: Config):
-  from slim_jax import parallel
   return parallel.make_mesh(cfg.mesh.axes())
 
 
@@ -67,11 +68,10 @@ EMBEDDED_LLM = "smollm2-135m-instruct"  # the converted embedded GGUF, under wor
 
 def llm_checkpoint(checkpoint: str, workdir: pathlib.Path) -> str:
   """A configured checkpoint, or the HF directory the convert stage made of the embedded GGUF."""
-  return checkpoint or str(workdir / "convert" / EMBEDDED_LLM)
+  return checkpoint or str(workdir / layout.CONVERT / EMBEDDED_LLM)
 
 
 def _convert(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax import checkpoints
   del cfg
   directory = checkpoints.convert_gguf_to_hf(assets.path("smollm2"), out / EMBEDDED_LLM)
   print(f"converted {assets.path('smollm2').name} to the Hugging Face directory {directory}")
@@ -79,7 +79,6 @@ def _convert(cfg: Config, out: pathlib.Path) -> dict:
 
 
 def _teacher(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax import teacher
   tcfg = dataclasses.replace(cfg.teacher, checkpoint=llm_checkpoint(cfg.teacher.checkpoint,
                                                                     out.parent))
   if tcfg.kind == "openai":
@@ -89,62 +88,53 @@ def _teacher(cfg: Config, out: pathlib.Path) -> dict:
 
 
 def _distill(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax.train import distill
   dcfg = dataclasses.replace(cfg.distill, checkpoint=llm_checkpoint(cfg.distill.checkpoint,
                                                                     out.parent))
   return distill.run_distill(dcfg, cfg.prompt, load_prepared(out.parent),
-                             out.parent / "teacher" / "rationales.jsonl", out, mesh=_mesh(cfg))
+                             out.parent / layout.TEACHER / layout.RATIONALES, out,
+                             mesh=_mesh(cfg))
 
 
 def _generate(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax import student
-  checkpoint = (out.parent / "distill" / "adapter" if cfg.student.distilled
+  checkpoint = (out.parent / layout.DISTILL / layout.ADAPTER if cfg.student.distilled
                 else llm_checkpoint(cfg.distill.checkpoint, out.parent))
   return student.run_student(cfg.student, cfg.prompt, load_prepared(out.parent), checkpoint, out,
                              mesh=_mesh(cfg))
 
 
 def _encode(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax import encode
   return encode.encode_stage(cfg.encoder, load_prepared(out.parent),
-                             out.parent / "generate" / "rationales.jsonl", out, mesh=_mesh(cfg))
+                             out.parent / layout.GENERATE / layout.RATIONALES, out,
+                             mesh=_mesh(cfg))
 
 
 def variant_name(backbone: str, mode: str) -> str:
   """The train stage's directory of one variant: "sasrec_id_based", or "id_agnostic" (no
   backbone)."""
-  from slim_jax.models import slim
   return mode if mode in slim.BACKBONE_FREE_MODES else f"{backbone}_{mode}"
 
 
-def finetuned_encoder(cfg: Config):
+def finetuned_encoder(cfg: Config) -> bert.SentenceEncoder | None:
   """The MiniLM that `slim.finetune_encoder` trains with the recommender, else None."""
-  from slim_jax import encode
-  from slim_jax.models import bert
   if not cfg.slim.finetune_encoder:
     return None
-  if cfg.encoder.kind != "minilm":
-    raise ValueError(f"slim.finetune_encoder trains a MiniLM (BERT) encoder; encoder.kind is "
-                     f"{cfg.encoder.kind!r}")
   return bert.load(encode.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
 
 
 def _train(cfg: Config, out: pathlib.Path) -> dict:
   """Trains every variant of `slim.modes` into out/<variant>/; out/metrics.json sums them up."""
-  from slim_jax import encode
-  from slim_jax.models import slim
-  from slim_jax.train import recommend
-  modes = cfg.slim.checked().modes
+  modes = cfg.slim.modes
   unencoded = tuple(mode for mode in modes if mode in slim.TEXT_FREE_MODES)
   if cfg.encoder.kind == "none" and modes != unencoded:
     logging.warning("encoder.kind=none: no text vectors, so only %s train", unencoded)
     modes = unencoded
   prepared, mesh = load_prepared(out.parent), _mesh(cfg)
-  teacher = (encode.encode_teacher(cfg.encoder, prepared, out.parent / "teacher" /
-                                   "rationales.jsonl", out / "teacher_vectors", mesh)
-             if "teacher_rationales" in modes else ({}, {}))
+  teacher_vectors = (encode.encode_teacher(cfg.encoder, prepared, out.parent / layout.TEACHER /
+                                           layout.RATIONALES, out / "teacher_vectors", mesh)
+                     if "teacher_rationales" in modes else ({}, {}))
   encoded = (None if modes == unencoded else
-             encode.load_encoded(out.parent / "encode", cfg.encoder.postprocess, teacher))
+             encode.load_encoded(out.parent / layout.ENCODE, cfg.encoder.postprocess,
+                                 teacher_vectors))
   encoder = finetuned_encoder(cfg)
   summary = {}
   for mode in modes:
@@ -154,14 +144,15 @@ def _train(cfg: Config, out: pathlib.Path) -> dict:
     summary[name] = {"backbone": result["backbone"], "mode": mode, "test": result["test"]}
     print(json.dumps({name: {k: round(v, 4) for k, v in result["test"].items()
                              if k in ("hr@10", "ndcg@10", "mrr@10")}}), flush=True)
-  (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+  (out / layout.METRICS).write_text(json.dumps(summary, indent=2))
   return {name: {k: v for k, v in row["test"].items() if isinstance(v, float)}
           for name, row in summary.items()}
 
 
 def _report(cfg: Config, out: pathlib.Path) -> dict:
-  from slim_jax import report
-  path = report.write_report(cfg, out.parent, out)
+  workdir = out.parent
+  path = report.write_report(cfg, load_prepared(workdir),
+                             {name: workdir / name for name in STAGES}, summaries(workdir), out)
   print(f"report: {path}")
   return {"report": str(path)}
 
@@ -170,15 +161,15 @@ _UPSTREAM_OF_STUDENT = ("data", "prompt", "teacher", "distill")
 _RECOMMENDERS = (*_UPSTREAM_OF_STUDENT, "student", "encoder", "rec", "slim")
 STAGES: dict[str, Stage] = {
     stage.name: stage for stage in (
-        Stage("fetch", _fetch, ()),
-        Stage("prepare", _prepare, ("data",)),
-        Stage("convert", _convert, ()),
-        Stage("teacher", _teacher, ("data", "prompt", "teacher")),
-        Stage("distill", _distill, _UPSTREAM_OF_STUDENT),
-        Stage("generate", _generate, (*_UPSTREAM_OF_STUDENT, "student")),
-        Stage("encode", _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
-        Stage("train", _train, _RECOMMENDERS, restart_on_change=True),
-        Stage("report", _report, _RECOMMENDERS, restart_on_change=True),
+        Stage(layout.FETCH, _fetch, ()),
+        Stage(layout.PREPARE, _prepare, ("data",)),
+        Stage(layout.CONVERT, _convert, ()),
+        Stage(layout.TEACHER, _teacher, ("data", "prompt", "teacher")),
+        Stage(layout.DISTILL, _distill, _UPSTREAM_OF_STUDENT),
+        Stage(layout.GENERATE, _generate, (*_UPSTREAM_OF_STUDENT, "student")),
+        Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
+        Stage(layout.TRAIN, _train, _RECOMMENDERS, restart_on_change=True),
+        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True),
     )
 }
 
@@ -190,20 +181,31 @@ def _fingerprint(cfg: Config, stage: Stage) -> dict:
                                 for section in stage.sections}))
 
 
+def _done(out: pathlib.Path) -> dict | None:
+  """What a completed stage wrote to its DONE ({"config": ..., "summary": ...}), else None."""
+  done = out / layout.DONE
+  return json.loads(done.read_text()) if done.is_file() else None
+
+
+def summaries(workdir: pathlib.Path) -> dict[str, dict]:
+  """The summary of every stage complete in `workdir`, by stage name."""
+  records = {name: _done(workdir / name) for name in STAGES}
+  return {name: record["summary"] for name, record in records.items() if record is not None}
+
+
 def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
   """Runs one stage unless its output is complete for this config; returns its summary."""
   stage = STAGES[name]
   out = workdir / name
-  done = out / "DONE"
   fingerprint = _fingerprint(cfg, stage)
-  if done.is_file():
-    record = json.loads(done.read_text())
+  record = _done(out)
+  if record is not None:
     if record["config"] == fingerprint:
       logging.info("stage %s: complete in %s, skipped", name, out)
       return record["summary"]
     logging.warning("stage %s: config changed since %s was written; running it again", name, out)
-    done.unlink()
-  started = out / "CONFIG"  # the config a (possibly interrupted) run of the stage began with
+    (out / layout.DONE).unlink()
+  started = out / layout.CONFIG
   if (stage.restart_on_change and started.is_file()
       and json.loads(started.read_text()) != fingerprint):
     logging.warning("stage %s: %s holds a run of another config; starting over", name, out)
@@ -212,17 +214,16 @@ def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
   started.write_text(json.dumps(fingerprint, indent=2))
   logging.info("stage %s: running into %s", name, out)
   summary = stage.run(cfg, out)
-  done.write_text(json.dumps({"config": fingerprint, "summary": summary}, indent=2, default=str))
+  (out / layout.DONE).write_text(json.dumps({"config": fingerprint, "summary": summary},
+                                            indent=2, default=str))
   return summary
 
 
 def run(cfg: Config, workdir: pathlib.Path, stages: list[str]) -> dict[str, dict]:
+  """Runs `stages` in order, once every value of `cfg` has passed its checks."""
   unknown = [name for name in stages if name not in STAGES]
   if unknown:
     raise ValueError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-  for section in dataclasses.fields(cfg):  # a bad value fails here, not stages later
-    value = getattr(cfg, section.name)
-    if hasattr(value, "checked"):
-      value.checked()
+  cfg.checked()  # a bad value fails here, not stages later
   workdir.mkdir(parents=True, exist_ok=True)
   return {name: run_stage(name, cfg, workdir) for name in stages}

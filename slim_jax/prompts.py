@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from slim_jax import checks
+
 STEPS = 3
 # Which split's visible history a rationale is written from. "valid" sees seq[:-2], the training
 # prefix; "test" sees seq[:-1]. A rationale never sees the item it helps to predict.
@@ -44,8 +46,9 @@ class PromptConfig:
   def checked(self) -> PromptConfig:
     """This config, or a clear error for a value that would fail (or mislead) a run."""
     domain(self)
-    if self.history not in HISTORIES:
-      raise ValueError(f"prompt.history={self.history!r}; expected one of {tuple(HISTORIES)}")
+    checks.one_of("prompt.history", self.history, HISTORIES)
+    checks.within(self, "prompt", "[1, inf)", "max_prompt_tokens", "recommend")
+    checks.within(self, "prompt", "[0, inf)", "max_words", "student_max_prompt_tokens")
     if self.instruction:
       missing = [marker for marker in ("{history}", *step_markers(self))
                  if marker not in self.instruction]
@@ -147,8 +150,7 @@ Answer in these three steps, each on a single line."""
 
 
 def domain(cfg: PromptConfig) -> Domain:
-  if cfg.domain not in DOMAINS:
-    raise ValueError(f"prompt.domain={cfg.domain!r}; expected one of {tuple(DOMAINS)}")
+  checks.one_of("prompt.domain", cfg.domain, DOMAINS)
   return DOMAINS[cfg.domain]
 
 
@@ -248,8 +250,7 @@ def student_prompt(item_texts: Sequence[str], cfg: PromptConfig,
 
 def visible_histories(prepared, history: str) -> Iterator[tuple[int, str, np.ndarray]]:
   """(user, split, item ids oldest first) for every rationale `history` asks for."""
-  if history not in HISTORIES:
-    raise ValueError(f"prompt.history={history!r}; expected one of {tuple(HISTORIES)}")
+  checks.one_of("prompt.history", history, HISTORIES)
   for split_name in HISTORIES[history]:
     split = prepared.split(split_name)
     for row, user in enumerate(split.users):

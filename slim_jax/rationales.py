@@ -29,13 +29,12 @@ import pathlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import jax
 from absl import logging
 
-from slim_jax import prompts, quality
+from slim_jax import checks, generate, parallel, prompts, quality
 from slim_jax.prompts import PromptConfig
 
-CACHE = "cache.jsonl"
-RATIONALES = "rationales.jsonl"
 RATIONALE_FIELDS = ("user", "user_id", "split", "prompt_hash", "model", "history_len", "text")
 
 
@@ -256,9 +255,16 @@ class Decoding:
     return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
+def check_decoding(cfg, section: str) -> None:
+  """The Decoding fields of a teacher or student config `section`."""
+  checks.within(cfg, section, "[1, inf)", "max_tokens", "candidates", "batch_size")
+  checks.within(cfg, section, "[0, inf)", "temperature", "no_repeat_ngram")
+  checks.within(cfg, section, "(0, 1]", "top_p")
+  checks.within(cfg, section, "(0, inf)", "repetition_penalty")
+
+
 def sampling_config(decoding: Decoding, tokenizer, pcfg: PromptConfig):
   """The decoding of `decoding` with the prompt's guided steps in this tokenizer's ids."""
-  from slim_jax import generate
   markers = tuple(tuple(tokenizer(marker, add_special_tokens=False)["input_ids"])
                   for marker in prompts.step_markers(pcfg)[1:])
   return generate.SamplingConfig(
@@ -277,8 +283,6 @@ def batch_rows(requests: int, batch_size: int) -> int:
   """Rows per generation call for `requests` prompts: `batch_size`, or for fewer prompts (a
   retry round) the smallest power of two times the mesh's batch devices that holds them, so a
   handful of retries does not pay for a whole batch and few shapes are ever compiled."""
-  import jax
-  from slim_jax import parallel
   mesh = jax.sharding.get_abstract_mesh()
   multiple = 1 if mesh.empty else math.prod(
       mesh.shape[axis] for axis in parallel.BATCH_AXES if axis in mesh.axis_names)
@@ -310,8 +314,6 @@ def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: Prompt
   same shape (no recompilation), and the repeats are dropped. Greedy decoding draws one
   candidate only: another would be the same.
   """
-  import jax
-  from slim_jax import generate
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   first = sampling_config(decoding, tokenizer, pcfg)
   open_ = sorted((_Pending(r, chat_ids(tokenizer, r.messages, r.prefill)) for r in requests),

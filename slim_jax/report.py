@@ -4,8 +4,9 @@ Sections: (i) accuracy of each trained variant with its improvement over the pla
 (ii) popularity bias (table and popularity.png); (iii) user-sparsity groups (table and
 sparsity.png); (iv) cost: teacher tokens and dollars against student throughput and hardware;
 (v) example users: history, the student's rationale, the top-10 list and the true next item.
-Everything is read from files (train/*/metrics.json, ranked_test.npz, stage DONE summaries,
-rationales.jsonl), so a report can be rewritten without retraining anything.
+Everything is read from what the earlier stages left: their summaries and files
+(train/*/metrics.json, ranked_test.npz, rationales.jsonl), which the pipeline hands over, so a
+report can be rewritten without retraining anything.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from slim_jax import prompts, quality, rationales, stats, teacher
+from slim_jax import encode, layout, prompts, quality, rationales, stats, teacher
 from slim_jax.config import Config
 from slim_jax.models.slim import BACKBONE_FREE_MODES, MODES
 from slim_jax.train import recommend
@@ -49,15 +50,15 @@ def relative(value: float, base: float | None) -> str:
 
 def load_variants(train_dir: pathlib.Path) -> dict[str, dict]:
   """Each variant's full metrics.json, by directory name, in the order the stage trained them."""
-  index = json.loads((train_dir / "metrics.json").read_text())
-  return {name: json.loads((train_dir / name / "metrics.json").read_text()) for name in index}
+  index = json.loads((train_dir / layout.METRICS).read_text())
+  return {name: json.loads((train_dir / name / layout.METRICS).read_text()) for name in index}
 
 
 def accuracy_section(variants: Mapping[str, dict], train_dir: pathlib.Path) -> str:
   """Test metrics per variant under full ranking and among sampled negatives (the paper's
   protocol); NDCG@10 against plain and shuffled: the change and Wilcoxon's p over users (one
   seed here, so no test over seeds: experiments/analysis/ablate.py runs those)."""
-  users = {name: {protocol: stats.user_metric(np.load(train_dir / name / "ranked_test.npz"),
+  users = {name: {protocol: stats.user_metric(np.load(train_dir / name / layout.RANKED_TEST),
                                               protocol) for protocol in stats.PROTOCOLS}
            for name in variants}
   first = lambda mode: next((n for n, v in variants.items() if v["mode"] == mode), None)
@@ -111,16 +112,11 @@ def sparsity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:
           + markdown_table(header, rows) + "\n\n![sparsity groups](sparsity.png)")
 
 
-def _stage_summary(workdir: pathlib.Path, stage: str) -> dict:
-  done = workdir / stage / "DONE"
-  return json.loads(done.read_text())["summary"] if done.is_file() else {}
-
-
-def cost_section(cfg: Config, workdir: pathlib.Path, prepared) -> str:
+def cost_section(cfg: Config, summaries: Mapping[str, dict], prepared) -> str:
   """What the teacher cost (or would cost on ChatGPT) against what the student costs to run."""
-  spent = _stage_summary(workdir, "teacher")
-  student = _stage_summary(workdir, "generate")
-  distill = _stage_summary(workdir, "distill")
+  spent = summaries.get(layout.TEACHER, {})
+  student = summaries.get(layout.GENERATE, {})
+  distill = summaries.get(layout.DISTILL, {})
   whole = teacher.estimate_cost(dataclasses.replace(cfg.teacher, max_users=0), cfg.prompt,
                                 prepared)
   rows = [
@@ -153,12 +149,11 @@ def _share(part: float, whole: float) -> str:
   return f"{100 * part / whole:.1f}%" if whole else ""
 
 
-def rationale_vectors_quality(cfg: Config, workdir: pathlib.Path, out: pathlib.Path,
+def rationale_vectors_quality(cfg: Config, items: pathlib.Path, out: pathlib.Path,
                               texts: Sequence[str]) -> dict[str, float]:
-  """Mean pairwise cosine of the encoded `texts`, raw and centred on the mean item text (see
-  quality.centered_cosine), by the configured frozen encoder; {} without one."""
-  from slim_jax import encode
-  items = workdir / "encode" / "item_vectors.npy"
+  """Mean pairwise cosine of the encoded `texts`, raw and centred on the mean of the item-text
+  vectors in `items` (see quality.centered_cosine), by the configured frozen encoder; {} without
+  one."""
   if cfg.encoder.kind == "none" or len(texts) < 2 or not items.is_file():
     return {}
   item_vectors = np.load(items)
@@ -167,18 +162,21 @@ def rationale_vectors_quality(cfg: Config, workdir: pathlib.Path, out: pathlib.P
   return quality.centered_cosine(vectors, reference)
 
 
-def quality_section(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> str:
+def quality_section(cfg: Config, directories: Mapping[str, pathlib.Path],
+                    summaries: Mapping[str, dict], out: pathlib.Path) -> str:
   """The teacher's and the student's rationales: how many passed the quality filter, why the
   others did not, how alike they are, and whether step 2 predicts the next item's attributes."""
-  rows, reasons = [], sorted({r for stage in ("teacher", "generate")
-                              for r in _stage_summary(workdir, stage).get("rejections", {})})
-  for name, stage in (("teacher", "teacher"), ("student", "generate")):
-    summary = _stage_summary(workdir, stage)
+  writers = {"teacher": layout.TEACHER, "student": layout.GENERATE}
+  rows, reasons = [], sorted({r for stage in writers.values()
+                              for r in summaries.get(stage, {}).get("rejections", {})})
+  for name, stage in writers.items():
+    summary = summaries.get(stage, {})
     if not summary.get("quality"):
       continue
-    path = workdir / stage / rationales.RATIONALES
+    path = directories[stage] / layout.RATIONALES
     texts = [row["text"] for row in rationales.read_rationales(path)] if path.is_file() else []
-    cosine = rationale_vectors_quality(cfg, workdir, out, texts)
+    cosine = rationale_vectors_quality(cfg, directories[layout.ENCODE] / layout.ITEM_VECTORS, out,
+                                       texts)
     predictive = summary["quality"]["predictive"]
     low, high = predictive["lift_interval"]
     candidates = summary["candidates"]
@@ -203,17 +201,17 @@ def quality_section(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> st
           "over users.")
 
 
-def examples_section(prepared, workdir: pathlib.Path, variants: Mapping[str, dict],
-                     count: int = 5) -> str:
+def examples_section(prepared, directories: Mapping[str, pathlib.Path],
+                     variants: Mapping[str, dict], count: int = 5) -> str:
   """`count` users with a student rationale: history, rationale, what its step 2 named against
   the attributes of the held-out item it was written for, top-10 and the true test item."""
-  path = workdir / "generate" / rationales.RATIONALES
+  path = directories[layout.GENERATE] / layout.RATIONALES
   if not path.is_file():
     return "No student rationales were generated."
   written = {row["user"]: row for row in rationales.read_rationales(path)
              if row["split"] == "valid" and row["text"]}
   name = next((n for n, v in variants.items() if v["mode"] == "id_based"), next(iter(variants)))
-  ranked = np.load(workdir / "train" / name / "ranked_test.npz")
+  ranked = np.load(directories[layout.TRAIN] / name / layout.RANKED_TEST)
   test = prepared.split("test")
   vocabulary = quality.catalogue_attributes(prepared)
   title = lambda item: prepared.item_text[item].split(" | ")[0]
@@ -240,11 +238,11 @@ def examples_section(prepared, workdir: pathlib.Path, variants: Mapping[str, dic
   return "\n\n".join(parts)
 
 
-def write_report(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-  """Writes out/report.md and its PNG plots; returns the report's path."""
-  from slim_jax import pipeline
-  prepared = pipeline.load_prepared(workdir)
-  variants = load_variants(workdir / "train")
+def write_report(cfg: Config, prepared, directories: Mapping[str, pathlib.Path],
+                 summaries: Mapping[str, dict], out: pathlib.Path) -> pathlib.Path:
+  """Writes out/report.md and its PNG plots; returns the report's path. `directories` holds every
+  stage's directory and `summaries` the summaries of those complete, by stage name."""
+  variants = load_variants(directories[layout.TRAIN])
   sections = [
       f"# SLIM report: {cfg.name} ({cfg.preset or 'default'})",
       f"Dataset {cfg.data.name}: {prepared.num_users} users, {prepared.num_items} items; "
@@ -252,12 +250,12 @@ def write_report(cfg: Config, workdir: pathlib.Path, out: pathlib.Path) -> pathl
       f"{', history excluded' if cfg.rec.exclude_history else ''}. Encoder: "
       f"{cfg.encoder.kind}; fusion: {cfg.slim.fusion}"
       f"; postprocess: {cfg.encoder.postprocess}.",
-      "## Accuracy (test)", accuracy_section(variants, workdir / "train"),
+      "## Accuracy (test)", accuracy_section(variants, directories[layout.TRAIN]),
       "## Popularity bias (test)", popularity_section(variants, out),
       "## User sparsity groups (test)", sparsity_section(variants, out),
-      "## Rationale quality", quality_section(cfg, workdir, out),
-      "## Cost", cost_section(cfg, workdir, prepared),
-      "## Example users", examples_section(prepared, workdir, variants),
+      "## Rationale quality", quality_section(cfg, directories, summaries, out),
+      "## Cost", cost_section(cfg, summaries, prepared),
+      "## Example users", examples_section(prepared, directories, variants),
   ]
   path = out / "report.md"
   path.write_text("\n\n".join(sections) + "\n")

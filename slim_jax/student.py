@@ -18,7 +18,7 @@ import pathlib
 import jax
 from absl import logging
 
-from slim_jax import checkpoints, parallel, prompts, quality, rationales
+from slim_jax import checkpoints, checks, layout, parallel, prompts, quality, rationales
 from slim_jax.checkpoints import peft
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
@@ -43,6 +43,12 @@ class StudentConfig:
   keep_rejected: bool = False
   distilled: bool = True  # False: the base model without the adapter (the undistilled baseline)
   seed: int = 0
+
+  def checked(self) -> StudentConfig:
+    rationales.check_decoding(self, "student")
+    checks.within(self, "student", "[0, inf)", "max_users")
+    checks.one_of("student.dtype", self.dtype, checks.FLOAT_DTYPES)
+    return self
 
 
 def is_adapter(checkpoint) -> bool:
@@ -92,7 +98,7 @@ def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, ou
   pcfg.checked()
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cache, label = out_dir / rationales.CACHE, model_label(checkpoint)
+  cache, label = out_dir / layout.CACHE, model_label(checkpoint)
   mesh = mesh or parallel.make_mesh()
   model, variables, tokenizer = load_student(checkpoint, mesh, cfg.dtype)
   pcfg = prompts.student_config(pcfg)
@@ -105,7 +111,7 @@ def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, ou
                                                   variables, tokenizer, label, writer,
                                                   cfg.keep_rejected)
   records = rationales.read_cache(cache)
-  rows = rationales.write_rationales(out_dir / rationales.RATIONALES, requests, records, label)
+  rows = rationales.write_rationales(out_dir / layout.RATIONALES, requests, records, label)
   return {**rationales.summarize(requests, records, label), "generated": len(todo),
           "generated_tokens": produced, "generation_seconds": seconds,
           "tokens_per_s": produced / seconds if seconds else 0.0, "dtype": cfg.dtype,

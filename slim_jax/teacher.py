@@ -25,9 +25,11 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import jax
 from absl import logging
 
-from slim_jax import assets, quality, rationales
+from slim_jax import assets, checkpoints, checks, layout, quality, rationales
+from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.rationales import Request
 
@@ -65,6 +67,17 @@ class TeacherConfig:
   batch_size: int = 8
   dtype: str = "float32"  # weights and activations
   seed: int = 0
+
+  def checked(self) -> TeacherConfig:
+    checks.one_of("teacher.kind", self.kind, KINDS)
+    rationales.check_decoding(self, "teacher")
+    checks.within(self, "teacher", "[1, inf)", "concurrency")
+    checks.within(self, "teacher", "(0, inf)", "timeout_s")
+    checks.within(self, "teacher", "[0, inf)", "max_users", "max_retries", "backoff_s",
+                  "max_backoff_s", "requests_per_minute", "tokens_per_minute", "input_usd_per_1k",
+                  "output_usd_per_1k", "assumed_output_tokens")
+    checks.one_of("teacher.dtype", self.dtype, checks.FLOAT_DTYPES)
+    return self
 
 
 def model_name(cfg: TeacherConfig) -> str:
@@ -377,12 +390,11 @@ def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh
   With a mesh, the local teacher's parameters are sharded by the LLaMA rules and its batches
   by the mesh's batch axes.
   """
-  if tcfg.kind not in KINDS:
-    raise ValueError(f"teacher.kind={tcfg.kind!r}; expected one of {KINDS}")
+  tcfg.checked()
   pcfg.checked()
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cache, model = out_dir / rationales.CACHE, model_name(tcfg)
+  cache, model = out_dir / layout.CACHE, model_name(tcfg)
   throughput = {}
   if tcfg.kind == "openai":
     requests = rationales.build_requests(prepared, pcfg, chat_tokens, tcfg.max_users)
@@ -390,9 +402,6 @@ def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh
     logging.info("teacher %s: %d of %d requests to do", model, len(todo), len(requests))
     run_openai(todo, tcfg, pcfg, cache)
   else:
-    import jax
-    from slim_jax import checkpoints
-    from slim_jax.models.llama import Llama
     config, params, tokenizer = checkpoints.load(tcfg.checkpoint or assets.path("smollm2"), mesh,
                                                  dtype=tcfg.dtype, param_dtype=tcfg.dtype)
     requests = rationales.build_requests(
@@ -404,7 +413,7 @@ def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh
       throughput = run_local(todo, tcfg, pcfg, cache, Llama(config), {"params": params},
                              tokenizer, model)
   records = rationales.read_cache(cache)
-  rows = rationales.write_rationales(out_dir / rationales.RATIONALES, requests, records, model)
+  rows = rationales.write_rationales(out_dir / layout.RATIONALES, requests, records, model)
   summary = {**rationales.summarize(requests, records, model), **throughput,
              "quality": quality.measure(rows, len(requests), prepared, tcfg.seed)}
   if summary["failed"]:

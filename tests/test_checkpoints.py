@@ -14,6 +14,7 @@ from absl.testing import absltest, parameterized
 
 from slim_jax import assets, checkpoints, parallel
 from slim_jax.checkpoints import hf
+from slim_jax.checkpoints.tokenizer import load_tokenizer
 from slim_jax.models import llama
 from slim_jax.models.llama import RopeScaling
 from tests import llama_reference as ref
@@ -61,7 +62,7 @@ class SmolLM2Test(absltest.TestCase):
 
   def test_tokenizer(self):
     auto = transformers.AutoTokenizer.from_pretrained(self.dir)
-    ours = checkpoints.load_tokenizer(self.gguf)
+    ours = load_tokenizer(self.gguf)
     text = "<|im_start|>user\nCafé « naïve » — 2024 films, e.g. WALL·E!<|im_end|>\n"
     ids = ours(text)["input_ids"]
     self.assertEqual(auto(text)["input_ids"], ids)

@@ -45,6 +45,13 @@ class LaunchTest(absltest.TestCase):
     self.assertIn("valid keys", result.stderr)
     self.assertIn("data.item_text_max_chars", result.stderr)
 
+  def test_a_bad_value_fails_before_anything_is_written(self):
+    workdir = pathlib.Path(self.create_tempdir().full_path)
+    result = _launch(f"--workdir={workdir}", "--set", "slim.modes=plain,item_txt")
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn("slim.modes='item_txt': expected one of", result.stderr)
+    self.assertEqual(list(workdir.iterdir()), [])
+
   def test_unknown_stage(self):
     result = _launch("--stages=nope", f"--workdir={self.create_tempdir().full_path}")
     self.assertNotEqual(result.returncode, 0)

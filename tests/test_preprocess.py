@@ -6,9 +6,9 @@ from absl.testing import absltest
 import numpy as np
 
 from slim_jax import assets
-from slim_jax.config import DataConfig
 from slim_jax.data import formats, preprocess
 from slim_jax.data.formats import ItemMeta, RawDataset
+from slim_jax.data.preprocess import DataConfig
 
 
 def _raw(rows, item_meta=None, name="toy", ratings=None) -> RawDataset:

@@ -13,7 +13,7 @@ import time
 
 from absl.testing import absltest
 
-from slim_jax import assets, checkpoints, parallel, quality, rationales, student, teacher
+from slim_jax import assets, checkpoints, layout, parallel, quality, rationales, student, teacher
 from slim_jax.data import preprocess
 from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
@@ -44,7 +44,7 @@ class SharedPathTest(absltest.TestCase):
                         directory / "teacher", mesh)
     summary = student.run_student(StudentConfig(dtype="float32", **decoding), pcfg, prepared,
                                   directory / "bigram", directory / "student", mesh)
-    records = [rationales.read_cache(directory / stage / rationales.CACHE)
+    records = [rationales.read_cache(directory / stage / layout.CACHE)
                for stage in ("teacher", "student")]
     self.assertLen(records[0], prepared.num_users)
     self.assertEqual(comparable(records[0]), comparable(records[1]))
@@ -90,7 +90,7 @@ class BestOfKTest(absltest.TestCase):
                                    batch_size=8, seed=0)
     count = lambda messages: len(rationales.chat_ids(self.tokenizer, messages))
     requests = rationales.build_requests(self.prepared, pcfg, count, max_users=8, local=True)
-    cache = pathlib.Path(self.create_tempdir().full_path) / rationales.CACHE
+    cache = pathlib.Path(self.create_tempdir().full_path) / layout.CACHE
     with rationales.CacheWriter(cache) as writer:
       rationales.generate_local(requests, decoding, pcfg, Llama(self.config),
                                 {"params": self.params}, self.tokenizer, "smollm2", writer)
@@ -136,7 +136,7 @@ class KillTest(absltest.TestCase):
         """).replace("USERS", str(USERS))
     run = lambda: subprocess.Popen([sys.executable, "-c", child, str(directory)], cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    cache = directory / "out" / rationales.CACHE
+    cache = directory / "out" / layout.CACHE
     process = run()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None and not (

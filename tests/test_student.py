@@ -9,8 +9,9 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
-from slim_jax import checkpoints, generate, parallel, prompts, rationales, student
+from slim_jax import generate, parallel, prompts, rationales, student
 from slim_jax.checkpoints import hf, peft
+from slim_jax.checkpoints.tokenizer import load_tokenizer
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
 from slim_jax.models.lora import LoraConfig
@@ -61,7 +62,7 @@ class StudentTest(absltest.TestCase):
 
     # The merged, sharded student writes what the unmerged adapter writes on one device.
     adapters, lora_config = peft.load_peft(root / "adapter")
-    tokenizer = checkpoints.load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     pcfg = prompts.student_config(PROMPT)
     requests = rationales.build_requests(
         prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), max_users=8, local=True)

@@ -11,8 +11,8 @@ import sentencepiece as spm
 import transformers
 from absl.testing import absltest
 
-from slim_jax import checkpoints
 from slim_jax.checkpoints.gguf import read_metadata
+from slim_jax.checkpoints.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 WORDS = ("the a of and movie film story toy space war love comedy drama night day city family "
          "friend watch recommend because user likes history rating great good bad classic "
@@ -94,7 +94,7 @@ class SentencePieceGgufTest(absltest.TestCase):
     cls.sp = train_sentencepiece(directory)
     cls.path = directory / "tiny-llama.gguf"
     write_gguf(cls.sp, cls.path)
-    cls.ours = checkpoints.load_tokenizer(cls.path)
+    cls.ours = load_tokenizer(cls.path)
     rng = random.Random(1)
     alphabet = list(" \t\n.,!?'-0123456789éü日🎬") + WORDS * 2
     cls.texts = EDGE_CASES + list(training_lines(rng, 100)) + [
@@ -159,7 +159,7 @@ class SentencePieceGgufTest(absltest.TestCase):
     fields = read_metadata(self.path)
     del fields["tokenizer.ggml.add_bos_token"]  # llama.cpp's default for SentencePiece: add BOS
     text = "  Toy Story <sep> (1995)\n"
-    self.assertEqual(checkpoints.tokenizer_from_gguf(fields)(text)["input_ids"],
+    self.assertEqual(tokenizer_from_gguf(fields)(text)["input_ids"],
                      self.ours(text)["input_ids"])
     with tempfile.TemporaryDirectory() as tmp:
       self.ours.save_pretrained(tmp)
@@ -174,9 +174,9 @@ class SentencePieceGgufTest(absltest.TestCase):
     fields = read_metadata(self.path)
     del fields["tokenizer.ggml.scores"]
     with self.assertRaisesRegex(ValueError, "my.gguf: .*tokenizer.ggml.scores"):
-      checkpoints.tokenizer_from_gguf(fields, "my.gguf")
+      tokenizer_from_gguf(fields, "my.gguf")
     with self.assertRaisesRegex(ValueError, "my.gguf: tokenizer.ggml.model='t5'"):
-      checkpoints.tokenizer_from_gguf({**fields, "tokenizer.ggml.model": "t5"}, "my.gguf")
+      tokenizer_from_gguf({**fields, "tokenizer.ggml.model": "t5"}, "my.gguf")
 
 
 if __name__ == "__main__":

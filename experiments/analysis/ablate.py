@@ -36,7 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from slim_jax import config as config_lib
-from slim_jax import encode, parallel, pipeline, stats
+from slim_jax import encode, layout, parallel, pipeline, stats
 from slim_jax.models import bert, slim
 from slim_jax.train import recommend
 
@@ -106,8 +106,8 @@ def plan(backbones, encoders, fusions, seeds, variants) -> list[Run]:
 
 def execute(run: Run, cfg, prepared, encoded: dict, minilm, root: pathlib.Path, mesh) -> dict:
   out = root / "runs" / run.name
-  if (out / "metrics.json").is_file():
-    return json.loads((out / "metrics.json").read_text())
+  if (out / layout.METRICS).is_file():
+    return json.loads((out / layout.METRICS).read_text())
   logging.info("ablation run %s", run.name)
   rec = dataclasses.replace(cfg.rec, backbone=run.backbone if run.backbone != NONE else
                             cfg.rec.backbone, seed=run.seed)
@@ -284,8 +284,10 @@ def main(argv):
     kind_cfg = dataclasses.replace(cfg.encoder, kind=kind)
     out = workdir / "ablations" / f"encode_{kind}"  # shared by every sweep
     out.mkdir(parents=True, exist_ok=True)
-    encode.encode_stage(kind_cfg, prepared, workdir / "generate" / "rationales.jsonl", out, mesh)
-    teacher = (encode.encode_teacher(kind_cfg, prepared, workdir / "teacher" / "rationales.jsonl",
+    encode.encode_stage(kind_cfg, prepared, workdir / layout.GENERATE / layout.RATIONALES, out,
+                        mesh)
+    teacher = (encode.encode_teacher(kind_cfg, prepared,
+                                     workdir / layout.TEACHER / layout.RATIONALES,
                                      out / "teacher", mesh)
                if "teacher_rationales" in _VARIANTS.value else ({}, {}))
     encoded[kind] = encode.load_encoded(out, cfg.encoder.postprocess, teacher)
@@ -294,7 +296,7 @@ def main(argv):
   results = [execute(run, cfg, prepared, encoded, minilm, root, mesh) for run in runs]
   users = []
   for run in runs:
-    ranked = np.load(root / "runs" / run.name / "ranked_test.npz")
+    ranked = np.load(root / "runs" / run.name / layout.RANKED_TEST)
     users.append({protocol: stats.user_metric(ranked, protocol, TESTED)
                   for protocol in stats.PROTOCOLS})
   rows = summarize(runs, results)

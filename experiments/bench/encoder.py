@@ -13,10 +13,8 @@ import time
 
 from absl import app, flags
 
-from slim_jax import encode, parallel
-from slim_jax.config import DataConfig
+from slim_jax import assets, encode, parallel
 from slim_jax.data import formats, preprocess
-from slim_jax import assets
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Texts per batch.")
 _MESH = flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1", "Mesh axes as name:size,...")
@@ -48,7 +46,7 @@ def main(argv):
   import numpy as np
 
   prepared = preprocess.prepare(formats.read_dataset("recbole", assets.path("ml-100k")),
-                                DataConfig())
+                                preprocess.DataConfig())
   texts = list(prepared.item_text[1:])
   mesh = parallel.make_mesh({name: int(size) for name, size in
                              (axis.split(":") for axis in _MESH.value.split(","))})

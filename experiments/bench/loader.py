@@ -11,10 +11,8 @@ import time
 
 from absl import app, flags
 
-from slim_jax import parallel
-from slim_jax.config import DataConfig
+from slim_jax import assets, parallel
 from slim_jax.data import formats, loader, preprocess
-from slim_jax import assets
 
 _BATCHES = flags.DEFINE_integer("batches", 2000, "Batches to time per setting.")
 
@@ -30,7 +28,7 @@ def _rate(iterator, count: int) -> float:
 def main(argv):
   del argv
   prepared = preprocess.prepare(formats.read_dataset("recbole", assets.path("ml-100k")),
-                                DataConfig())
+                                preprocess.DataConfig())
   mesh = parallel.make_mesh()
   results = {"batch_size": 256, "max_len": 50, "devices": mesh.size}
   for per_position in (False, True):

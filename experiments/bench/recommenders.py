@@ -69,7 +69,7 @@ def bench(cfg, prepared, mesh, steps: int, evals: int) -> dict:
 def main(argv):
   del argv
   prepared = preprocess.prepare(formats.read_dataset("recbole", assets.path("ml-100k")),
-                                config.DataConfig())
+                                preprocess.DataConfig())
   mesh = parallel.make_mesh({"data": -1})
   results = {"devices": mesh.size, "backend": jax.default_backend(),
              "host_keeps_freed_memory": host.keep_freed_memory()}  # as training does

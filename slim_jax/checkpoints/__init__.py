@@ -1,7 +1,8 @@
 """LLaMA checkpoints in and out: Hugging Face directories, GGUF files, tokenizers, PEFT adapters.
 
 Every later stage loads a standard Hugging Face directory; `convert_gguf_to_hf` turns the
-embedded GGUF model into one, once.
+embedded GGUF model into one, once. Tokenizers come from transformers, which is heavy to import,
+so `checkpoints.tokenizer` is imported when a checkpoint is read, not with this package.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import pathlib
 
 from slim_jax.checkpoints import gguf, hf
-from slim_jax.checkpoints.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 
 def convert_gguf_to_hf(gguf_path, out_dir) -> pathlib.Path:
@@ -17,6 +17,7 @@ def convert_gguf_to_hf(gguf_path, out_dir) -> pathlib.Path:
 
   Idempotent: a complete `out_dir` is left as it is.
   """
+  from slim_jax.checkpoints.tokenizer import tokenizer_from_gguf  # transformers
   out_dir = pathlib.Path(out_dir)
   if hf.is_complete(out_dir):
     return out_dir
@@ -30,6 +31,7 @@ def load(path, mesh=None, **overrides):
   `overrides` replace LlamaConfig fields (dtype, param_dtype, scan_layers, remat_policy); with a
   mesh, parameters are placed by llama.partition_rules as they are read.
   """
+  from slim_jax.checkpoints.tokenizer import load_tokenizer, tokenizer_from_gguf  # transformers
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
     config, tensors, meta = gguf.read_gguf(path, **overrides)

@@ -16,6 +16,8 @@ from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normaliz
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import generate_merges
 
+from slim_jax.checkpoints.gguf import read_metadata
+
 # llama.cpp's token types (tokenizer.ggml.token_type)
 _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6
 _ROLES = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
@@ -133,6 +135,5 @@ def load_tokenizer(path):
   """The tokenizer of a Hugging Face directory or of a .gguf file."""
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
-    from slim_jax.checkpoints.gguf import read_metadata
     return tokenizer_from_gguf(read_metadata(path), str(path))
   return AutoTokenizer.from_pretrained(path)

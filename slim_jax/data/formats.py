@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+FORMATS = ("recbole", "amazon", "movielens")
 ON_ERROR = ("raise", "skip")
 
 # Names RecBole datasets use for the metadata we keep (first match wins).
@@ -392,4 +393,4 @@ def read_dataset(kind: str, path: str | pathlib.Path, on_error: str = "raise") -
     return read_amazon(*_amazon_files(path), on_error=on_error)
   if kind == "movielens":
     return read_movielens(path, on_error)
-  raise ValueError(f"unknown dataset format {kind!r}; expected recbole, amazon or movielens")
+  raise ValueError(f"unknown dataset format {kind!r}; expected one of {FORMATS}")

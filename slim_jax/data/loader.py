@@ -5,7 +5,9 @@ epoch), batched, and turned into arrays by one vectorised numpy function per bat
 costs microseconds per batch and never stalls a jitted step. Each JAX process builds the same
 global batch of indices and materialises only its own rows; `parallel.global_batch` then
 assembles the global ``jax.Array`` sharded over the mesh's batch axes. Iterator state is a small
-dict (grain's), saved with the model so a resumed run sees the same next batch.
+dict (grain's), saved with the model so a resumed run sees the same next batch. grain is imported
+when a training pipeline is built, not with this module, which every trainer and so every config
+section beside one imports.
 
 Item sequences are LEFT-padded with 0: the most recent item is always the last column.
 """
@@ -13,9 +15,8 @@ Item sequences are LEFT-padded with 0: the most recent item is always the last c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-import grain
 import jax
 import numpy as np
 
@@ -205,7 +206,7 @@ def text_batch(token_ids: Sequence[np.ndarray], rows: np.ndarray, buckets: Seque
 class BatchIterator(Iterator[dict[str, jax.Array]]):
   """Global, mesh-sharded batches from a grain iterator; its state saves and restores."""
 
-  def __init__(self, dataset: grain.IterDataset, mesh: jax.sharding.Mesh | None):
+  def __init__(self, dataset: Iterable[Batch], mesh: jax.sharding.Mesh | None):
     self._iterator = iter(dataset)
     self._mesh = mesh
 
@@ -241,6 +242,7 @@ def training_batches(num_examples: int, make_batch: Callable[[np.ndarray], Batch
   Batches run across epoch boundaries, so no example is dropped or repeated within an epoch
   except at the very end of the last one.
   """
+  import grain
   _check_batch_size(batch_size, mesh)
   dataset = (grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(num_epochs)
              .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)

@@ -16,12 +16,37 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from slim_jax.config import DataConfig
+from slim_jax import checks
+from slim_jax.data import formats
 from slim_jax.data.formats import ItemMeta, RawDataset
 
 MIN_SEQ_LEN = 3  # train, valid and test targets
 TIME_ORDERS = ("recbole", "exact")
 _HIDDEN_AFTER_TARGET = {"train": 2, "valid": 1, "test": 0}  # items after a split's target
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which dataset to read and how to turn it into leave-one-out sequences."""
+  name: str = "ml-100k"
+  format: str = "recbole"  # one of formats.FORMATS
+  path: str = ""  # "" = the embedded ml-100k asset
+  on_error: str = "raise"  # raise | skip (malformed lines)
+  min_rating: float | None = None
+  user_core: int = 0
+  item_core: int = 0
+  # Chronological order: recbole by (float32 scaled time, file position), exact by (time,
+  # position); see time_key.
+  time_order: str = "recbole"
+  item_text_max_chars: int = 256
+
+  def checked(self) -> DataConfig:
+    checks.one_of("data.format", self.format, formats.FORMATS)
+    checks.one_of("data.on_error", self.on_error, formats.ON_ERROR)
+    checks.one_of("data.time_order", self.time_order, TIME_ORDERS)
+    checks.within(self, "data", "[0, inf)", "user_core", "item_core")
+    checks.within(self, "data", "[1, inf)", "item_text_max_chars")
+    return self
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -6,7 +6,8 @@ once) or fine-tuned inside a jitted recommender step alike. `load(directory)` re
 directory (config.json + model.safetensors, or shards listed in model.safetensors.index.json)
 with the safetensors numpy API, plus the sentence-transformers files that define the embedding:
 pooling (1_Pooling/config.json), normalisation (modules.json) and max length
-(sentence_bert_config.json). The tokenizer is the `tokenizers` library over tokenizer.json.
+(sentence_bert_config.json). The tokenizer is the `tokenizers` library over tokenizer.json,
+imported when a directory is loaded: SLIM's model (models/slim.py) and config import this module.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import functools
 import json
 import pathlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
-import tokenizers
 from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
@@ -274,8 +275,10 @@ def lowercases(directory: pathlib.Path) -> bool:
   return st_file.is_file() and bool(json.loads(st_file.read_text()).get("do_lower_case"))
 
 
-def load_tokenizer(directory: pathlib.Path, max_len: int) -> tokenizers.Tokenizer:
-  """tokenizer.json, truncating to `max_len` tokens (specials included), unpadded."""
+def load_tokenizer(directory: pathlib.Path, max_len: int):
+  """tokenizers.Tokenizer of tokenizer.json, truncating to `max_len` tokens (specials included),
+  unpadded."""
+  import tokenizers
   path = directory / "tokenizer.json"
   if not path.is_file():
     raise FileNotFoundError(f"{directory}: no tokenizer.json")
@@ -292,7 +295,7 @@ class SentenceEncoder:
   pooling: Pooling
   max_len: int
   lowercase: bool
-  tokenizer: tokenizers.Tokenizer = dataclasses.field(compare=False, repr=False)
+  tokenizer: Any = dataclasses.field(compare=False, repr=False)  # a tokenizers.Tokenizer
   params: dict = dataclasses.field(compare=False, repr=False)
 
   @property

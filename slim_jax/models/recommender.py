@@ -23,9 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from slim_jax import checks
+from slim_jax.parallel import MeshConfig
+
 BACKBONES = ("sasrec", "gru4rec", "srgnn", "bert4rec")
 LOSSES = ("ce", "bpr", "sampled")
 TRAIN_MODES = ("per_position", "last_position")
+SCHEDULES = ("constant", "cosine")
+SAMPLED_EVALS = ("uniform", "popularity")
 
 # RecBole 1.2.1's defaults for each backbone (its model yaml files); None fields take these.
 BACKBONE_DEFAULTS = {
@@ -98,17 +103,28 @@ class RecConfig:
   table_axis: str = ""  # mesh axis sharding the item table's rows ("" = replicated)
   seed: int = 2020
 
+  def checked(self) -> RecConfig:
+    self.resolved()
+    return self
+
   def resolved(self) -> RecConfig:
     """This config with the backbone's defaults filled in, checked."""
-    if self.backbone not in BACKBONES:
-      raise ValueError(f"rec.backbone={self.backbone!r}: expected one of {BACKBONES}")
-    if self.loss not in LOSSES:
-      raise ValueError(f"rec.loss={self.loss!r}: expected one of {LOSSES}")
+    checks.one_of("rec.backbone", self.backbone, BACKBONES)
+    checks.one_of("rec.loss", self.loss, LOSSES)
     defaults = BACKBONE_DEFAULTS[self.backbone]
     cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items()
                                         if getattr(self, k) is None})
-    if cfg.train_mode not in TRAIN_MODES:
-      raise ValueError(f"rec.train_mode={cfg.train_mode!r}: expected one of {TRAIN_MODES}")
+    checks.one_of("rec.train_mode", cfg.train_mode, TRAIN_MODES)
+    checks.one_of("rec.schedule", cfg.schedule, SCHEDULES)
+    checks.one_of("rec.sampled_eval", cfg.sampled_eval, SAMPLED_EVALS)
+    checks.one_of("rec.table_axis", cfg.table_axis, ("", *MeshConfig().axes()))
+    checks.within(cfg, "rec", "[1, inf)", "hidden", "max_len", "layers", "heads", "inner",
+                  "gru_hidden", "num_negatives", "stride", "batch", "epochs", "eval_every",
+                  "eval_batch", "sampled_negatives")
+    checks.within(cfg, "rec", "(0, inf)", "lr")
+    checks.within(cfg, "rec", "[0, inf)", "weight_decay", "warmup_steps", "clip_norm", "patience")
+    checks.within(cfg, "rec", "[0, 1)", "dropout", "attn_dropout", "ema_decay")
+    checks.within(cfg, "rec", "[0, 1]", "mask_ratio", "mask_last_ratio")
     if cfg.batch is None:
       windows = 8 * cfg.max_len // (cfg.stride or cfg.max_len)
       cfg = dataclasses.replace(cfg, batch=windows if cfg.train_mode == "per_position" else 256)
@@ -118,13 +134,6 @@ class RecConfig:
     if cfg.backbone == "srgnn" and cfg.train_mode != "last_position":
       raise ValueError("rec.train_mode=per_position needs a causal backbone; srgnn encodes the "
                        "whole session graph, use last_position")
-    for name in ("mask_ratio", "mask_last_ratio"):
-      if not 0.0 <= getattr(cfg, name) <= 1.0:
-        raise ValueError(f"rec.{name}={getattr(cfg, name)}: expected a probability in [0, 1]")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-      raise ValueError(f"rec.ema_decay={cfg.ema_decay}: expected 0 (off) or a decay in (0, 1)")
-    if cfg.sampled_eval not in ("uniform", "popularity"):
-      raise ValueError(f"rec.sampled_eval={cfg.sampled_eval!r}: expected uniform or popularity")
     return cfg
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slim_jax import checks
 from slim_jax.models import bert
 from slim_jax.models.recommender import Backbone
 
@@ -64,13 +65,10 @@ class SlimConfig:
   seed: int = 0  # of the shuffled mode's derangement
 
   def checked(self) -> SlimConfig:
-    unknown = [mode for mode in self.modes if mode not in MODES]
-    if unknown:
-      raise ValueError(f"slim.modes: {unknown[0]!r} is not one of {tuple(MODES)}")
-    if self.fusion not in FUSIONS:
-      raise ValueError(f"slim.fusion={self.fusion!r}: expected one of {FUSIONS}")
-    if not 0.0 <= self.rationale_dropout < 1.0:
-      raise ValueError(f"slim.rationale_dropout={self.rationale_dropout}: expected [0, 1)")
+    for mode in self.modes:
+      checks.one_of("slim.modes", mode, MODES)
+    checks.one_of("slim.fusion", self.fusion, FUSIONS)
+    checks.within(self, "slim", "[0, 1)", "rationale_dropout")
     return self
 
 

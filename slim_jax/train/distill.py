@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from slim_jax import assets, checkpoints, parallel, prompts, rationales
+from slim_jax import assets, checkpoints, checks, layout, parallel, prompts, rationales
 from slim_jax.checkpoints import peft
 from slim_jax.data import loader
 from slim_jax.models import llama, lora as lora_lib
@@ -69,6 +69,25 @@ class DistillConfig:
   remat_policy: str = ""  # a jax.checkpoint_policies name, e.g. nothing_saveable; "" = none
   scan_layers: bool = False
   seed: int = 0
+
+  def checked(self) -> DistillConfig:
+    checks.within(self, "distill", "[1, inf)", "lora_rank", "steps", "batch_size", "grad_accum",
+                  "max_rationale_tokens", "buckets", "eval_batch_size", "log_every")
+    checks.within(self, "distill", "(0, inf)", "lora_alpha", "lr")
+    checks.within(self, "distill", "[0, inf)", "warmup_steps", "weight_decay", "clip_norm",
+                  "eval_every", "checkpoint_every", "patience")
+    checks.within(self, "distill", "[0, 1)", "lora_dropout")
+    checks.within(self, "distill", "[0, 1]", "end_lr_fraction")
+    checks.within(self, "distill", "(0, 1)", "heldout_fraction")
+    for name in ("dtype", "base_dtype", "lora_dtype"):
+      checks.one_of(f"distill.{name}", getattr(self, name), checks.FLOAT_DTYPES)
+    if self.remat_policy:
+      checks.one_of("distill.remat_policy", self.remat_policy,
+                    [name for name in dir(jax.checkpoint_policies) if not name.startswith("_")])
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"distill.batch_size={self.batch_size} is not a multiple of "
+                       f"distill.grad_accum={self.grad_accum}")
+    return self
 
   def lora(self) -> LoraConfig:
     return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout,
@@ -268,16 +287,22 @@ def heldout_metrics(eval_step: Callable, base, adapters, batches) -> dict[str, f
 # The stage.
 
 
-def _check(cfg: DistillConfig, pcfg: PromptConfig, mesh) -> None:
-  if cfg.pack:
-    raise ValueError("distill.pack=True is not supported yet: packed rows need segment-aware "
-                     "attention and positions in models/llama.py; without it examples would "
-                     "attend across each other")
+def check_lengths(cfg: DistillConfig, pcfg: PromptConfig) -> None:
+  """The longest example (the student's whole prompt budget, then a whole rationale) fits the
+  largest bucket: a rule between two config sections, which `Config.checked` runs at start-up."""
   budget = prompts.student_config(pcfg).max_prompt_tokens
   if budget + cfg.max_rationale_tokens > max(cfg.buckets):
     raise ValueError(f"the student's prompt budget {budget} + "
                      f"distill.max_rationale_tokens={cfg.max_rationale_tokens} exceed the largest "
                      f"of distill.buckets={cfg.buckets}")
+
+
+def _check(cfg: DistillConfig, pcfg: PromptConfig, mesh) -> None:
+  if cfg.pack:
+    raise ValueError("distill.pack=True is not supported yet: packed rows need segment-aware "
+                     "attention and positions in models/llama.py; without it examples would "
+                     "attend across each other")
+  check_lengths(cfg, pcfg)
   multiple = cfg.grad_accum * parallel.batch_size_multiple(mesh)
   if cfg.batch_size % multiple:
     raise ValueError(f"distill.batch_size={cfg.batch_size} must be a multiple of grad_accum "
@@ -337,7 +362,7 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
     result = loop.run(step, state, train_iter, evaluate, loop_cfg, out_dir)
     seconds = time.perf_counter() - start
   adapters = multihost_utils.process_allgather(result.state.lora, tiled=True)
-  adapter = out_dir / "adapter"
+  adapter = out_dir / layout.ADAPTER
   if jax.process_index() == 0:
     peft.save_peft(adapter, adapters, cfg.lora(), checkpoint)
   trained_tokens = int(np.sum(jax.device_get(tokens)))

@@ -6,6 +6,9 @@ live here once. A checkpoint holds the train state, the grain iterator's positio
 own counters, so a run resumed from its latest checkpoint continues exactly where it stopped: a
 resumed run equals an uninterrupted one as long as `step` derives its randomness from the state.
 The best checkpoint by the early-stopping metric is kept besides the latest one.
+
+orbax and tensorboardX are imported when a loop runs, not with this module: every trainer, and
+so every config section beside one, imports this module, and they are slow to import.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-import tensorboardX
-import tqdm
 from absl import logging
+
+from slim_jax import progress
 
 Metrics = Mapping[str, Any]
 
@@ -40,7 +42,7 @@ class LoopConfig:
   # Evaluations in a row without improvement that training tolerates; the next one stops it
   # (RecBole's stopping_step). 0 = never stop early.
   patience: int = 0
-  progress: bool = True  # tqdm progress bar
+  progress: bool = True  # a progress bar (log lines when stderr is not a terminal)
 
   def __post_init__(self):
     if self.mode not in ("max", "min"):
@@ -71,7 +73,9 @@ def _abstract(state):
       state)
 
 
-def _manager(directory: pathlib.Path, cfg: LoopConfig) -> ocp.CheckpointManager:
+def _manager(directory: pathlib.Path, cfg: LoopConfig):
+  """orbax's CheckpointManager: the latest checkpoint, and the best one by `cfg.metric`."""
+  import orbax.checkpoint as ocp
   policies = [ocp.checkpoint_managers.LatestN(n=1)]
   if cfg.metric:
     policies.append(ocp.checkpoint_managers.BestN(
@@ -99,6 +103,7 @@ class _Log:
       rows = [line for line in path.read_text().splitlines()
               if line and json.loads(line)["step"] <= resume_step]
       path.write_text("".join(line + "\n" for line in rows))
+    import tensorboardX
     # A file per (re)start: file names only carry the second, and a writer truncates its file;
     # the zero-padded step keeps restarts within one second in order (readers sort by name).
     self.events = tensorboardX.SummaryWriter(
@@ -134,6 +139,7 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
   that did not improve `cfg.metric`. A non-finite train metric raises FloatingPointError; the
   checkpoints written before it are kept, since every save is preceded by the finiteness check.
   """
+  import orbax.checkpoint as ocp
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   manager = _manager(workdir / "checkpoints", cfg)
@@ -197,12 +203,11 @@ def run(step: Callable, state, train_iter: Iterator, evaluate: Callable[[Any], M
       else:
         loop["bad_evals"] += 1
       loop["stopped_early"] = bool(cfg.patience) and loop["bad_evals"] > cfg.patience
-      bar.set_postfix({cfg.metric: f"{loop['best']:.4f}"})
+      bar.set_postfix({cfg.metric: f"{loop['best']:.4f}"}, refresh=False)
     if force_save or loop["best_step"] == loop["step"] or due():
       save(scores)
 
-  bar = tqdm.tqdm(total=cfg.steps, initial=loop["step"], disable=not cfg.progress,
-                  dynamic_ncols=True)
+  bar = progress.bar(cfg.steps, "train", "step", initial=loop["step"], disable=not cfg.progress)
   # finally: an interrupted run (Ctrl-C, preemption, an error) lets its in-flight asynchronous
   # save finish, so the restart finds a whole checkpoint rather than a half-written directory.
   try:

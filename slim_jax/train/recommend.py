@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from slim_jax import host, metrics, parallel
+from slim_jax import host, layout, metrics, parallel
 from slim_jax.data import loader
 from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
@@ -88,14 +88,13 @@ def build_backbone(cfg: RecConfig, num_items: int, table_multiple: int = 1) -> B
 
 
 def optimizer(cfg: RecConfig, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with optional warm-up, cosine decay and global-norm clipping."""
+  """AdamW with optional warm-up, cosine decay and global-norm clipping (`cfg` resolved, so its
+  schedule is one of recommender.SCHEDULES)."""
   if cfg.schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(total_steps, 1))
-  elif cfg.schedule == "constant":
+  else:
     lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
                                optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
-  else:
-    raise ValueError(f"rec.schedule={cfg.schedule!r}: expected constant or cosine")
   clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   return optax.chain(*clip, optax.adamw(lr, weight_decay=cfg.weight_decay))
 
@@ -342,7 +341,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
     results[split] = report(ranked, popularity, np.diff(data.history_offsets), cfg)
     results[f"popularity_{split}"] = metrics.ranking_metrics(
         popularity_ranks(popularity, data.targets))
-  np.savez(workdir / "ranked_test.npz", users=ranked["users"], ranks=ranked["ranks"],
+  np.savez(workdir / layout.RANKED_TEST, users=ranked["users"], ranks=ranked["ranks"],
            sampled_ranks=ranked["sampled_ranks"], top=ranked["top"])
   teacher = ({"users_with_teacher_rationale": slim.teacher_users(encoded)}
              if mode == "teacher_rationales" else {})
@@ -352,5 +351,5 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
              "best_step": result.best_step, "best_epoch": (result.best_step or 0) / steps_per_epoch,
              "stopped_early": result.stopped_early, "train_seconds": train_seconds,
              "history": history, **teacher, **results}
-  (workdir / "metrics.json").write_text(json.dumps(summary, indent=2))
+  (workdir / layout.METRICS).write_text(json.dumps(summary, indent=2))
   return summary

@@ -4,8 +4,9 @@ Configs are frozen dataclasses; experiments are Python files whose `get_config()
 This module is the composition root: it defines no section itself, but imports each from the
 module whose code reads it (`DataConfig` from data/preprocess.py, `MeshConfig` from parallel.py,
 `RecConfig` from models/recommender.py, ...), so a field is documented where it is used.
-Importing a section is cheap: heavy runtimes (transformers, orbax, grain, tensorboardX) are
-imported only inside the functions that use them, and tests/test_imports.py keeps it so.
+Importing a section is cheap, though its module holds the stage's code: the heavy runtimes
+(transformers and torch, tokenizers, orbax, tensorboardX, grain) are imported only inside the
+functions that use them (checkpoints.load, loop.run, ...), and tests/test_imports.py keeps it so.
 
 `--set rec.backbone=gru4rec` style overrides are parsed against the field types, and
 `Config.checked()` runs every section's own checks and the rules between sections, so a typo, a

@@ -5,9 +5,9 @@ Evaluation follows RecBole's protocol: no filtering, leave-one-out by time, full
 
 Presets (`--set preset=NAME`):
   quick (default): the teacher writes short rationales for the first 48 users, the student
-    distils on them for 12 steps and writes one for each of the first 96 users, and GRU4Rec
-    trains for at most 12 epochs per variant of the paper's main rows, so the whole pipeline
-    fits a coffee break on a 2-core CPU (docs/results.md has the wall time). With 96 of 943
+    distils on them for 10 steps and writes one for each of the first 64 users, and GRU4Rec
+    trains for at most 10 epochs per variant of the paper's main rows, so the whole pipeline
+    fits a coffee break on a 2-core CPU (docs/results.md has the wall time). With 64 of 943
     users holding a rationale, it shows the pipeline working, not SLIM's effect:
     experiments/analysis/ablate.py measures that.
   full: every one of the 943 users, longer rationales, longer distillation, every variant.
@@ -54,16 +54,16 @@ def get_config(preset: str = "quick") -> Config:
       # both prefill within one 384- or 512-token bucket. Large generation batches: a decode step
       # costs nearly the same for 16 rows as for 48.
       teacher=dataclasses.replace(full.teacher, max_users=48, max_tokens=128, batch_size=48),
-      # lr 1e-3: 12 steps at 2e-4 barely move the held-out perplexity; a fifth of the teacher's
+      # lr 1e-3: 10 steps at 2e-4 barely move the held-out perplexity; a fifth of the teacher's
       # rationales are held out, so that perplexity means something.
       # One 512 bucket: the student's 380-token prompts and a rationale of up to 128 tokens.
-      distill=dataclasses.replace(full.distill, steps=12, batch_size=4, max_rationale_tokens=128,
-                                  buckets=(512,), eval_every=6, checkpoint_every=6,
+      distill=dataclasses.replace(full.distill, steps=10, batch_size=4, max_rationale_tokens=128,
+                                  buckets=(512,), eval_every=10, checkpoint_every=10,
                                   warmup_steps=2, lr=1e-3, heldout_fraction=0.2),
-      student=dataclasses.replace(full.student, max_users=96, max_tokens=128, batch_size=32),
-      # GRU4Rec: the fastest backbone here and the most accurate; 12 epochs for each of the
+      student=dataclasses.replace(full.student, max_users=64, max_tokens=128, batch_size=32),
+      # GRU4Rec: the fastest backbone here and the most accurate; 10 epochs for each of the
       # paper's main rows keep the train stage to a few minutes.
-      rec=dataclasses.replace(full.rec, backbone="gru4rec", epochs=12),
+      rec=dataclasses.replace(full.rec, backbone="gru4rec", epochs=10),
       slim=dataclasses.replace(full.slim, modes=("plain", "item_text", "id_based", "id_agnostic",
                                                  "zero_shot", "popularity")),
   )

@@ -62,6 +62,32 @@ class LlamaParityTest(parameterized.TestCase):
     batched = ref.jax_logits(config, {"params": params}, padded, mask)
     np.testing.assert_allclose(batched[:, 5:], alone, atol=1e-5)
 
+  @parameterized.parameters(0, 4)
+  def test_packed_segments_equal_each_example_alone(self, chunk):
+    config = dataclasses.replace(TINY, attention_chunk=chunk)
+    params = ref.random_params(config)
+    first, second = _tokens(config, (1, 7), seed=1), _tokens(config, (1, 9), seed=2)
+    row = np.concatenate([first, second, np.zeros((1, 4), np.int32)], axis=1)
+    segments = np.array([[1] * 7 + [2] * 9 + [0] * 4], np.int32)
+    apply = jax.jit(lambda tokens: Llama(config).apply({"params": params}, tokens,
+                                                       segment_ids=segments)[0])
+    packed = np.asarray(apply(row))
+    np.testing.assert_allclose(packed[:, :7], ref.jax_logits(config, {"params": params}, first),
+                               atol=1e-5)
+    np.testing.assert_allclose(packed[:, 7:16],
+                               ref.jax_logits(config, {"params": params}, second), atol=1e-5)
+    # segment 2 never sees segment 1: new tokens there leave segment 2's logits as they were
+    changed = row.copy()
+    changed[:, :7] = _tokens(config, (1, 7), seed=3)
+    again = np.asarray(apply(changed))
+    self.assertGreater(np.abs(again[:, :7] - packed[:, :7]).max(), 0.1)
+    np.testing.assert_array_equal(again[:, 7:16], packed[:, 7:16])
+
+  def test_segment_positions_restart_with_each_segment(self):
+    segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(llama.segment_positions(segments),
+                                  [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+
   def test_query_chunks_score_only_keys_up_to_their_end(self):
     self.assertEqual(llama.query_chunks(40, 40, 0, 16),
                      [(0, 16, 16), (16, 32, 32), (32, 40, 40)])

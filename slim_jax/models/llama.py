@@ -3,8 +3,10 @@
 Parameter names mirror Hugging Face's LlamaForCausalLM (embed_tokens, layers_3/self_attn/q_proj,
 mlp/gate_proj, ...; kernels [in, out]) so checkpoint conversion and PEFT key names are mechanical.
 Positions come from the attention mask (cumsum - 1), so a left-padded row gives exactly the
-logits of the unpadded sequence. Softmax and logits are computed in fp32 whatever the compute
-dtype. The optional KV cache is explicit data: `init_cache` makes it, `__call__` returns it updated.
+logits of the unpadded sequence; in a packed row (several examples told apart by segment ids)
+each example gets the logits it has alone. Softmax and logits are computed in fp32 whatever the
+compute dtype. The optional KV cache is explicit data: `init_cache` makes it, `__call__` returns
+it updated.
 """
 
 from __future__ import annotations
@@ -161,6 +163,15 @@ def query_chunks(length: int, slots: int, index, chunk: int) -> list[tuple[int, 
     return [(0, length, slots)]
   bounds = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
   return [(start, stop, min(index + stop, slots)) for start, stop in bounds]
+
+
+def segment_positions(segment_ids):
+  """Each token's index within its run of equal segment ids [B, T]: positions restart at 0 where
+  a packed example starts, so RoPE sees every example as if it were alone in its row."""
+  steps = jnp.arange(segment_ids.shape[-1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return steps - jax.lax.cummax(jnp.where(starts, steps, 0), axis=1)
 
 
 @jax.custom_vjp
@@ -332,21 +343,35 @@ class Llama(nn.Module):
   tokens are written at slots index..index+T-1 and `mask` [B, S] marks every real slot written so
   far or now. `last_only` returns logits for the last position only (generation). LoRA dropout
   is active exactly when a "dropout" rng is passed.
+
+  Packed rows (training, no cache) pass `segment_ids` [B, T] instead of `mask`: 1, 2, ... per
+  example and 0 on padding. A token then attends causally within its own segment only, and its
+  RoPE position is `positions` [B, T] (default: its index within the segment).
   """
   config: LlamaConfig
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, tokens, mask=None, cache=None, index=0, last_only=False):
+  def __call__(self, tokens, mask=None, cache=None, index=0, last_only=False, segment_ids=None,
+               positions=None):
     cfg = self.config
     batch, length = tokens.shape
     slots = length if cache is None else jax.tree.leaves(cache)[0].shape[-1]  # k: [..., D, S]
-    mask = jnp.ones((batch, slots), bool) if mask is None else mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    if segment_ids is None:
+      if positions is not None:
+        raise ValueError("positions are for packed rows: pass them with segment_ids")
+      mask = jnp.ones((batch, slots), bool) if mask is None else mask.astype(bool)
+      positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+      keys = mask[:, None, :]  # [B, 1, S]
+    else:
+      if cache is not None or mask is not None:
+        raise ValueError("segment_ids replace mask, and packed rows take no KV cache")
+      positions = segment_positions(segment_ids) if positions is None else positions
+      keys = (segment_ids[:, None, :] == segment_ids[:, :, None]) & (segment_ids[:, None, :] > 0)
     sin, cos = rope_tables(jax.lax.dynamic_slice_in_dim(positions, index, length, 1), cfg)
     causal = jnp.arange(slots)[None, :] <= index + jnp.arange(length)[:, None]
     # additive, so that the backward pass has no select: 0 where allowed, fp32 min elsewhere
-    bias = jnp.where(causal[None] & mask[:, None, :], 0.0, jnp.finfo(jnp.float32).min)  # [B, T, S]
+    bias = jnp.where(causal[None] & keys, 0.0, jnp.finfo(jnp.float32).min)  # [B, T, S]
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),

@@ -56,7 +56,7 @@ class DistillConfig:
   clip_norm: float = 1.0  # global gradient norm; 0 = no clipping
   max_rationale_tokens: int = 512  # rationale + EOS, cut to this
   buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # padded sequence lengths
-  pack: bool = False  # several examples per row: needs segment-aware attention (not yet)
+  pack: bool = False  # examples packed into rows of max(buckets); batch_size then counts rows
   heldout_fraction: float = 0.1  # of the users, whose rationales are only evaluated
   eval_every: int = 50
   eval_batch_size: int = 8
@@ -189,10 +189,16 @@ def init_state(model: Llama, tx: optax.GradientTransformation, cfg: DistillConfi
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def rationale_nll(model: Llama, variables, batch, rngs=None) -> tuple[jax.Array, jax.Array]:
+def rationale_nll(model: Llama, variables, batch, rngs=None,
+                  packed: bool = False) -> tuple[jax.Array, jax.Array]:
   """(summed next-token NLL over rationale tokens, their count). Sums, not means, so that
-  micro-batches and evaluation batches of any padding combine exactly."""
-  logits, _ = model.apply(variables, batch["tokens"], batch["segment_ids"] > 0, rngs=rngs)
+  micro-batches and evaluation batches of any padding combine exactly. A `packed` batch's
+  segment ids and positions keep each example's attention and RoPE to itself."""
+  if packed:
+    logits, _ = model.apply(variables, batch["tokens"], segment_ids=batch["segment_ids"],
+                            positions=batch["positions"], rngs=rngs)
+  else:
+    logits, _ = model.apply(variables, batch["tokens"], batch["segment_ids"] > 0, rngs=rngs)
   # position t predicts token t + 1. The targets and weights are shifted, not the logits, whose
   # [B, T - 1, V] slice would be the largest copy of the step; the last position weighs nothing
   targets = jnp.roll(batch["tokens"], -1, axis=1)
@@ -226,7 +232,8 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, schedule: op
       grads, total, count = carry
       index, micro = inputs
       nll = lambda adapters: rationale_nll(model, {"params": base, "lora": adapters}, micro,
-                                           {"dropout": jax.random.fold_in(step_key, index)})
+                                           {"dropout": jax.random.fold_in(step_key, index)},
+                                           cfg.pack)
       (part, tokens), part_grads = jax.value_and_grad(nll, has_aux=True)(state.lora)
       return (jax.tree.map(jnp.add, grads, part_grads), total + part, count + tokens), None
 
@@ -298,10 +305,6 @@ def check_lengths(cfg: DistillConfig, pcfg: PromptConfig) -> None:
 
 
 def _check(cfg: DistillConfig, pcfg: PromptConfig, mesh) -> None:
-  if cfg.pack:
-    raise ValueError("distill.pack=True is not supported yet: packed rows need segment-aware "
-                     "attention and positions in models/llama.py; without it examples would "
-                     "attend across each other")
   check_lengths(cfg, pcfg)
   multiple = cfg.grad_accum * parallel.batch_size_multiple(mesh)
   if cfg.batch_size % multiple:
@@ -339,7 +342,8 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
                              state_shardings.lora, mesh)
   train_iter, steps_per_epoch = loader.lm_training(
       [prompt_ids[i] for i in train], [rationale_ids[i] for i in train],
-      batch_size=cfg.batch_size, buckets=cfg.buckets, pad_id=pad_id, seed=cfg.seed, mesh=mesh)
+      batch_size=cfg.batch_size, buckets=cfg.buckets, pad_id=pad_id, seed=cfg.seed, mesh=mesh,
+      pack=cfg.pack)
   evaluate = lambda state: heldout_metrics(eval_step, base, state.lora, loader.lm_eval_batches(
       [prompt_ids[i] for i in heldout], [rationale_ids[i] for i in heldout],
       batch_size=cfg.eval_batch_size, buckets=cfg.buckets, pad_id=pad_id, mesh=mesh))

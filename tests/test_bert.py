@@ -9,19 +9,19 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 import torch
-import transformers
 from absl.testing import absltest, parameterized
 from sentence_transformers import SentenceTransformer
 
 from slim_jax import assets, parallel
 from slim_jax.models import bert
+from tests.fixtures import (cosine_distance, encode_ours, state_numpy, tiny_torch_bert,
+                            write_hf_dir, write_sentence_transformers_dir)
 
 TEXTS = (
     "Toy Story (1995) | Genres: Animation, Children's, Comedy",
@@ -33,47 +33,6 @@ TEXTS = (
     "Café naïve résumé — 日本語のテキスト",
     "word " * 254,  # 254 words + [CLS] + [SEP]: exactly max_seq_length (256), nothing truncated
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                   "special_tokens_map.json")
-
-
-def padded(token_ids, length):
-  ids = np.zeros((len(token_ids), length), np.int32)
-  mask = np.zeros((len(token_ids), length), np.int32)
-  for row, tokens in enumerate(token_ids):
-    ids[row, :len(tokens)] = tokens
-    mask[row, :len(tokens)] = 1
-  return ids, mask
-
-
-def cosine_distance(a, b):
-  return 1 - np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
-def tiny_torch_bert(hidden_act="gelu", vocab_size=99, seed=0):
-  """A random BertModel whose weights are all O(0.1-1), so every parameter matters."""
-  config = transformers.BertConfig(
-      vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-      intermediate_size=37, max_position_embeddings=64, hidden_act=hidden_act,
-      layer_norm_eps=1e-12)
-  torch.manual_seed(seed)
-  model = transformers.BertModel(config).eval()
-  with torch.no_grad():
-    for name, value in model.named_parameters():
-      value.copy_(torch.randn_like(value) * 0.2 + (1.0 if "LayerNorm.weight" in name else 0.0))
-  return model
-
-
-def state_numpy(model):
-  return {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
-
-
-def write_hf_dir(model, directory: pathlib.Path) -> pathlib.Path:
-  """config.json + model.safetensors as save_pretrained writes them, through safetensors."""
-  directory.mkdir(parents=True, exist_ok=True)
-  model.config.to_json_file(directory / "config.json")
-  safetensors.numpy.save_file(state_numpy(model), directory / "model.safetensors")
-  return directory
 
 
 def write_sharded_legacy_dir(model, directory: pathlib.Path) -> pathlib.Path:
@@ -93,37 +52,6 @@ def write_sharded_legacy_dir(model, directory: pathlib.Path) -> pathlib.Path:
   index = {"metadata": {}, "weight_map": {n: f for f, ms in shards.items() for n in ms}}
   (directory / "model.safetensors.index.json").write_text(json.dumps(index))
   return directory
-
-
-def write_sentence_transformers_dir(directory: pathlib.Path, mode="mean", normalize=True,
-                                    max_seq_length=16, seed=0) -> pathlib.Path:
-  """A tiny random sentence-transformers model using all-MiniLM-L6-v2's tokenizer."""
-  minilm = assets.path("minilm")
-  write_hf_dir(tiny_torch_bert(vocab_size=30522, seed=seed), directory)
-  for name in TOKENIZER_FILES:
-    shutil.copy(minilm / name, directory / name)
-  modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-             {"idx": 1, "name": "1", "path": "1_Pooling",
-              "type": "sentence_transformers.models.Pooling"}]
-  if normalize:
-    modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize"})
-  (directory / "modules.json").write_text(json.dumps(modules))
-  (directory / "sentence_bert_config.json").write_text(
-      json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
-  (directory / "1_Pooling").mkdir()
-  keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
-          "max": "pooling_mode_max_tokens", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens"}
-  pooling = {"word_embedding_dimension": 32, **{key: m == mode for m, key in keys.items()}}
-  (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
-  return directory
-
-
-def encode_ours(model: bert.SentenceEncoder, texts, length=None):
-  token_ids = model.tokenize(texts)
-  ids, mask = padded(token_ids, length or max(len(t) for t in token_ids))
-  apply = jax.jit(bert.apply, static_argnums=(3, 4))
-  return np.asarray(apply(model.params, ids, mask, model.config, model.pooling)), token_ids
 
 
 class MiniLMTest(absltest.TestCase):

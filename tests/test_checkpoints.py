@@ -18,6 +18,7 @@ from slim_jax.checkpoints.tokenizer import load_tokenizer
 from slim_jax.models import llama
 from slim_jax.models.llama import RopeScaling
 from tests import llama_reference as ref
+from tests.fixtures import TINY_LLAMA, random_params, word_tokenizer
 
 TINY = llama.PRESETS["tiny"]
 
@@ -99,9 +100,8 @@ class HfDirectoryTest(parameterized.TestCase):
     np.testing.assert_array_equal(loaded["lm_head"]["kernel"], params["lm_head"]["kernel"])
 
   def test_save_hf_sharded_roundtrip(self):
-    from tests.test_distill import word_tokenizer  # fits the tiny vocabulary, as load() checks
     params = ref.random_params(llama.PRESETS["tiny_tied"])
-    tokenizer = word_tokenizer(["a few words"])
+    tokenizer = word_tokenizer(["a few words"])  # fits the tiny vocabulary, as load() checks
     with tempfile.TemporaryDirectory() as tmp:
       hf.write_hf(tmp, llama.PRESETS["tiny_tied"],
                   hf.params_to_hf(params, llama.PRESETS["tiny_tied"]), tokenizer,
@@ -125,10 +125,9 @@ class HfDirectoryTest(parameterized.TestCase):
       hf.config_from_hf({**hf.config_to_hf(TINY), "attention_bias": True})
 
   def test_refuses_a_tokenizer_larger_than_the_vocabulary(self):
-    from tests.test_distill import CONFIG, random_params, word_tokenizer
-    tokenizer = word_tokenizer([" ".join(f"w{i}" for i in range(CONFIG.vocab_size))])
-    directory = hf.save_hf(pathlib.Path(self.create_tempdir().full_path) / "m", CONFIG,
-                           random_params(CONFIG), tokenizer)
+    tokenizer = word_tokenizer([" ".join(f"w{i}" for i in range(TINY_LLAMA.vocab_size))])
+    directory = hf.save_hf(pathlib.Path(self.create_tempdir().full_path) / "m", TINY_LLAMA,
+                           random_params(TINY_LLAMA), tokenizer)
     with self.assertRaisesRegex(ValueError, r"259 tokens but the model's vocab_size is 256"):
       checkpoints.load(directory)
 

@@ -20,93 +20,17 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 from absl.testing import absltest
 
-from slim_jax import parallel, prompts
+from slim_jax import parallel
 from slim_jax.checkpoints import hf
-from slim_jax.config import DataConfig
-from slim_jax.data import formats, loader, preprocess
+from slim_jax.data import loader
 from slim_jax.models import llama
 from slim_jax.models.llama import Llama
-from slim_jax.prompts import PromptConfig
 from slim_jax.train import distill
 from slim_jax.train.distill import DistillConfig
+from tests.fixtures import (PROMPT, TINY_LLAMA, make_fixture, one_device, random_params,
+                            tiny_config)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CONFIG = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=256, max_position_embeddings=512)
-PROMPT = PromptConfig(domain="generic", max_prompt_tokens=192)
-ITEMS = 12
-
-
-def random_params(config, seed: int = 0):
-  """Random LLaMA weights drawn on the host: no compilation per parameter shape."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (1 + 0.1 * rng.standard_normal(s.shape) if len(s.shape) == 1 else
-                                 0.1 * rng.standard_normal(s.shape)).astype(np.float32),
-                      hf.param_shapes(config))
-
-
-def word_tokenizer(texts):
-  """A word-level tokenizer over `texts` with ChatML's specials: prompts of ~150 tokens, not ~700
-  bytes, so a test step is cheap."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  split = pre_tokenizers.Whitespace()
-  words = sorted({w for text in texts for w, _ in split.pre_tokenize_str(text)})
-  vocab = {w: i for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>"] + words)}
-  core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  core.pre_tokenizer = split
-  return PreTrainedTokenizerFast(tokenizer_object=core, chat_template=CHATML, unk_token="[UNK]",
-                                 eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                 additional_special_tokens=["<|im_start|>"])
-
-
-def rationale(last_item: int) -> str:
-  """The synthetic teacher: a fixed three-step template whose words follow the last item seen."""
-  kind = ("drama", "comedy")[last_item % 2]
-  return (f"Step 1: the user likes {kind} . Step 2: more {kind} . "
-          f"Step 3: item i{(last_item + 1) % ITEMS} and item i{(last_item + 2) % ITEMS} .")
-
-
-def synthetic_prepared(users: int = 24, seed: int = 0) -> preprocess.Prepared:
-  rng = np.random.default_rng(seed)
-  rows = [(f"u{u}", f"i{i}", t) for u in range(users)
-          for t, i in enumerate(rng.integers(0, ITEMS, 5 + u % 4))]
-  user_ids, item_ids, times = map(np.asarray, zip(*rows))
-  return preprocess.prepare(formats.RawDataset(
-      "synthetic", user_ids, item_ids, times.astype(np.float64),
-      np.full(len(rows), np.nan, np.float32), {}, {}),
-      DataConfig(name="synthetic", time_order="exact"))
-
-
-def make_fixture(directory: pathlib.Path) -> tuple[pathlib.Path, preprocess.Prepared,
-                                                      pathlib.Path]:
-  """(HF directory of a tiny random LLaMA, the prepared data, teacher rationales.jsonl)."""
-  prepared = synthetic_prepared()
-  texts = [m["content"] for m in prompts.cot_messages(prepared.item_text[1:], PROMPT)]
-  tokenizer = word_tokenizer(texts + ["system user assistant", rationale(0), rationale(1)] +
-                             [f"item i{i}" for i in range(ITEMS)])
-  model_dir = hf.save_hf(directory / "tiny", CONFIG, random_params(CONFIG), tokenizer)
-  path = directory / "rationales.jsonl"
-  with path.open("w") as f:
-    for user, split, items in prompts.visible_histories(prepared, PROMPT.history):
-      last = int(prepared.item_ids[items[-1]][1:])
-      f.write(json.dumps({"user": user, "user_id": str(prepared.user_ids[user]), "split": split,
-                          "prompt_hash": "-", "model": "synthetic", "history_len": len(items),
-                          "text": rationale(last)}) + "\n")
-  return model_dir, prepared, path
-
-
-def tiny_config(model_dir, **changes) -> DistillConfig:
-  return dataclasses.replace(DistillConfig(
-      checkpoint=str(model_dir), lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, steps=8,
-      batch_size=8, lr=2e-2, warmup_steps=2, max_rationale_tokens=48, buckets=(256,),
-      heldout_fraction=0.25, eval_every=4, log_every=1, checkpoint_every=2, dtype="float32",
-      base_dtype="float32"), **changes)
-
-
-def one_device():
-  return parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
 def adapter_weights(out_dir) -> dict[str, np.ndarray]:
@@ -153,14 +77,14 @@ class DistillTest(absltest.TestCase):
     adapters, lora_config = peft_io.load_peft(out / "adapter")
     tokens = np.random.default_rng(0).integers(3, 100, (2, 24))
     base = hf.load_params(self.model_dir)
-    ours = np.asarray(Llama(CONFIG, lora_config).apply(
+    ours = np.asarray(Llama(TINY_LLAMA, lora_config).apply(
         {"params": base, "lora": adapters}, jnp.asarray(tokens))[0])
     theirs = peft.PeftModel.from_pretrained(
         transformers.LlamaForCausalLM.from_pretrained(self.model_dir), out / "adapter").eval()
     with torch.no_grad():
       expected = theirs(input_ids=torch.from_numpy(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, expected, atol=2e-4)
-    without = np.asarray(Llama(CONFIG).apply({"params": base}, jnp.asarray(tokens))[0])
+    without = np.asarray(Llama(TINY_LLAMA).apply({"params": base}, jnp.asarray(tokens))[0])
     self.assertGreater(np.abs(ours - without).max(), 0.1)  # the adapter does change the model
 
   def test_sharded_with_accumulation_and_remat_matches_one_device(self):
@@ -175,10 +99,10 @@ class DistillTest(absltest.TestCase):
     expected, expected_out = self.distill("single", one_device())
     out = self.root / "killed"
     child = textwrap.dedent(f"""
-        from tests import test_distill as t
+        from tests import fixtures as t
         from slim_jax.train import distill
         distill.run_distill(t.tiny_config({str(self.model_dir)!r}), t.PROMPT,
-                            t.synthetic_prepared(), {str(self.rationales)!r}, {str(out)!r},
+                            t.distill_prepared(), {str(self.rationales)!r}, {str(out)!r},
                             t.one_device())
         """)
     log = self.root / "killed.log"
@@ -215,16 +139,22 @@ class DistillTest(absltest.TestCase):
                           self.prepared, self.rationales, out, one_device())
     self.assertEqual(ocp.CheckpointManager(out / "checkpoints").latest_step(), 8)
 
-  def test_packing_is_refused_until_attention_is_segment_aware(self):
-    with self.assertRaisesRegex(ValueError, "distill.pack=True is not supported yet"):
-      distill.run_distill(tiny_config(self.model_dir, pack=True), PROMPT, self.prepared,
-                          self.rationales, self.root / "packed", one_device())
+  def test_packed_run_learns_from_rows_of_several_examples(self):
+    expected, _ = self.distill("single", one_device())
+    summary, _ = self.distill("packed", one_device(), pack=True, buckets=(256, 512),
+                              batch_size=4)
+    # evaluation is not packed: the same base model, the same held-out batches
+    self.assertAlmostEqual(summary["heldout_loss_before"], expected["heldout_loss_before"],
+                           places=6)
+    self.assertLess(summary["heldout_loss"], 0.75 * summary["heldout_loss_before"])
+    # rows of 512 hold on average more tokens than the longest example (192 + 48 = 240)
+    self.assertGreater(summary["trained_tokens"], 8 * 4 * 240)
 
 
 class TrainStepTest(absltest.TestCase):
 
   def test_bf16_step_trains_fp32_adapters_only(self):
-    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    config = dataclasses.replace(TINY_LLAMA, dtype="bfloat16")
     cfg = DistillConfig(lora_rank=4, lr=1e-2, warmup_steps=0, steps=2, dtype="bfloat16",
                         lora_targets=("q_proj", "down_proj"))
     mesh = one_device()
@@ -245,6 +175,35 @@ class TrainStepTest(absltest.TestCase):
                      {"lora_a", "lora_b"})
     self.assertEqual({x.dtype for _, x in leaves if x.ndim == 2}, {jnp.dtype("float32")})
     self.assertTrue(np.any(jax.device_get(state.lora["layers_1"]["mlp"]["down_proj"]["lora_b"])))
+
+  def test_packed_step_equals_the_padded_step_on_the_same_examples(self):
+    """Packing changes the layout, not the objective: a step over packed rows reports the loss
+    (mean over rationale tokens) and gradient norm of the same examples padded one per row, up
+    to fp32 summation order. Read as one sequence, the packed rows give another loss."""
+    mesh = one_device()
+    base = parallel.shard_params(random_params(TINY_LLAMA), llama.partition_rules(TINY_LLAMA),
+                                 mesh)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, n) for n in (30, 12, 21, 7, 40, 16, 25, 9)]
+    targets = [rng.integers(3, 200, n) for n in (6, 14, 3, 20, 8, 11, 5, 17)]
+    packs = loader.pack_examples([len(p) + len(t) for p, t in zip(prompts, targets)], 64)
+    self.assertLen(packs, 5)
+    batches = {False: loader.lm_batch(prompts, targets, (64,), pad_id=2),
+               True: loader.packed_lm_batch(prompts, targets, packs, 64, pad_id=2)}
+    metrics = {}
+    for pack, batch in batches.items():
+      cfg = DistillConfig(lora_rank=4, lora_dropout=0.0, warmup_steps=0, steps=1,
+                          dtype="float32", base_dtype="float32", pack=pack)
+      _, state, _, step = distill.build_step(TINY_LLAMA, cfg, base, mesh)
+      with jax.set_mesh(mesh):
+        metrics[pack] = jax.device_get(step(base, state, parallel.global_batch(batch, mesh))[1])
+    self.assertEqual(metrics[True]["tokens"], metrics[False]["tokens"])
+    np.testing.assert_allclose(metrics[True]["loss"], metrics[False]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics[True]["grad_norm"], metrics[False]["grad_norm"],
+                               rtol=1e-5)
+    with jax.set_mesh(mesh):
+      total, count = distill.rationale_nll(Llama(TINY_LLAMA), {"params": base}, batches[True])
+    self.assertGreater(abs(float(total / count) - metrics[False]["loss"]), 1e-3)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from slim_jax.config import DataConfig
 from slim_jax.data import formats, preprocess
 from slim_jax.checkpoints import hf
 from slim_jax.models import bert, llama
-from tests.test_bert import cosine_distance, encode_ours, write_sentence_transformers_dir
+from tests.fixtures import cosine_distance, encode_ours, write_sentence_transformers_dir
 
 MESHES = {
     "unsharded": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),

@@ -19,7 +19,7 @@ from absl.testing import absltest
 
 from slim_jax.checkpoints import hf
 from tests import fake_openai_server as fake
-from tests.test_distill import CONFIG, random_params, word_tokenizer
+from tests.fixtures import TINY_LLAMA as CONFIG, random_params, word_tokenizer
 
 ROOT = pathlib.Path(__file__).parent.parent
 GENRES = ("Drama", "Comedy", "Action")

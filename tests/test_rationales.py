@@ -19,7 +19,7 @@ from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig
 from slim_jax.teacher import TeacherConfig
-from tests.test_teacher import bigram_fixture
+from tests.fixtures import bigram_fixture
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 USERS = 40  # the kill test's: one generation call each, so a kill lands between two

@@ -13,7 +13,7 @@ from slim_jax.models import bert, slim
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
 from slim_jax.train import recommend
-from tests.test_recommend_train import prepared_from_sequences
+from tests.fixtures import prepared_from_sequences
 
 NUM_ITEMS, NUM_USERS, DIM = 30, 5, 8
 INPUTS = jnp.array([[0, 0, 3, 7, 3, 9], [4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 21],

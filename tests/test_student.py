@@ -16,13 +16,13 @@ from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
 from slim_jax.models.lora import LoraConfig
 from slim_jax.student import StudentConfig
-from tests.test_distill import CONFIG, PROMPT, make_fixture
+from tests.fixtures import PROMPT, TINY_LLAMA, make_fixture
 
 
 def random_adapter(model_dir: pathlib.Path, directory: pathlib.Path) -> None:
   """A PEFT adapter on `model_dir` with non-zero B, so that it changes what the model writes."""
   config = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
-  adapters = lora_lib.init_lora(Llama(CONFIG, config), jax.random.key(0))
+  adapters = lora_lib.init_lora(Llama(TINY_LLAMA, config), jax.random.key(0))
   rng = np.random.default_rng(1)
   adapters = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape), adapters)
   peft.save_peft(directory, adapters, config, base_model=str(model_dir))
@@ -73,8 +73,9 @@ class StudentTest(absltest.TestCase):
         jax.random.key(0), sampling, [tokenizer.eos_token_id], tokenizer.pad_token_id))]
     base = hf.load_params(model_dir)
     written = [{r["user"]: r["text"] for r in records}[q.user] for q in requests]
-    self.assertEqual(written, texts(Llama(CONFIG, lora_config), {"params": base, "lora": adapters}))
-    self.assertNotEqual(written, texts(Llama(CONFIG), {"params": base}))  # the adapter matters
+    self.assertEqual(written, texts(Llama(TINY_LLAMA, lora_config),
+                                    {"params": base, "lora": adapters}))
+    self.assertNotEqual(written, texts(Llama(TINY_LLAMA), {"params": base}))  # the adapter matters
 
     # Pointed at the base checkpoint, the same stage writes the undistilled baseline.
     undistilled = student.run_student(dataclasses.replace(cfg, max_users=8), PROMPT, prepared,
@@ -83,7 +84,7 @@ class StudentTest(absltest.TestCase):
     base_records = {r["user"]: r["text"]
                     for r in rationales.read_cache(root / "base" / "cache.jsonl")}
     self.assertEqual([base_records[q.user] for q in requests],
-                     texts(Llama(CONFIG), {"params": base}))
+                     texts(Llama(TINY_LLAMA), {"params": base}))
 
   def test_another_adapter_is_another_cache_model(self):
     root = pathlib.Path(self.create_tempdir().full_path)

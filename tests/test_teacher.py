@@ -21,29 +21,11 @@ from slim_jax import parallel, prompts, rationales, teacher
 from slim_jax.prompts import PromptConfig
 from slim_jax.teacher import TeacherConfig
 from tests import fake_openai_server as fake
+from tests.fixtures import KEY_ENV, bigram_fixture, client_config, synthetic_requests
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-KEY_ENV = "SLIM_JAX_TEST_TEACHER_KEY"
 SECRET = "sk-test-8c1f0e2d9b7a4c6e"
 PCFG = PromptConfig()
-
-
-def synthetic_requests(n: int) -> list[rationales.Request]:
-  """`n` distinct prompts, as the teacher stage would build them."""
-  requests = []
-  for user in range(n):
-    history = [f"Movie {user}-{k} ({1980 + k}) | Genres: Drama" for k in range(1 + user % 7)]
-    messages = tuple(prompts.cot_messages(history, PromptConfig()))
-    requests.append(rationales.Request(user, f"u{user}", "valid", messages, len(history),
-                                    prompt_tokens=sum(len(m["content"]) for m in messages) // 4))
-  return requests
-
-
-def client_config(url: str, **changes) -> TeacherConfig:
-  """Short backoffs; the server's stalls (1.5 s) outlast the 1 s timeout."""
-  return dataclasses.replace(TeacherConfig(
-      kind="openai", base_url=url, model="gpt-test", api_key_env=KEY_ENV, concurrency=8,
-      timeout_s=1.0, max_retries=4, backoff_s=0.01, max_backoff_s=0.5), **changes)
 
 
 def served(server: fake.FakeOpenAI, requests) -> list[int]:
@@ -92,9 +74,10 @@ class OpenAIClientTest(absltest.TestCase):
     child = textwrap.dedent("""
         import pathlib, sys
         from slim_jax import teacher
-        from tests.test_teacher import PCFG, client_config, synthetic_requests
+        from slim_jax.prompts import PromptConfig
+        from tests.fixtures import client_config, synthetic_requests
         teacher.run_openai(synthetic_requests(200), client_config(sys.argv[1], concurrency=4),
-                           PCFG, pathlib.Path(sys.argv[2]))
+                           PromptConfig(), pathlib.Path(sys.argv[2]))
         """)
     with fake.FakeOpenAI(seed=2, fault_rate=0.3, latency_s=0.02, api_key=SECRET) as server:
       process = subprocess.Popen([sys.executable, "-c", child, server.url, str(self.cache)],
@@ -293,42 +276,6 @@ class DryRunTest(absltest.TestCase):
     self.assertTrue(any(r.history_len < n for r, n in zip(requests, lengths)))  # truncated
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def byte_tokenizer():
-  """A byte-level tokenizer (256 byte tokens, no merges) with ChatML's specials: tiny and instant."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-  core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  core.decoder = decoders.ByteLevel()
-  tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, chat_template=CHATML,
-                                      eos_token="<|im_end|>", pad_token="<|im_end|>")
-  tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-  return tokenizer
-
-
-def bigram_params(config, transitions: dict[int, int], seed: int = 0):
-  """LLaMA params whose attention and MLP write nothing, so the next token depends only on the
-  current one; the head maps each `transitions` key to its value by a wide margin."""
-  from flax import traverse_util
-  from slim_jax.checkpoints import hf
-  rng = np.random.default_rng(seed)
-  params = {path: (np.ones(s.shape, np.float32) if path[-1] == "scale" else
-                   np.zeros(s.shape, np.float32) if path[-2] in ("o_proj", "down_proj") else
-                   rng.normal(0, 0.02, s.shape).astype(np.float32))
-            for path, s in traverse_util.flatten_dict(hf.param_shapes(config)).items()}
-  embed = rng.normal(0, 1, params[("embed_tokens", "embedding")].shape).astype(np.float32)
-  params[("embed_tokens", "embedding")] = embed
-  for current, following in transitions.items():
-    params[("lm_head", "kernel")][:, following] += 10 * embed[current] / np.linalg.norm(
-        embed[current])
-  return traverse_util.unflatten_dict(params)
-
-
 class LocalTeacherTest(absltest.TestCase):
 
   def test_bigram_llama_answers_every_request_once_at_zero_dollars(self):
@@ -363,28 +310,6 @@ class LocalTeacherTest(absltest.TestCase):
     self.assertEqual((directory / "out" / "rationales.jsonl").read_text(), "")
     teacher.run_teacher(tcfg, pcfg, prepared, directory / "out", mesh)  # a rerun adds nothing
     self.assertLen(rationales.read_cache(directory / "out" / "cache.jsonl"), 4)
-
-
-def bigram_fixture(directory: pathlib.Path):
-  """(prepared, tokenizer): six toy users without item metadata, and at directory/bigram a tiny
-  LLaMA that answers any prompt ending in ":" with "A" and stops."""
-  from slim_jax.checkpoints import hf
-  from slim_jax.config import DataConfig
-  from slim_jax.data import preprocess
-  from slim_jax.data.formats import RawDataset
-  from slim_jax.models import llama
-  tokenizer = byte_tokenizer()
-  colon, letter = tokenizer.encode(":")[0], tokenizer.encode("A")[0]
-  config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=len(tokenizer),
-                               max_position_embeddings=2048)
-  params = bigram_params(config, {colon: letter, letter: tokenizer.eos_token_id})
-  hf.save_hf(directory / "bigram", config, params, tokenizer)
-  rows = [(f"u{u}", f"i{(u * 3 + k) % 11}", k) for u in range(6) for k in range(4 + u)]
-  users, items, times = zip(*rows)
-  prepared = preprocess.prepare(RawDataset(
-      "toy", np.asarray(users, str), np.asarray(items, str), np.asarray(times, float),
-      np.full(len(rows), np.nan, np.float32), {}, {}), DataConfig())
-  return prepared, tokenizer
 
 
 if __name__ == "__main__":

@@ -1,0 +1,282 @@
+"""Fixtures shared by the test modules, so that no test module imports another.
+
+Tiny LLaMA weights and tokenizers; the distillation fixture (synthetic users, a teacher's
+rationales for them and a tiny random student on disk); the bigram teacher; prepared data from
+item sequences; tiny BERT and sentence-transformers directories; synthetic teacher requests.
+Every fixture is built from a seed, on the host, in well under a second.
+"""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import safetensors.numpy
+import torch
+import transformers
+from flax import traverse_util
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from slim_jax import assets, parallel, prompts, rationales
+from slim_jax.checkpoints import hf
+from slim_jax.data.preprocess import DataConfig
+from slim_jax.data import formats, preprocess
+from slim_jax.data.formats import ItemMeta
+from slim_jax.models import bert, llama
+from slim_jax.prompts import PromptConfig
+from slim_jax.teacher import TeacherConfig
+from slim_jax.train.distill import DistillConfig
+
+# ---------------------------------------------------------------------------------------------
+# Tiny LLaMA models and tokenizers.
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY_LLAMA = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=256,
+                                 max_position_embeddings=512)
+
+
+def random_params(config, seed: int = 0):
+  """Random LLaMA weights drawn on the host: no compilation per parameter shape."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (1 + 0.1 * rng.standard_normal(s.shape) if len(s.shape) == 1 else
+                                 0.1 * rng.standard_normal(s.shape)).astype(np.float32),
+                      hf.param_shapes(config))
+
+
+def word_tokenizer(texts):
+  """A word-level tokenizer over `texts` with ChatML's specials: prompts of ~150 tokens, not ~700
+  bytes, so a test step is cheap."""
+  split = pre_tokenizers.Whitespace()
+  words = sorted({w for text in texts for w, _ in split.pre_tokenize_str(text)})
+  vocab = {w: i for i, w in enumerate(["[UNK]", "<|im_start|>", "<|im_end|>"] + words)}
+  core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  core.pre_tokenizer = split
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=core, chat_template=CHATML, unk_token="[UNK]", eos_token="<|im_end|>",
+      pad_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+
+
+def byte_tokenizer():
+  """A byte-level tokenizer (256 byte tokens, no merges) with ChatML's specials: tiny, instant."""
+  vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+  core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  core.decoder = decoders.ByteLevel()
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=core, chat_template=CHATML, eos_token="<|im_end|>", pad_token="<|im_end|>")
+  tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+  return tokenizer
+
+
+def bigram_params(config, transitions: dict[int, int], seed: int = 0):
+  """LLaMA params whose attention and MLP write nothing, so the next token depends only on the
+  current one; the head maps each `transitions` key to its value by a wide margin."""
+  rng = np.random.default_rng(seed)
+  params = {path: (np.ones(s.shape, np.float32) if path[-1] == "scale" else
+                   np.zeros(s.shape, np.float32) if path[-2] in ("o_proj", "down_proj") else
+                   rng.normal(0, 0.02, s.shape).astype(np.float32))
+            for path, s in traverse_util.flatten_dict(hf.param_shapes(config)).items()}
+  embed = rng.normal(0, 1, params[("embed_tokens", "embedding")].shape).astype(np.float32)
+  params[("embed_tokens", "embedding")] = embed
+  for current, following in transitions.items():
+    params[("lm_head", "kernel")][:, following] += 10 * embed[current] / np.linalg.norm(
+        embed[current])
+  return traverse_util.unflatten_dict(params)
+
+
+def bigram_fixture(directory: pathlib.Path):
+  """(prepared, tokenizer): six toy users without item metadata, and at directory/bigram a tiny
+  LLaMA that answers any prompt ending in ":" with "A" and stops."""
+  tokenizer = byte_tokenizer()
+  colon, letter = tokenizer.encode(":")[0], tokenizer.encode("A")[0]
+  config = dataclasses.replace(llama.PRESETS["tiny"], vocab_size=len(tokenizer),
+                               max_position_embeddings=2048)
+  params = bigram_params(config, {colon: letter, letter: tokenizer.eos_token_id})
+  hf.save_hf(directory / "bigram", config, params, tokenizer)
+  rows = [(f"u{u}", f"i{(u * 3 + k) % 11}", k) for u in range(6) for k in range(4 + u)]
+  users, items, times = zip(*rows)
+  prepared = preprocess.prepare(formats.RawDataset(
+      "toy", np.asarray(users, str), np.asarray(items, str), np.asarray(times, float),
+      np.full(len(rows), np.nan, np.float32), {}, {}), DataConfig())
+  return prepared, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation: synthetic users, their teacher rationales and a tiny random student.
+
+PROMPT = PromptConfig(domain="generic", max_prompt_tokens=192)
+ITEMS = 12
+
+
+def rationale(last_item: int) -> str:
+  """The synthetic teacher: a fixed three-step template whose words follow the last item seen."""
+  kind = ("drama", "comedy")[last_item % 2]
+  return (f"Step 1: the user likes {kind} . Step 2: more {kind} . "
+          f"Step 3: item i{(last_item + 1) % ITEMS} and item i{(last_item + 2) % ITEMS} .")
+
+
+def distill_prepared(users: int = 24, seed: int = 0) -> preprocess.Prepared:
+  """`users` users of 5 to 8 random items among ITEMS, without item metadata."""
+  rng = np.random.default_rng(seed)
+  rows = [(f"u{u}", f"i{i}", t) for u in range(users)
+          for t, i in enumerate(rng.integers(0, ITEMS, 5 + u % 4))]
+  user_ids, item_ids, times = map(np.asarray, zip(*rows))
+  return preprocess.prepare(formats.RawDataset(
+      "synthetic", user_ids, item_ids, times.astype(np.float64),
+      np.full(len(rows), np.nan, np.float32), {}, {}),
+      DataConfig(name="synthetic", time_order="exact"))
+
+
+def make_fixture(directory: pathlib.Path) -> tuple[pathlib.Path, preprocess.Prepared,
+                                                      pathlib.Path]:
+  """(HF directory of a tiny random LLaMA, the prepared data, teacher rationales.jsonl)."""
+  prepared = distill_prepared()
+  texts = [m["content"] for m in prompts.cot_messages(prepared.item_text[1:], PROMPT)]
+  tokenizer = word_tokenizer(texts + ["system user assistant", rationale(0), rationale(1)] +
+                             [f"item i{i}" for i in range(ITEMS)])
+  model_dir = hf.save_hf(directory / "tiny", TINY_LLAMA, random_params(TINY_LLAMA), tokenizer)
+  path = directory / "rationales.jsonl"
+  with path.open("w") as f:
+    for user, split, items in prompts.visible_histories(prepared, PROMPT.history):
+      last = int(prepared.item_ids[items[-1]][1:])
+      f.write(json.dumps({"user": user, "user_id": str(prepared.user_ids[user]), "split": split,
+                          "prompt_hash": "-", "model": "synthetic", "history_len": len(items),
+                          "text": rationale(last)}) + "\n")
+  return model_dir, prepared, path
+
+
+def tiny_config(model_dir, **changes) -> DistillConfig:
+  """A distillation of the fixture's student that learns in 8 steps of 8 examples."""
+  return dataclasses.replace(DistillConfig(
+      checkpoint=str(model_dir), lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, steps=8,
+      batch_size=8, lr=2e-2, warmup_steps=2, max_rationale_tokens=48, buckets=(256,),
+      heldout_fraction=0.25, eval_every=4, log_every=1, checkpoint_every=2, dtype="float32",
+      base_dtype="float32"), **changes)
+
+
+def one_device():
+  return parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommender data.
+
+
+def prepared_from_sequences(seqs, num_items: int) -> preprocess.Prepared:
+  """Prepared data of equal-length item sequences (ids 1..num_items), one per user."""
+  length = len(seqs[0])
+  return preprocess.Prepared(
+      user_ids=np.array([f"u{u}" for u in range(len(seqs))]),
+      item_ids=np.array([""] + [f"i{i}" for i in range(1, num_items + 1)]),
+      item_text=("",) + tuple(f"item {i}" for i in range(1, num_items + 1)),
+      item_meta=(ItemMeta(),) * (num_items + 1),
+      seq_items=np.concatenate(seqs).astype(np.int32),
+      seq_offsets=np.arange(len(seqs) + 1, dtype=np.int64) * length, stats={})
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher requests for the OpenAI-compatible client.
+
+KEY_ENV = "SLIM_JAX_TEST_TEACHER_KEY"
+
+
+def synthetic_requests(n: int) -> list[rationales.Request]:
+  """`n` distinct prompts, as the teacher stage would build them."""
+  requests = []
+  for user in range(n):
+    history = [f"Movie {user}-{k} ({1980 + k}) | Genres: Drama" for k in range(1 + user % 7)]
+    messages = tuple(prompts.cot_messages(history, PromptConfig()))
+    requests.append(rationales.Request(user, f"u{user}", "valid", messages, len(history),
+                                       prompt_tokens=sum(len(m["content"]) for m in messages) // 4))
+  return requests
+
+
+def client_config(url: str, **changes) -> TeacherConfig:
+  """Short backoffs; the fake server's stalls (1.5 s) outlast the 1 s timeout. The key is read
+  from KEY_ENV."""
+  return dataclasses.replace(TeacherConfig(
+      kind="openai", base_url=url, model="gpt-test", api_key_env=KEY_ENV, concurrency=8,
+      timeout_s=1.0, max_retries=4, backoff_s=0.01, max_backoff_s=0.5), **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny BERT and sentence-transformers models.
+
+MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                          "special_tokens_map.json")
+
+
+def padded(token_ids, length):
+  """(ids, attention mask) [len(token_ids), length], right-padded with 0."""
+  ids = np.zeros((len(token_ids), length), np.int32)
+  mask = np.zeros((len(token_ids), length), np.int32)
+  for row, tokens in enumerate(token_ids):
+    ids[row, :len(tokens)] = tokens
+    mask[row, :len(tokens)] = 1
+  return ids, mask
+
+
+def cosine_distance(a, b):
+  return 1 - np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def tiny_torch_bert(hidden_act="gelu", vocab_size=99, seed=0):
+  """A random BertModel whose weights are all O(0.1-1), so every parameter matters."""
+  config = transformers.BertConfig(
+      vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=37, max_position_embeddings=64, hidden_act=hidden_act,
+      layer_norm_eps=1e-12)
+  torch.manual_seed(seed)
+  model = transformers.BertModel(config).eval()
+  with torch.no_grad():
+    for name, value in model.named_parameters():
+      value.copy_(torch.randn_like(value) * 0.2 + (1.0 if "LayerNorm.weight" in name else 0.0))
+  return model
+
+
+def state_numpy(model):
+  return {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
+
+
+def write_hf_dir(model, directory: pathlib.Path) -> pathlib.Path:
+  """config.json + model.safetensors as save_pretrained writes them, through safetensors."""
+  directory.mkdir(parents=True, exist_ok=True)
+  model.config.to_json_file(directory / "config.json")
+  safetensors.numpy.save_file(state_numpy(model), directory / "model.safetensors")
+  return directory
+
+
+def write_sentence_transformers_dir(directory: pathlib.Path, mode="mean", normalize=True,
+                                    max_seq_length=16, seed=0) -> pathlib.Path:
+  """A tiny random sentence-transformers model using all-MiniLM-L6-v2's tokenizer."""
+  minilm = assets.path("minilm")
+  write_hf_dir(tiny_torch_bert(vocab_size=30522, seed=seed), directory)
+  for name in MINILM_TOKENIZER_FILES:
+    shutil.copy(minilm / name, directory / name)
+  modules = [{"idx": 0, "name": "0", "path": "",
+              "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "name": "1", "path": "1_Pooling",
+              "type": "sentence_transformers.models.Pooling"}]
+  if normalize:
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+  (directory / "modules.json").write_text(json.dumps(modules))
+  (directory / "sentence_bert_config.json").write_text(
+      json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+  (directory / "1_Pooling").mkdir()
+  keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
+          "max": "pooling_mode_max_tokens", "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens"}
+  pooling = {"word_embedding_dimension": 32, **{key: m == mode for m, key in keys.items()}}
+  (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+  return directory
+
+
+def encode_ours(model: bert.SentenceEncoder, texts, length=None):
+  """(our pooled embeddings of `texts`, their token ids), padded to `length` (default: longest)."""
+  token_ids = model.tokenize(texts)
+  ids, mask = padded(token_ids, length or max(len(t) for t in token_ids))
+  apply = jax.jit(bert.apply, static_argnums=(3, 4))
+  return np.asarray(apply(model.params, ids, mask, model.config, model.pooling)), token_ids

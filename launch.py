@@ -6,6 +6,9 @@
 
 On a multi-host TPU pod, run the same command with --multiprocess on every host; JAX's
 distributed runtime then initialises from the environment (TPU metadata, SLURM, Open MPI).
+Elsewhere name the coordinator, the process count and each process's id:
+
+  python launch.py --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0 ...
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from slim_jax import config as config_lib, pipeline
+from slim_jax import config as config_lib, multihost, pipeline
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "ml100k_smollm2.py"
 
@@ -28,20 +31,27 @@ _SET = flags.DEFINE_multi_string(
     "preset (e.g. quick, full) before the other overrides apply.")
 _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess", False, "Call jax.distributed.initialize() first: pass it on every host of "
-    "a multi-host pod or cluster.")
+    "a multi-host pod or cluster; alone, the runtime finds its peers (TPU, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator service (implies "
+    "--multiprocess; with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to N-1.")
 
 
 def main(argv):
   del argv
-  if _MULTIPROCESS.value:
-    jax.distributed.initialize()
+  if _MULTIPROCESS.value or _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not multihost.is_writer():  # one log for the job: process 0's (progress bars too)
+    logging.set_verbosity(logging.WARNING)
   logging.info("JAX process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
 
   cfg = config_lib.from_flags(_CONFIG.value, _SET.value).checked()
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_lib.to_json(cfg))
+  multihost.write_text(workdir / "config.json", config_lib.to_json(cfg))
   stages = _STAGES.value or list(pipeline.STAGES)
   pipeline.run(cfg, workdir, stages)
   logging.info("done: %s in %s", ",".join(stages), workdir)

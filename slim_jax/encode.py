@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from slim_jax import assets, checkpoints, checks, layout, parallel, progress
+from slim_jax import assets, checkpoints, checks, layout, multihost, parallel, progress
 from slim_jax import rationales as rationale_files
 from slim_jax.data import loader
 from slim_jax.models import bert, llama
@@ -183,20 +182,12 @@ def manifest_for(texts: Sequence[str], cfg: EncoderConfig, chunk_size: int) -> d
           "chunk_size": chunk_size}
 
 
-def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  """Writes to a temporary name then renames, so a kill never leaves a half-written file."""
-  temporary = path.with_name(f".{path.name}.tmp")
-  with open(temporary, "wb") as f:
-    np.save(f, array)
-  os.replace(temporary, path)
-
-
 def _start_over(cache_dir: pathlib.Path, manifest: dict) -> None:
   """Removes our own files only: `cache_dir` may be a stage directory holding others."""
   cache_dir.mkdir(parents=True, exist_ok=True)
   for stale in [cache_dir / EMBEDDINGS, *cache_dir.glob("chunk_*.npy")]:
     stale.unlink(missing_ok=True)
-  (cache_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+  multihost.write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def chunk_path(cache_dir: pathlib.Path, start: int) -> pathlib.Path:
@@ -210,25 +201,22 @@ def encode(texts: Sequence[str], cfg: EncoderConfig, cache_dir: str | pathlib.Pa
 
   `embedder` (the one `cfg` describes; it names the cache) defaults to `make_embedder(cfg)`,
   built only when something is left to encode.
-  Only process 0 writes files; every process returns the vectors.
+  Process 0 alone plans the resume (which chunks are done) and writes files; every process
+  follows its plan, so all of them make the same collective calls, and returns the vectors.
   """
   if not texts:
     raise ValueError("encode: no texts")
   cache_dir = pathlib.Path(cache_dir)
   mesh = mesh or parallel.make_mesh()
-  manifest = manifest_for(texts, cfg, chunk_size)
-  writer = jax.process_index() == 0
-  manifest_file = cache_dir / MANIFEST
-  if manifest_file.is_file() and json.loads(manifest_file.read_text()) == manifest:
-    if (cache_dir / EMBEDDINGS).is_file():
-      logging.info("encode: %s is complete, loaded", cache_dir)
-      return np.load(cache_dir / EMBEDDINGS)
-  elif writer:
-    if manifest_file.is_file():
-      logging.warning("encode: %s holds other texts or another encoder; starting over", cache_dir)
-    _start_over(cache_dir, manifest)
   starts = range(0, len(texts), chunk_size)
-  todo = [s for s in starts if not chunk_path(cache_dir, s).is_file()]
+  manifest = manifest_for(texts, cfg, chunk_size)
+  plan = multihost.writer_decides_mask(  # [complete, then whether each chunk is done]
+      _resume_plan(cache_dir, manifest, starts) if multihost.is_writer()
+      else np.zeros(1 + len(starts), bool))
+  if plan[0]:
+    logging.info("encode: %s is complete, loaded", cache_dir)
+    return np.load(cache_dir / EMBEDDINGS)
+  todo = [s for s, done in zip(starts, plan[1:]) if not done]
   if len(todo) < len(starts):
     logging.info("encode: resuming %s, %d of %d chunks done", cache_dir,
                  len(starts) - len(todo), len(starts))
@@ -237,19 +225,32 @@ def encode(texts: Sequence[str], cfg: EncoderConfig, cache_dir: str | pathlib.Pa
     embedder = embedder or make_embedder(cfg)
     step, params = embed_step(embedder, mesh)
     batches = sum(-(-min(chunk_size, len(texts) - s) // cfg.batch_size) for s in todo)
-    with progress.bar(batches, f"encode {cache_dir.name}", "batch", disable=not writer) as bar:
+    with progress.bar(batches, f"encode {cache_dir.name}", "batch") as bar:
       for start in todo:
         done[start] = embed_texts(texts[start:start + chunk_size], embedder, step, params,
                                   batch_size=cfg.batch_size, buckets=cfg.buckets, mesh=mesh,
                                   on_batch=bar.update)
-        if writer:
-          _save_atomic(chunk_path(cache_dir, start), done[start])
+        multihost.write(chunk_path(cache_dir, start), lambda staged: np.save(staged, done[start]))
   vectors = np.concatenate([done[s] for s in starts])
-  if writer:
-    _save_atomic(cache_dir / EMBEDDINGS, vectors)
+  multihost.write(cache_dir / EMBEDDINGS, lambda staged: np.save(staged, vectors))
+  if multihost.is_writer():
     for start in starts:
       chunk_path(cache_dir, start).unlink()
   return vectors
+
+
+def _resume_plan(cache_dir: pathlib.Path, manifest: dict, starts: range) -> np.ndarray:
+  """Process 0's plan: bool [complete, then whether each chunk is done], with the cache started
+  over when it holds other texts or another encoder."""
+  manifest_file = cache_dir / MANIFEST
+  if manifest_file.is_file() and json.loads(manifest_file.read_text()) == manifest:
+    if (cache_dir / EMBEDDINGS).is_file():
+      return np.array([True] + [True] * len(starts))
+  else:
+    if manifest_file.is_file():
+      logging.warning("encode: %s holds other texts or another encoder; starting over", cache_dir)
+    _start_over(cache_dir, manifest)
+  return np.array([False] + [chunk_path(cache_dir, s).is_file() for s in starts])
 
 
 def rationale_vectors(rows: Sequence[Mapping], vectors: np.ndarray, num_users: int,
@@ -412,7 +413,7 @@ def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
   if cfg.kind == "none":
     return {"kind": "none"}
   items, without_text = item_vectors(cfg, prepared.item_text, out / "items", mesh)
-  np.save(out / layout.ITEM_VECTORS, items)
+  multihost.write(out / layout.ITEM_VECTORS, lambda staged: np.save(staged, items))
   if without_text:
     logging.warning("encode: %d items have no text; their text vector is zero", without_text)
   path = pathlib.Path(rationales_path)
@@ -425,9 +426,10 @@ def encode_stage(cfg: EncoderConfig, prepared, rationales_path: pathlib.Path,
     return summary
   rationales, tokens = encode_rationales(cfg, rows, prepared.num_users, out / "rationales", mesh)
   for split, (table, present) in rationales.items():
-    np.save(out / f"rationale_vectors_{split}.npy", table)
-    np.save(out / f"rationale_mask_{split}.npy", present)
+    multihost.write(out / f"rationale_vectors_{split}.npy", lambda staged: np.save(staged, table))
+    multihost.write(out / f"rationale_mask_{split}.npy", lambda staged: np.save(staged, present))
     summary[f"users_with_rationale_{split}"] = int(present.sum())
   for split, (ids, lengths) in tokens.items():
-    np.savez(out / f"rationale_tokens_{split}.npz", ids=ids, lengths=lengths)
+    multihost.write(out / f"rationale_tokens_{split}.npz",
+                    lambda staged: np.savez(staged, ids=ids, lengths=lengths))
   return summary

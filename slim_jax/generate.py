@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from slim_jax import checkpoints
+from slim_jax import checkpoints, parallel
 from slim_jax.models.llama import Llama, init_cache
 
 
@@ -251,7 +251,8 @@ def generate_ids(model: Llama, variables, prompts: Sequence[Sequence[int]], key,
                  sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int,
                  should_stop: Callable[[list[int]], bool] | None = None,
                  check_every: int = 16) -> list[list[int]]:
-  """Generated ids per prompt, up to and excluding the first stop token.
+  """Generated ids per prompt, up to and excluding the first stop token. Under a mesh that spans
+  processes, every process passes the same prompts and gets every row back.
 
   With `should_stop`, decoding pauses every `check_every` tokens; a row whose ids so far satisfy
   it ends there (its ids are cut at that point) and decoding stops once every row has ended, so
@@ -259,23 +260,30 @@ def generate_ids(model: Llama, variables, prompts: Sequence[Sequence[int]], key,
   it, prefill and decoding are one compiled call.
   """
   tokens, mask = left_pad(prompts, pad_id)
+  mesh = jax.sharding.get_mesh()
+  if not mesh.empty:  # global inputs: the mesh may span processes
+    tokens, mask = parallel.global_rows(tokens, mesh), parallel.global_rows(mask, mesh)
+    key = jax.random.wrap_key_data(parallel.global_rows(
+        np.asarray(jax.random.key_data(key)), mesh, split=False), impl=jax.random.key_impl(key))
   static = dict(sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id)
   steps = sampling.max_new_tokens
   ends = np.full(len(prompts), steps)
   if should_stop is None:
-    out = np.asarray(generate_tokens(model, variables, tokens, mask, key, **static))
+    out = parallel.to_host(generate_tokens(model, variables, tokens, mask, key, **static))
   else:
     state = prefill(model, variables, tokens, mask, key, **static)
     stopped = np.zeros(len(prompts), bool)
     while True:
-      step, out, done = int(state.step), np.asarray(state.out), np.asarray(state.done)
+      step, out, done = (int(parallel.to_host(state.step)), parallel.to_host(state.out),
+                         parallel.to_host(state.done))
       for row in np.flatnonzero(~stopped & ~done):
         if should_stop(out[row, :step].tolist()):
           stopped[row], ends[row] = True, step
       if step >= steps or (stopped | done).all():
         break
       until = (step // check_every + 1) * check_every  # on multiples of check_every
-      state = decode(model, variables, state, until, stopped, **static)
+      rows = stopped if mesh.empty else parallel.global_rows(stopped, mesh)
+      state = decode(model, variables, state, until, rows, **static)
   results = []
   for row, end in zip(out, ends):
     stop = np.flatnonzero(np.isin(row[:end], stop_ids))

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, P]]
@@ -142,6 +143,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_size_multiple(mesh: Mesh) -> int:
   """Global batch sizes must be a multiple of this to split evenly over the batch axes."""
   return _axis_size(mesh, batch_axes(mesh))
+
+
+def global_rows(x: np.ndarray, mesh: Mesh, split: bool = True) -> jax.Array:
+  """`x`, the same on every process, as one global array on `mesh`: rows split over the batch
+  axes when asked to and they divide them, else replicated."""
+  rows = split and np.ndim(x) > 0 and np.shape(x)[0] % batch_size_multiple(mesh) == 0
+  sharding = batch_sharding(mesh, np.ndim(x)) if rows else replicated(mesh)
+  return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+
+
+def to_host(x) -> np.ndarray:
+  """A global array's value on every process (gathered when it spans other processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

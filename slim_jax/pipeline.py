@@ -4,6 +4,11 @@ Each stage reads what earlier stages wrote, writes into `workdir/<stage>/`, and 
 `workdir/<stage>/DONE` holding the config sections it ran with. A rerun skips a stage whose DONE
 matches the current config and redoes it when the config changed; a stage interrupted before
 DONE resumes from whatever partial state it keeps itself.
+
+With several JAX processes (a pod), process 0 alone decides skip or restart and writes the
+bookkeeping (`multihost`); every process runs a stage that needs every device, process 0 alone one
+that does not; all of them meet at a barrier before and after each stage and return the summary
+that DONE holds.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import Callable
 
 from absl import logging
 
-from slim_jax import assets, checkpoints, encode, layout, parallel, report, student, teacher
+from slim_jax import (assets, checkpoints, encode, layout, multihost, parallel, report, student,
+                      teacher)
 from slim_jax.config import Config
 from slim_jax.data import formats, preprocess
 from slim_jax.models import bert, slim
@@ -31,6 +37,10 @@ class Stage:
   # Whether a config change deletes the stage's directory: true for stages whose partial state
   # (checkpoints) belongs to one config; false for ones whose caches are keyed by their inputs.
   restart_on_change: bool = False
+  # Whether every process runs the stage (config -> bool): those that compute on the mesh, which
+  # spans the processes, and fetch, whose asset store is each host's own. Process 0 alone runs
+  # the others (an HTTP teacher then sends each request once in the whole job).
+  everywhere: Callable[[Config], bool] = lambda cfg: True
 
 
 def _fetch(cfg: Config, out: pathlib.Path) -> dict:
@@ -142,9 +152,9 @@ def _train(cfg: Config, out: pathlib.Path) -> dict:
     result = recommend.train_recommender(cfg.rec, prepared, out / name, mesh, mode, cfg.slim,
                                          encoded, encoder)
     summary[name] = {"backbone": result["backbone"], "mode": mode, "test": result["test"]}
-    print(json.dumps({name: {k: round(v, 4) for k, v in result["test"].items()
-                             if k in ("hr@10", "ndcg@10", "mrr@10")}}), flush=True)
-  (out / layout.METRICS).write_text(json.dumps(summary, indent=2))
+    logging.info("%s", json.dumps({name: {k: round(v, 4) for k, v in result["test"].items()
+                                          if k in ("hr@10", "ndcg@10", "mrr@10")}}))
+  multihost.write_text(out / layout.METRICS, json.dumps(summary, indent=2))
   return {name: {k: v for k, v in row["test"].items() if isinstance(v, float)}
           for name, row in summary.items()}
 
@@ -157,19 +167,22 @@ def _report(cfg: Config, out: pathlib.Path) -> dict:
   return {"report": str(path)}
 
 
+_NOWHERE_ELSE = lambda cfg: False  # process 0 alone runs the stage
 _UPSTREAM_OF_STUDENT = ("data", "prompt", "teacher", "distill")
 _RECOMMENDERS = (*_UPSTREAM_OF_STUDENT, "student", "encoder", "rec", "slim")
 STAGES: dict[str, Stage] = {
     stage.name: stage for stage in (
         Stage(layout.FETCH, _fetch, ()),
-        Stage(layout.PREPARE, _prepare, ("data",)),
-        Stage(layout.CONVERT, _convert, ()),
-        Stage(layout.TEACHER, _teacher, ("data", "prompt", "teacher")),
+        Stage(layout.PREPARE, _prepare, ("data",), everywhere=_NOWHERE_ELSE),
+        Stage(layout.CONVERT, _convert, (), everywhere=_NOWHERE_ELSE),
+        Stage(layout.TEACHER, _teacher, ("data", "prompt", "teacher"),
+              everywhere=lambda cfg: cfg.teacher.kind != "openai"),
         Stage(layout.DISTILL, _distill, _UPSTREAM_OF_STUDENT),
         Stage(layout.GENERATE, _generate, (*_UPSTREAM_OF_STUDENT, "student")),
         Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
         Stage(layout.TRAIN, _train, _RECOMMENDERS, restart_on_change=True),
-        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True),
+        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True,
+              everywhere=_NOWHERE_ELSE),
     )
 }
 
@@ -193,30 +206,47 @@ def summaries(workdir: pathlib.Path) -> dict[str, dict]:
   return {name: record["summary"] for name, record in records.items() if record is not None}
 
 
-def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
-  """Runs one stage unless its output is complete for this config; returns its summary."""
-  stage = STAGES[name]
-  out = workdir / name
+_SKIP, _RUN = 0, 1
+
+
+def _prepare_stage(stage: Stage, cfg: Config, out: pathlib.Path) -> int:
+  """Process 0's decision, _SKIP or _RUN; to run, DONE is gone and the directory is there,
+  cleared when it held a run of another config."""
   fingerprint = _fingerprint(cfg, stage)
   record = _done(out)
   if record is not None:
     if record["config"] == fingerprint:
-      logging.info("stage %s: complete in %s, skipped", name, out)
-      return record["summary"]
-    logging.warning("stage %s: config changed since %s was written; running it again", name, out)
+      logging.info("stage %s: complete in %s, skipped", stage.name, out)
+      return _SKIP
+    logging.warning("stage %s: config changed since %s was written; running it again",
+                    stage.name, out)
     (out / layout.DONE).unlink()
   started = out / layout.CONFIG
   if (stage.restart_on_change and started.is_file()
       and json.loads(started.read_text()) != fingerprint):
-    logging.warning("stage %s: %s holds a run of another config; starting over", name, out)
+    logging.warning("stage %s: %s holds a run of another config; starting over", stage.name, out)
     shutil.rmtree(out)
   out.mkdir(parents=True, exist_ok=True)
-  started.write_text(json.dumps(fingerprint, indent=2))
-  logging.info("stage %s: running into %s", name, out)
-  summary = stage.run(cfg, out)
-  (out / layout.DONE).write_text(json.dumps({"config": fingerprint, "summary": summary},
-                                            indent=2, default=str))
-  return summary
+  multihost.write_text(started, json.dumps(fingerprint, indent=2))
+  return _RUN
+
+
+def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
+  """Runs one stage unless its output is complete for this config; returns its summary."""
+  stage = STAGES[name]
+  out = workdir / name
+  multihost.barrier(f"before {name}")  # no process still reads what the decision may remove
+  # A collective: no process goes on before process 0 has prepared the directory.
+  decision = multihost.writer_decides(_prepare_stage(stage, cfg, out) if multihost.is_writer()
+                                      else _SKIP)
+  if decision == _RUN:
+    if multihost.is_writer() or stage.everywhere(cfg):
+      logging.info("stage %s: running into %s", name, out)
+      summary = stage.run(cfg, out)
+      multihost.write_text(out / layout.DONE, json.dumps(
+          {"config": _fingerprint(cfg, stage), "summary": summary}, indent=2, default=str))
+  multihost.barrier(f"after {name}")  # DONE is written for every process to read
+  return _done(out)["summary"]
 
 
 def run(cfg: Config, workdir: pathlib.Path, stages: list[str]) -> dict[str, dict]:

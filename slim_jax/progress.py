@@ -12,6 +12,8 @@ from typing import TextIO
 
 import tqdm
 
+from slim_jax import multihost
+
 LOG_EVERY_S = 30.0
 _LINE = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
@@ -36,8 +38,10 @@ class _Lines(tqdm.tqdm):
 def bar(total: int, desc: str = "", unit: str = "it", initial: int = 0, disable: bool = False,
         file: TextIO | None = None) -> tqdm.tqdm:
   """A tqdm bar on a terminal, log lines anywhere else; either is used as tqdm is (update,
-  set_postfix(..., refresh=False), close, or as a context manager)."""
+  set_postfix(..., refresh=False), close, or as a context manager). Disabled on every process but
+  process 0, which reports for the job."""
   file = sys.stderr if file is None else file
+  disable = disable or not multihost.is_writer()
   if file.isatty():
     return tqdm.tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=disable,
                      file=file, dynamic_ncols=True)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 from absl import logging
 
-from slim_jax import checks, generate, parallel, prompts, quality
+from slim_jax import checks, generate, multihost, parallel, prompts, quality
 from slim_jax.prompts import PromptConfig
 
 RATIONALE_FIELDS = ("user", "user_id", "split", "prompt_hash", "model", "history_len", "text")
@@ -111,7 +111,7 @@ def read_cache(path: pathlib.Path) -> list[dict]:
         records.append(json.loads(line))
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
-  if torn:
+  if torn and multihost.is_writer():
     logging.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run",
                     path, len(torn))
     with open(path, "r+b") as f:
@@ -120,9 +120,14 @@ def read_cache(path: pathlib.Path) -> list[dict]:
 
 
 class CacheWriter:
-  """Appends records durably; holds an exclusive lock so two runs never interleave."""
+  """Appends records durably; holds an exclusive lock so two runs never interleave. On every
+  process but process 0, which writes for all of them (they generate the same records), it
+  appends nothing."""
 
   def __init__(self, path: pathlib.Path):
+    self._file = None
+    if not multihost.is_writer():
+      return
     self._file = open(path, "a", encoding="utf-8")
     try:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,12 +136,15 @@ class CacheWriter:
       raise RuntimeError(f"{path} is being written by another run") from None
 
   def append(self, record: Mapping) -> None:
+    if self._file is None:
+      return
     self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
   def __enter__(self):
     return self
@@ -204,15 +212,12 @@ def summarize(requests: Sequence[Request], records: Sequence[Mapping], model: st
 
 def write_rationales(path: pathlib.Path, requests: Sequence[Request], records: Sequence[Mapping],
                      model: str) -> list[dict]:
-  """Writes one line per requested rationale that was accepted, in request order, atomically
-  (a temporary name unique to this process, then a rename); returns the lines."""
+  """Writes (process 0, atomically) one line per requested rationale that was accepted, in
+  request order; returns the lines."""
   latest = {cache_key(r): r for r in records if r["status"] == "ok"}
   rows = [{k: found[k] for k in RATIONALE_FIELDS} for found in
           (latest.get(request_key(q, model)) for q in requests) if found]
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-  os.replace(tmp, path)
+  multihost.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
   return rows
 
 
@@ -280,13 +285,15 @@ def line_end_ids(tokenizer) -> tuple[int, ...]:
 
 
 def batch_rows(requests: int, batch_size: int) -> int:
-  """Rows per generation call for `requests` prompts: `batch_size`, or for fewer prompts (a
-  retry round) the smallest power of two times the mesh's batch devices that holds them, so a
-  handful of retries does not pay for a whole batch and few shapes are ever compiled."""
+  """Rows per generation call for `requests` prompts: `batch_size` (rounded up to a multiple of
+  the mesh's batch devices, which split each batch), or for fewer prompts (a retry round) the
+  smallest power of two times those devices that holds them, so a handful of retries does not
+  pay for a whole batch and few shapes are ever compiled."""
   mesh = jax.sharding.get_abstract_mesh()
   multiple = 1 if mesh.empty else math.prod(
       mesh.shape[axis] for axis in parallel.BATCH_AXES if axis in mesh.axis_names)
-  return min(batch_size, multiple * 1 << max(0, math.ceil(requests / multiple) - 1).bit_length())
+  return min(-(-batch_size // multiple) * multiple,
+             multiple * 1 << max(0, math.ceil(requests / multiple) - 1).bit_length())
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from slim_jax import encode, layout, prompts, quality, rationales, stats, teacher
+from slim_jax import encode, layout, multihost, prompts, quality, rationales, stats, teacher
 from slim_jax.config import Config
 from slim_jax.models.slim import BACKBONE_FREE_MODES, MODES
 from slim_jax.train import recommend
@@ -258,7 +258,7 @@ def write_report(cfg: Config, prepared, directories: Mapping[str, pathlib.Path],
       "## Example users", examples_section(prepared, directories, variants),
   ]
   path = out / "report.md"
-  path.write_text("\n\n".join(sections) + "\n")
+  multihost.write_text(path, "\n\n".join(sections) + "\n")
   return path
 
 
@@ -281,7 +281,7 @@ def _bar_plot(path: pathlib.Path, names: Sequence[str], series: Mapping[str, Seq
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  multihost.write(path, lambda staged: fig.savefig(staged, dpi=100))
   plt.close(fig)
 
 
@@ -295,5 +295,5 @@ def _line_plot(path: pathlib.Path, groups: Sequence[str], series: Mapping[str, S
   ax.set_title(title)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  multihost.write(path, lambda staged: fig.savefig(staged, dpi=100))
   plt.close(fig)

@@ -18,7 +18,8 @@ import pathlib
 import jax
 from absl import logging
 
-from slim_jax import checkpoints, checks, layout, parallel, prompts, quality, rationales
+from slim_jax import (checkpoints, checks, layout, multihost, parallel, prompts, quality,
+                      rationales)
 from slim_jax.checkpoints import peft
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
@@ -105,6 +106,7 @@ def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, ou
   requests = rationales.build_requests(
       prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), cfg.max_users, local=True)
   todo = rationales.pending(requests, rationales.read_cache(cache), label, cfg.retry_failures)
+  multihost.barrier("student cache read")  # before process 0 appends to it
   logging.info("student %s: %d of %d rationales to write", label, len(todo), len(requests))
   with rationales.CacheWriter(cache) as writer, jax.set_mesh(mesh):
     produced, seconds = rationales.generate_local(todo, rationales.Decoding.of(cfg), pcfg, model,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 from absl import logging
 
-from slim_jax import assets, checkpoints, checks, layout, quality, rationales
+from slim_jax import assets, checkpoints, checks, layout, multihost, quality, rationales
 from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.rationales import Request
@@ -408,6 +408,7 @@ def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh
         prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), tcfg.max_users,
         local=True)
     todo = rationales.pending(requests, rationales.read_cache(cache), model, tcfg.retry_failures)
+    multihost.barrier("teacher cache read")  # before process 0 appends to it
     logging.info("teacher %s: %d of %d requests to do", model, len(todo), len(requests))
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
       throughput = run_local(todo, tcfg, pcfg, cache, Llama(config), {"params": params},

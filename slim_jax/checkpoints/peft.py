@@ -15,6 +15,7 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
+from slim_jax import multihost
 from slim_jax.models.lora import LoraConfig
 
 CONFIG = "adapter_config.json"
@@ -45,8 +46,9 @@ def save_peft(directory, lora, config: LoraConfig, base_model: str = "") -> path
     letter = {"lora_a": "A", "lora_b": "B"}[leaf]
     key = f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{letter}.weight"
     tensors[key] = np.ascontiguousarray(value.T)
-  safetensors.numpy.save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
-  (directory / CONFIG).write_text(json.dumps({
+  multihost.write(directory / WEIGHTS, lambda staged: safetensors.numpy.save_file(
+      tensors, staged, metadata={"format": "pt"}))
+  multihost.write_text(directory / CONFIG, json.dumps({
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
       "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
       "target_modules": sorted(config.targets), "bias": "none", "fan_in_fan_out": False,

@@ -228,10 +228,25 @@ def _process_rows(indices: np.ndarray) -> np.ndarray:
 
 
 def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh | None) -> None:
-  multiple = jax.process_count() if mesh is None else parallel.batch_size_multiple(mesh)
-  if batch_size % multiple:
-    raise ValueError(f"batch size {batch_size} is not a multiple of {multiple}, the number of "
-                     f"{'processes' if mesh is None else 'devices on the batch axes'}")
+  """Each process feeds its own rows of a global batch (`_process_rows`), so the batch splits
+  evenly over the processes and the mesh gives each process batch shards of its own."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"global batch size {batch_size} is not a multiple of "
+                     f"{jax.process_count()}, the number of processes")
+  if mesh is None:
+    return
+  if batch_size % parallel.batch_size_multiple(mesh):
+    raise ValueError(f"batch size {batch_size} is not a multiple of "
+                     f"{parallel.batch_size_multiple(mesh)}, the devices on the batch axes")
+  batch_dims = [mesh.axis_names.index(axis) for axis in parallel.batch_axes(mesh)]
+  owners = {}
+  for index, device in np.ndenumerate(mesh.devices):
+    owners.setdefault(tuple(index[d] for d in batch_dims), set()).add(device.process_index)
+  if any(len(processes) > 1 for processes in owners.values()):
+    raise ValueError(f"mesh {dict(mesh.shape)}: its batch axes {parallel.batch_axes(mesh)} do "
+                     f"not span the {jax.process_count()} processes (a batch shard lies on "
+                     "devices of several processes, which would feed it different rows); "
+                     "give the batch axes (data, fsdp) at least one device per process")
 
 
 def training_batches(num_examples: int, make_batch: Callable[[np.ndarray], Batch], *,

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from slim_jax import checks
+from slim_jax import checks, multihost
 from slim_jax.data import formats
 from slim_jax.data.formats import ItemMeta, RawDataset
 
@@ -228,14 +228,14 @@ def save(prepared: Prepared, directory: str | pathlib.Path) -> None:
   """Writes the prepared dataset; stats.json is written last, so it marks a complete save."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  np.savez(directory / "arrays.npz",
-           user_ids=np.asarray(prepared.user_ids, dtype=str),
-           item_ids=np.asarray(prepared.item_ids, dtype=str),
-           seq_items=prepared.seq_items, seq_offsets=prepared.seq_offsets)
-  with open(directory / "items.jsonl", "w", encoding="utf-8") as f:
-    for text, meta in zip(prepared.item_text, prepared.item_meta):
-      f.write(json.dumps({"text": text, **dataclasses.asdict(meta)}, ensure_ascii=False) + "\n")
-  (directory / "stats.json").write_text(json.dumps(dict(prepared.stats), indent=1))
+  multihost.write(directory / "arrays.npz", lambda staged: np.savez(
+      staged, user_ids=np.asarray(prepared.user_ids, dtype=str),
+      item_ids=np.asarray(prepared.item_ids, dtype=str),
+      seq_items=prepared.seq_items, seq_offsets=prepared.seq_offsets))
+  multihost.write_text(directory / "items.jsonl", "".join(
+      json.dumps({"text": text, **dataclasses.asdict(meta)}, ensure_ascii=False) + "\n"
+      for text, meta in zip(prepared.item_text, prepared.item_meta)))
+  multihost.write_text(directory / "stats.json", json.dumps(dict(prepared.stats), indent=1))
 
 
 def load(directory: str | pathlib.Path) -> Prepared:

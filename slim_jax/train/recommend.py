@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from slim_jax import host, layout, metrics, parallel
+from slim_jax import host, layout, metrics, multihost, parallel
 from slim_jax.data import loader
 from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
 from slim_jax.models import recommender
@@ -341,8 +341,9 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
     results[split] = report(ranked, popularity, np.diff(data.history_offsets), cfg)
     results[f"popularity_{split}"] = metrics.ranking_metrics(
         popularity_ranks(popularity, data.targets))
-  np.savez(workdir / layout.RANKED_TEST, users=ranked["users"], ranks=ranked["ranks"],
-           sampled_ranks=ranked["sampled_ranks"], top=ranked["top"])
+  multihost.write(workdir / layout.RANKED_TEST, lambda staged: np.savez(
+      staged, users=ranked["users"], ranks=ranked["ranks"],
+      sampled_ranks=ranked["sampled_ranks"], top=ranked["top"]))
   teacher = ({"users_with_teacher_rationale": slim.teacher_users(encoded)}
              if mode == "teacher_rationales" else {})
   summary = {"backbone": cfg.backbone, "mode": mode, "config": dataclasses.asdict(cfg),
@@ -351,5 +352,5 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
              "best_step": result.best_step, "best_epoch": (result.best_step or 0) / steps_per_epoch,
              "stopped_early": result.stopped_early, "train_seconds": train_seconds,
              "history": history, **teacher, **results}
-  (workdir / layout.METRICS).write_text(json.dumps(summary, indent=2))
+  multihost.write_text(workdir / layout.METRICS, json.dumps(summary, indent=2))
   return summary

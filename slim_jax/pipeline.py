@@ -181,8 +181,8 @@ STAGES: dict[str, Stage] = {
         Stage(layout.GENERATE, _generate, (*_UPSTREAM_OF_STUDENT, "student")),
         Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
         Stage(layout.TRAIN, _train, _RECOMMENDERS, restart_on_change=True),
-        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True,
-              everywhere=_NOWHERE_ELSE),
+        # every process: the report encodes rationales on the mesh
+        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True),
     )
 }
 

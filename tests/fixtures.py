@@ -280,3 +280,71 @@ def encode_ours(model: bert.SentenceEncoder, texts, length=None):
   ids, mask = padded(token_ids, length or max(len(t) for t in token_ids))
   apply = jax.jit(bert.apply, static_argnums=(3, 4))
   return np.asarray(apply(model.params, ids, mask, model.config, model.pooling)), token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny pipeline of launch.py (test_pipeline, test_multiprocess).
+
+ROOT = pathlib.Path(__file__).parent.parent  # the repository, where launch.py lives
+GENRES = ("Drama", "Comedy", "Action")
+
+
+def write_recbole(directory: pathlib.Path, users: int = 16, items: int = 12) -> pathlib.Path:
+  """tiny.inter and tiny.item in RecBole's atomic format: users favour one genre."""
+  rng = np.random.default_rng(0)
+  directory.mkdir(parents=True)
+  lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+  for user in range(users):
+    liked = [i for i in range(items) if i % len(GENRES) == user % len(GENRES)]
+    for t, item in enumerate(rng.choice(liked + list(range(items)), 6 + user % 4)):
+      lines.append(f"{user}\t{item}\t4\t{1000 * user + t}")
+  (directory / "tiny.inter").write_text("\n".join(lines) + "\n")
+  items_text = ["item_id:token\tmovie_title:token_seq\tclass:token_seq"]
+  items_text += [f"{i}\tItem i{i}\t{GENRES[i % len(GENRES)]}" for i in range(items)]
+  (directory / "tiny.item").write_text("\n".join(items_text) + "\n")
+  return directory
+
+
+CONFIG_FILE = '''
+from slim_jax.config import Config, DataConfig
+from slim_jax.encode import EncoderConfig
+from slim_jax.models.recommender import RecConfig
+from slim_jax.prompts import PromptConfig
+from slim_jax.student import StudentConfig
+from slim_jax.teacher import TeacherConfig
+from slim_jax.train.distill import DistillConfig
+
+
+def get_config():
+  return Config(
+      name="tiny", data=DataConfig(name="tiny", path={data!r}),
+      prompt=PromptConfig(domain="generic", max_prompt_tokens=192, exemplar=False),
+      teacher=TeacherConfig(kind="openai", base_url={url!r}, api_key_env="", max_tokens=64,
+                            concurrency=2, backoff_s=0.01),
+      distill=DistillConfig(checkpoint={model!r}, lora_rank=4, lora_alpha=8.0, steps=4,
+                            batch_size=8, lr=2e-2, warmup_steps=1, max_rationale_tokens=48,
+                            buckets=(256,), heldout_fraction=0.25, eval_every=2,
+                            checkpoint_every=2, dtype="float32", base_dtype="float32"),
+      student=StudentConfig(max_tokens=8, batch_size=8, dtype="float32", temperature=1.0,
+                            keep_rejected=True),
+      encoder=EncoderConfig(kind="minilm", batch_size=8),
+      rec=RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16, batch=16,
+                    eval_batch=16, epochs=6, eval_every=2, sampled_negatives=5))
+'''
+
+
+def tiny_pipeline(root: pathlib.Path, teacher_url: str) -> pathlib.Path:
+  """A config file for launch.py over the tiny dataset, the OpenAI-compatible teacher at
+  `teacher_url` and a tiny random student on disk; returns the config's path."""
+  data = write_recbole(root / "tiny")
+  words = ["system", "user", "assistant", *"Step 1 2 3 The liked and lately More of what "
+           "items have in common Something like Prompt Item Genres . : |".split(),
+           *[f"i{i}" for i in range(12)], *GENRES]
+  # Filler words up to the model's vocabulary (3 ids are special tokens), so that every token
+  # a random student writes decodes to text.
+  words += [f"w{i:03d}" for i in range(TINY_LLAMA.vocab_size - 3 - len(set(words)))]
+  model = hf.save_hf(root / "student", TINY_LLAMA, random_params(TINY_LLAMA),
+                     word_tokenizer([" ".join(words)]))
+  config = root / "tiny_config.py"
+  config.write_text(CONFIG_FILE.format(data=str(data), url=teacher_url, model=str(model)))
+  return config

@@ -19,10 +19,8 @@ import safetensors.numpy
 from absl.testing import absltest
 
 from slim_jax import rationales
-from slim_jax.checkpoints import hf
 from tests import fake_openai_server as fake
-from tests.fixtures import TINY_LLAMA, random_params, word_tokenizer
-from tests.test_pipeline import CONFIG_FILE, GENRES, ROOT, write_recbole
+from tests.fixtures import ROOT, tiny_pipeline
 
 STAGES = ("prepare", "teacher", "distill", "generate", "encode", "train", "report")
 DEVICES = 8
@@ -44,17 +42,8 @@ class MultiprocessTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
-    data = write_recbole(cls.root / "tiny")
-    words = ["system", "user", "assistant", *"Step 1 2 3 The liked and lately More of what "
-             "items have in common Something like Prompt Item Genres . : |".split(),
-             *[f"i{i}" for i in range(12)], *GENRES]
-    words += [f"w{i:03d}" for i in range(TINY_LLAMA.vocab_size - 3 - len(set(words)))]
-    model = hf.save_hf(cls.root / "student", TINY_LLAMA, random_params(TINY_LLAMA),
-                       word_tokenizer([" ".join(words)]))
     cls.server = fake.FakeOpenAI(fault_rate=0.0).__enter__()
-    cls.config = cls.root / "tiny_config.py"
-    cls.config.write_text(CONFIG_FILE.format(data=str(data), url=cls.server.url,
-                                             model=str(model)))
+    cls.config = tiny_pipeline(cls.root, cls.server.url)
 
   @classmethod
   def tearDownClass(cls):
@@ -67,7 +56,8 @@ class MultiprocessTest(absltest.TestCase):
     env = {**os.environ,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}"}
     args = [sys.executable, str(ROOT / "launch.py"), f"--config={self.config}",
-            f"--workdir={workdir}", f"--stages={','.join(STAGES)}", "--set=rec.epochs=2"]
+            f"--workdir={workdir}", f"--stages={','.join(STAGES)}", "--set=rec.epochs=2",
+            "--set=slim.modes=plain,id_based"]
     if processes > 1:
       args += [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
     logs = [workdir.with_name(f"{workdir.name}.{i}.log") for i in range(processes)]

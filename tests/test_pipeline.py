@@ -14,60 +14,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from absl.testing import absltest
 
-from slim_jax.checkpoints import hf
 from tests import fake_openai_server as fake
-from tests.fixtures import TINY_LLAMA as CONFIG, random_params, word_tokenizer
-
-ROOT = pathlib.Path(__file__).parent.parent
-GENRES = ("Drama", "Comedy", "Action")
-
-
-def write_recbole(directory: pathlib.Path, users: int = 16, items: int = 12) -> pathlib.Path:
-  """tiny.inter and tiny.item in RecBole's atomic format: users favour one genre."""
-  rng = np.random.default_rng(0)
-  directory.mkdir(parents=True)
-  lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-  for user in range(users):
-    liked = [i for i in range(items) if i % len(GENRES) == user % len(GENRES)]
-    for t, item in enumerate(rng.choice(liked + list(range(items)), 6 + user % 4)):
-      lines.append(f"{user}\t{item}\t4\t{1000 * user + t}")
-  (directory / "tiny.inter").write_text("\n".join(lines) + "\n")
-  items_text = ["item_id:token\tmovie_title:token_seq\tclass:token_seq"]
-  items_text += [f"{i}\tItem i{i}\t{GENRES[i % len(GENRES)]}" for i in range(items)]
-  (directory / "tiny.item").write_text("\n".join(items_text) + "\n")
-  return directory
-
-
-CONFIG_FILE = '''
-from slim_jax.config import Config, DataConfig
-from slim_jax.encode import EncoderConfig
-from slim_jax.models.recommender import RecConfig
-from slim_jax.prompts import PromptConfig
-from slim_jax.student import StudentConfig
-from slim_jax.teacher import TeacherConfig
-from slim_jax.train.distill import DistillConfig
-
-
-def get_config():
-  return Config(
-      name="tiny", data=DataConfig(name="tiny", path={data!r}),
-      prompt=PromptConfig(domain="generic", max_prompt_tokens=192, exemplar=False),
-      teacher=TeacherConfig(kind="openai", base_url={url!r}, api_key_env="", max_tokens=64,
-                            concurrency=2, backoff_s=0.01),
-      distill=DistillConfig(checkpoint={model!r}, lora_rank=4, lora_alpha=8.0, steps=4,
-                            batch_size=8, lr=2e-2, warmup_steps=1, max_rationale_tokens=48,
-                            buckets=(256,), heldout_fraction=0.25, eval_every=2,
-                            checkpoint_every=2, dtype="float32", base_dtype="float32"),
-      student=StudentConfig(max_tokens=8, batch_size=8, dtype="float32", temperature=1.0,
-                            keep_rejected=True),
-      encoder=EncoderConfig(kind="minilm", batch_size=8),
-      rec=RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16, batch=16,
-                    eval_batch=16, epochs=6, eval_every=2, sampled_negatives=5))
-'''
-
+from tests.fixtures import ROOT, tiny_pipeline
 
 class PipelineTest(absltest.TestCase):
 
@@ -75,19 +25,8 @@ class PipelineTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
-    data = write_recbole(cls.root / "tiny")
-    words = ["system", "user", "assistant", *"Step 1 2 3 The liked and lately More of what "
-             "items have in common Something like Prompt Item Genres . : |".split(),
-             *[f"i{i}" for i in range(12)], *GENRES]
-    # Filler words up to the model's vocabulary (3 ids are special tokens), so that every token
-    # a random student writes decodes to text.
-    words += [f"w{i:03d}" for i in range(CONFIG.vocab_size - 3 - len(set(words)))]
-    tokenizer = word_tokenizer([" ".join(words)])
-    model = hf.save_hf(cls.root / "student", CONFIG, random_params(CONFIG), tokenizer)
     cls.server = fake.FakeOpenAI(fault_rate=0.0).__enter__()
-    cls.config = cls.root / "tiny_config.py"
-    cls.config.write_text(CONFIG_FILE.format(data=str(data), url=cls.server.url,
-                                             model=str(model)))
+    cls.config = tiny_pipeline(cls.root, cls.server.url)
 
   @classmethod
   def tearDownClass(cls):

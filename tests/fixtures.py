@@ -10,12 +10,14 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import tempfile
 
 import jax
 import numpy as np
 import safetensors.numpy
 import torch
 import transformers
+from absl.testing import absltest
 from flax import traverse_util
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -28,6 +30,7 @@ from slim_jax.models import bert, llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.teacher import TeacherConfig
 from slim_jax.train.distill import DistillConfig
+from tests import fake_openai_server
 
 # ---------------------------------------------------------------------------------------------
 # Tiny LLaMA models and tokenizers.
@@ -348,3 +351,20 @@ def tiny_pipeline(root: pathlib.Path, teacher_url: str) -> pathlib.Path:
   config = root / "tiny_config.py"
   config.write_text(CONFIG_FILE.format(data=str(data), url=teacher_url, model=str(model)))
   return config
+
+
+class TinyPipelineTest(absltest.TestCase):
+  """Test cases over the tiny pipeline: `cls.config` is its config file, `cls.server` the
+  OpenAI-compatible teacher (no faults) that it calls, `cls.root` a fresh directory."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
+    cls.server = fake_openai_server.FakeOpenAI(fault_rate=0.0).__enter__()
+    cls.config = tiny_pipeline(cls.root, cls.server.url)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.server.__exit__(None, None, None)
+    super().tearDownClass()

@@ -11,7 +11,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -19,8 +18,8 @@ import safetensors.numpy
 from absl.testing import absltest
 
 from slim_jax import rationales
-from tests import fake_openai_server as fake
-from tests.fixtures import ROOT, tiny_pipeline
+from tests.fixtures import ROOT, TinyPipelineTest
+
 
 STAGES = ("prepare", "teacher", "distill", "generate", "encode", "train", "report")
 DEVICES = 8
@@ -36,19 +35,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-class MultiprocessTest(absltest.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
-    cls.server = fake.FakeOpenAI(fault_rate=0.0).__enter__()
-    cls.config = tiny_pipeline(cls.root, cls.server.url)
-
-  @classmethod
-  def tearDownClass(cls):
-    cls.server.__exit__(None, None, None)
-    super().tearDownClass()
+class MultiprocessTest(TinyPipelineTest):
 
   def launch(self, workdir: pathlib.Path, processes: int) -> tuple[list[str], float]:
     """Runs every stage as `processes` processes sharing DEVICES; returns (each process's log,

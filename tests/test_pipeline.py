@@ -11,27 +11,14 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl.testing import absltest
 
-from tests import fake_openai_server as fake
-from tests.fixtures import ROOT, tiny_pipeline
+from tests.fixtures import ROOT, TinyPipelineTest
 
-class PipelineTest(absltest.TestCase):
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
-    cls.server = fake.FakeOpenAI(fault_rate=0.0).__enter__()
-    cls.config = tiny_pipeline(cls.root, cls.server.url)
-
-  @classmethod
-  def tearDownClass(cls):
-    cls.server.__exit__(None, None, None)
-    super().tearDownClass()
+class PipelineTest(TinyPipelineTest):
 
   def launch(self, workdir: pathlib.Path, wait: bool = True):
     args = [sys.executable, str(ROOT / "launch.py"), f"--config={self.config}",

@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from slim_jax import assets, checkpoints, checks, layout, multihost, parallel, progress
 from slim_jax import rationales as rationale_files
@@ -140,11 +139,6 @@ def embed_step(embedder: Embedder, mesh: jax.sharding.Mesh):
   return step, jax.device_put(embedder.params, shardings)
 
 
-def _host(x) -> np.ndarray:
-  """A global (possibly multi-host) array as a numpy array on every host."""
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def embed_texts(texts: Sequence[str], embedder: Embedder, step, params, *, batch_size: int,
                 buckets: Sequence[int], mesh: jax.sharding.Mesh,
                 on_batch: Callable[[int], Any] = lambda n: None) -> np.ndarray:
@@ -156,9 +150,9 @@ def embed_texts(texts: Sequence[str], embedder: Embedder, step, params, *, batch
   for batch in loader.text_batches([token_ids[i] for i in order], batch_size=batch_size,
                                    buckets=bucket_lengths(buckets, embedder.max_len),
                                    pad_id=embedder.pad_id, mesh=mesh):
-    out = _host(step(params, batch["input_ids"], batch["attention_mask"]))
-    valid = _host(batch["valid"])
-    rows.append(_host(batch["index"])[valid])
+    out = parallel.to_host(step(params, batch["input_ids"], batch["attention_mask"]))
+    valid = parallel.to_host(batch["valid"])
+    rows.append(parallel.to_host(batch["index"])[valid])
     vectors.append(out[valid])
     on_batch(1)
   result = np.empty((len(texts), vectors[0].shape[1]), np.float32)

@@ -290,8 +290,7 @@ def batch_rows(requests: int, batch_size: int) -> int:
   smallest power of two times those devices that holds them, so a handful of retries does not
   pay for a whole batch and few shapes are ever compiled."""
   mesh = jax.sharding.get_abstract_mesh()
-  multiple = 1 if mesh.empty else math.prod(
-      mesh.shape[axis] for axis in parallel.BATCH_AXES if axis in mesh.axis_names)
+  multiple = 1 if mesh.empty else parallel.batch_size_multiple(mesh)
   return min(-(-batch_size // multiple) * multiple,
              multiple * 1 << max(0, math.ceil(requests / multiple) - 1).bit_length())
 

@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from slim_jax import assets, checkpoints, checks, layout, parallel, prompts, rationales
+from slim_jax import assets, checkpoints, checks, layout, multihost, parallel, prompts, rationales
 from slim_jax.checkpoints import peft
 from slim_jax.data import loader
 from slim_jax.models import llama, lora as lora_lib
@@ -367,7 +367,7 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
     seconds = time.perf_counter() - start
   adapters = multihost_utils.process_allgather(result.state.lora, tiled=True)
   adapter = out_dir / layout.ADAPTER
-  if jax.process_index() == 0:
+  if multihost.is_writer():
     peft.save_peft(adapter, adapters, cfg.lora(), checkpoint)
   trained_tokens = int(np.sum(jax.device_get(tokens)))
   best = next(row for row in result.history if row["step"] == result.best_step)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from slim_jax import progress
+from slim_jax import multihost, progress
 
 Metrics = Mapping[str, Any]
 
@@ -96,13 +96,13 @@ class _Log:
 
   def __init__(self, path: pathlib.Path, resume_step: int):
     self.path = path
-    self.write = jax.process_index() == 0
+    self.write = multihost.is_writer()
     if not self.write:
       return
     if path.exists():
       rows = [line for line in path.read_text().splitlines()
               if line and json.loads(line)["step"] <= resume_step]
-      path.write_text("".join(line + "\n" for line in rows))
+      multihost.write_text(path, "".join(line + "\n" for line in rows))
     import tensorboardX
     # A file per (re)start: file names only carry the second, and a writer truncates its file;
     # the zero-padded step keeps restarts within one second in order (readers sort by name).

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 from absl import logging
 
-from slim_jax import checks, generate, multihost, parallel, prompts, quality
+from slim_jax import checks, generate, multihost, parallel, progress, prompts, quality
 from slim_jax.prompts import PromptConfig
 
 RATIONALE_FIELDS = ("user", "user_id", "split", "prompt_hash", "model", "history_len", "text")
@@ -330,7 +330,10 @@ def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: Prompt
     longer = dataclasses.replace(first, max_new_tokens=2 * first.max_new_tokens)
     for group, sampling in (([p for p in open_ if p.last == "truncated"], longer),
                             ([p for p in open_ if p.last != "truncated"], first)):
+      if not group:
+        continue
       rows = batch_rows(len(group), decoding.batch_size)
+      bar = progress.bar(len(group), f"{label}: round {round_ + 1} of {rounds}", "request")
       for index in range(0, len(group), rows):
         batch = group[index:index + rows]
         filled = [p.prompt_ids for p in batch]
@@ -355,6 +358,8 @@ def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: Prompt
           if not reason or pending_.drawn == rounds:
             writer.append(_local_record(pending_, label, text.strip(), reason, keep_rejected))
             pending_.recorded = True
+        bar.update(len(batch))
+      bar.close()
       written += len(group)
     open_ = [p for p in open_ if not p.recorded]
     logging.info("%s: round %d of %d, %d requests still without an accepted rationale, "

@@ -3,7 +3,9 @@ same model and prompts, best of k keeps the first accepted candidate and counts 
 ones, the answer is prefilled for local models, and a kill mid-generation loses nothing."""
 
 import collections
+import contextlib
 import dataclasses
+import io
 import pathlib
 import signal
 import subprocess
@@ -91,9 +93,11 @@ class BestOfKTest(absltest.TestCase):
     count = lambda messages: len(rationales.chat_ids(self.tokenizer, messages))
     requests = rationales.build_requests(self.prepared, pcfg, count, max_users=8, local=True)
     cache = pathlib.Path(self.create_tempdir().full_path) / layout.CACHE
-    with rationales.CacheWriter(cache) as writer:
+    log = io.StringIO()  # not a terminal: progress comes as lines
+    with rationales.CacheWriter(cache) as writer, contextlib.redirect_stderr(log):
       rationales.generate_local(requests, decoding, pcfg, Llama(self.config),
                                 {"params": self.params}, self.tokenizer, "smollm2", writer)
+    self.assertIn("smollm2: round 1 of 3: 8/8 request", log.getvalue())
     records = rationales.read_cache(cache)
     self.assertEqual(sorted(r["user"] for r in records), list(range(8)))
     for request, r in zip(requests, sorted(records, key=lambda r: r["user"])):

@@ -96,6 +96,17 @@ class TableTest(absltest.TestCase):
     table = ablate.markdown(self.rows, [], gains, "100 uniform negatives")
     self.assertIn("G0 (5-104)", table)
 
+  def test_the_table_says_how_many_users_read_the_teachers_rationale(self):
+    runs = [ablate.Run("gru4rec", "teacher_rationales", "paper", "minilm", seed)
+            for seed in (0, 1)]
+    results = [{**_result(0.1), "users_with_teacher_rationale": {"test": 47}}] * 2
+    rows = ablate.summarize(runs, results)
+    self.assertEqual(rows[0]["users_with_teacher_rationale"], {"test": 47})
+    self.assertIn("gru4rec | teacher_rationales | paper | minilm: 47 users read the teacher's "
+                  "rationale instead of the student's (test split).",
+                  ablate.markdown(rows, [], [], "100 uniform negatives"))
+    self.assertNotIn("teacher's", ablate.markdown(self.rows, [], [], "100 uniform negatives"))
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -136,10 +136,13 @@ def summarize(runs: Sequence[Run], results: Sequence[dict]) -> list[dict]:
   """A row per group: mean and standard deviation over seeds of METRICS under both protocols."""
   groups: dict[tuple, list[dict]] = {}
   for run, result in zip(runs, results):
-    groups.setdefault(run.group, []).append(result["test"])
+    groups.setdefault(run.group, []).append(result)
   rows = []
-  for group, tests in groups.items():
+  for group, results_ in groups.items():
+    tests = [result["test"] for result in results_]
     row = {**dict(zip(GROUP_FIELDS, group)), "seeds": len(tests)}
+    if "users_with_teacher_rationale" in results_[0]:  # the same users on every seed
+      row["users_with_teacher_rationale"] = results_[0]["users_with_teacher_rationale"]
     for protocol in stats.PROTOCOLS:
       for metric in METRICS:
         values = np.array([recommend.protocol_metrics(t, protocol)[metric] for t in tests])
@@ -225,6 +228,10 @@ def markdown(rows: Sequence[dict], compared: Sequence[dict], gains: Sequence[dic
   lines += [f"| {_named(r)} | {r['seeds']} | {cell(r, 'full/ndcg@10')} | "
             f"{cell(r, 'full/hr@10')} | {cell(r, 'sampled/ndcg@10')} | "
             f"{cell(r, 'sampled/hr@10')} |" for r in rows]
+  teacher = [f"{_named(r)}: {count} users read the teacher's rationale instead of the "
+             f"student's ({split} split)." for r in rows
+             for split, count in r.get("users_with_teacher_rationale", {}).items()]
+  lines += ["", *teacher] if teacher else []
   lines += ["", f"Paired tests of {TESTED.upper()} (p over seeds: paired t-test; over users: "
             "Wilcoxon on each user's value averaged over seeds):", "",
             "| backbone | variant | fusion | encoder | against | protocol | change | p over seeds "

@@ -6,8 +6,10 @@ teacher stage too for teacher_rationales), e.g.
 
   python launch.py --workdir=runs/ml100k --stages=fetch,prepare,convert,teacher,distill,generate \
       --set student.max_users=0
-  python -m experiments.analysis.ablate --workdir=runs/ml100k --backbones=gru4rec,sasrec,srgnn \
-      --seeds=0,1,2,3,4
+  python -m experiments.analysis.ablate --workdir=runs/ml100k --set preset=full \
+      --set rec.epochs=50 --backbones=gru4rec,sasrec,srgnn --seeds=0,1,2,3,4
+
+(--set preset=full: the quick preset's recommenders stop at 10 epochs.)
 
 Per backbone and seed it trains every variant of --variants (`slim.MODES`: plain, item_text,
 id_based for every fusion, the shuffled and teacher_rationales controls with the first fusion);

@@ -333,33 +333,33 @@ def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: Prompt
       if not group:
         continue
       rows = batch_rows(len(group), decoding.batch_size)
-      bar = progress.bar(len(group), f"{label}: round {round_ + 1} of {rounds}", "request")
-      for index in range(0, len(group), rows):
-        batch = group[index:index + rows]
-        filled = [p.prompt_ids for p in batch]
-        filled += [filled[-1]] * (rows - len(batch))
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(decoding.seed), round_),
-                                 written + index)
-        batch_start = time.monotonic()
-        outputs = generate.generate_ids(model, variables, filled, key, sampling,
-                                        [tokenizer.eos_token_id], pad_id)
-        seconds = (time.monotonic() - batch_start) / len(batch)
-        for pending_, ids in zip(batch, outputs):
-          text = pending_.request.prefill + tokenizer.decode(ids, skip_special_tokens=True)
-          truncated = len(ids) >= sampling.max_new_tokens
-          reason = quality.rejection(text, truncated, pending_.request.history_attributes, pcfg)
-          pending_.drawn += 1
-          pending_.completion_tokens += len(ids)
-          pending_.seconds += seconds
-          produced += len(ids)
-          if reason:
-            pending_.rejections[reason] += 1
-            pending_.last = reason
-          if not reason or pending_.drawn == rounds:
-            writer.append(_local_record(pending_, label, text.strip(), reason, keep_rejected))
-            pending_.recorded = True
-        bar.update(len(batch))
-      bar.close()
+      with progress.bar(len(group), f"{label}: round {round_ + 1} of {rounds}",
+                        "request") as bar:
+        for index in range(0, len(group), rows):
+          batch = group[index:index + rows]
+          filled = [p.prompt_ids for p in batch]
+          filled += [filled[-1]] * (rows - len(batch))
+          key = jax.random.fold_in(jax.random.fold_in(jax.random.key(decoding.seed), round_),
+                                   written + index)
+          batch_start = time.monotonic()
+          outputs = generate.generate_ids(model, variables, filled, key, sampling,
+                                          [tokenizer.eos_token_id], pad_id)
+          seconds = (time.monotonic() - batch_start) / len(batch)
+          for pending_, ids in zip(batch, outputs):
+            text = pending_.request.prefill + tokenizer.decode(ids, skip_special_tokens=True)
+            truncated = len(ids) >= sampling.max_new_tokens
+            reason = quality.rejection(text, truncated, pending_.request.history_attributes, pcfg)
+            pending_.drawn += 1
+            pending_.completion_tokens += len(ids)
+            pending_.seconds += seconds
+            produced += len(ids)
+            if reason:
+              pending_.rejections[reason] += 1
+              pending_.last = reason
+            if not reason or pending_.drawn == rounds:
+              writer.append(_local_record(pending_, label, text.strip(), reason, keep_rejected))
+              pending_.recorded = True
+          bar.update(len(batch))
       written += len(group)
     open_ = [p for p in open_ if not p.recorded]
     logging.info("%s: round %d of %d, %d requests still without an accepted rationale, "

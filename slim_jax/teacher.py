@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 from absl import logging
 
-from slim_jax import assets, checkpoints, checks, layout, multihost, quality, rationales
+from slim_jax import (assets, checkpoints, checks, layout, multihost, progress, quality,
+                      rationales)
 from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.rationales import Request
@@ -344,12 +345,6 @@ def api_key(cfg: TeacherConfig) -> str:
   return key
 
 
-def _log_progress(done: int, total: int, failed: int, cost: float, start: float) -> None:
-  if done == total or done % max(1, total // 20) == 0:
-    logging.info("teacher: %d/%d recorded (%d failed), %.2f/s, $%.4f", done, total, failed,
-                 done / max(time.monotonic() - start, 1e-9), cost)
-
-
 def run_openai(requests: Sequence[Request], cfg: TeacherConfig, pcfg: PromptConfig,
                cache: pathlib.Path) -> None:
   """Completes `requests` with bounded concurrency, appending each record as it finishes."""
@@ -357,17 +352,19 @@ def run_openai(requests: Sequence[Request], cfg: TeacherConfig, pcfg: PromptConf
   limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
   optional = OptionalParameters(cfg)
   pool = concurrent.futures.ThreadPoolExecutor(cfg.concurrency)
-  start, failed, cost = time.monotonic(), 0, 0.0
+  failed, cost = 0, 0.0
   try:
-    with rationales.CacheWriter(cache) as writer:
+    with (rationales.CacheWriter(cache) as writer,
+          progress.bar(len(requests), f"teacher {cfg.model}", "request") as bar):
       futures = [pool.submit(complete, request, cfg, key, limiter, optional, pcfg)
                  for request in requests]
-      for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+      for future in concurrent.futures.as_completed(futures):
         result = future.result()
         writer.append(result)
         failed += result["status"] != "ok"
         cost += result["cost_usd"]
-        _log_progress(done, len(requests), failed, cost, start)
+        bar.set_postfix(failed=failed, cost=f"${cost:.4f}", refresh=False)
+        bar.update()
   finally:
     pool.shutdown(cancel_futures=True)  # an interrupted run must not keep spending
 

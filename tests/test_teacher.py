@@ -2,8 +2,10 @@
 cost accounting, the dry run, and the local teacher through slim_jax.generate."""
 
 import collections
+import contextlib
 import dataclasses
 import email.utils
+import io
 import json
 import logging
 import os
@@ -42,10 +44,16 @@ class OpenAIClientTest(absltest.TestCase):
   def test_200_prompts_with_30_percent_faults_complete_exactly_once(self):
     requests = synthetic_requests(200)
     cfg = client_config("")
-    with fake.FakeOpenAI(seed=1, fault_rate=0.3, api_key=SECRET) as server:
+    log = io.StringIO()
+    with (fake.FakeOpenAI(seed=1, fault_rate=0.3, api_key=SECRET) as server,
+          contextlib.redirect_stderr(log)):
       teacher.run_openai(requests, dataclasses.replace(cfg, base_url=server.url), PCFG,
                          self.cache)
     records = rationales.read_cache(self.cache)
+    summary = rationales.summarize(requests, records, "gpt-test")
+    # The progress line's final report: every request, none failed, what they cost.
+    self.assertIn("teacher gpt-test: 200/200 request", log.getvalue())
+    self.assertIn(f"cost=${summary['cost_usd']:.4f}, failed=0]", log.getvalue())
 
     self.assertEqual(set(server.faults_served), set(fake.FAULTS))  # every fault was served
     self.assertGreater(sum(server.faults_served.values()), 60)
@@ -60,7 +68,6 @@ class OpenAIClientTest(absltest.TestCase):
       self.assertEqual(got["prompt_hash"], request.prompt_hash)
       self.assertGreaterEqual(got["attempts"], requested)  # a timed-out connect never arrives
 
-    summary = rationales.summarize(requests, records, "gpt-test")
     self.assertEqual((summary["ok"], summary["failed"], summary["missing"]), (200, 0, 0))
     self.assertEqual(summary["steps"]["missing_any"], 0)
     self.assertEqual(summary["prompt_tokens"], server.billed["prompt_tokens"])

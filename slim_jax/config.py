@@ -11,6 +11,9 @@ functions that use them (checkpoints.load, loop.run, ...), and tests/test_import
 `--set rec.backbone=gru4rec` style overrides are parsed against the field types, and
 `Config.checked()` runs every section's own checks and the rules between sections, so a typo, a
 wrong type or a bad value fails at start-up, before the first stage, instead of hours into a run.
+`Config.resolved(workdir)` then fills in, once, what a config leaves to defaults (a backbone's
+RecBole settings, the LLM and encoder checkpoints): stages receive that and derive nothing. The
+stages' DONE files record the config as written, so a moved work directory stays complete.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import types
 import typing
 from collections.abc import Sequence
 
+from slim_jax import layout
 from slim_jax.data.preprocess import DataConfig
-from slim_jax.encode import EncoderConfig
+from slim_jax.embed import EncoderConfig
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
 from slim_jax.parallel import MeshConfig
-from slim_jax.prompts import PromptConfig
+from slim_jax.prompts import PromptConfig, student_config
 from slim_jax.student import StudentConfig
 from slim_jax.teacher import TeacherConfig
 from slim_jax.train.distill import DistillConfig, check_lengths
@@ -60,8 +64,28 @@ class Config:
     if self.slim.finetune_encoder and self.encoder.kind != "minilm":
       raise ValueError(f"slim.finetune_encoder trains a MiniLM (BERT) encoder; encoder.kind is "
                        f"{self.encoder.kind!r}")
-    check_lengths(self.distill, self.prompt)
+    check_lengths(self.distill, self.student_prompt)
     return self
+
+  @property
+  def student_prompt(self) -> PromptConfig:
+    """The prompt section the student reads (distillation and generation alike)."""
+    return student_config(self.prompt)
+
+  def resolved(self, workdir: str | pathlib.Path) -> Config:
+    """This config as the stages of `workdir` run it: checked, the backbone's defaults filled in,
+    and every LLM checkpoint left empty pointed at the embedded one as the convert stage writes it
+    into `workdir` (an empty MiniLM checkpoint is the embedded asset: `embed.checkpoint_dir`)."""
+    self.checked()
+    llm = lambda checkpoint: checkpoint or str(pathlib.Path(workdir) / layout.CONVERT /
+                                               layout.EMBEDDED_LLM)
+    encoder = (llm(self.encoder.checkpoint) if self.encoder.kind == "llm_pooled"
+               else self.encoder.checkpoint)
+    return dataclasses.replace(
+        self, rec=self.rec.resolved(),
+        teacher=dataclasses.replace(self.teacher, checkpoint=llm(self.teacher.checkpoint)),
+        distill=dataclasses.replace(self.distill, checkpoint=llm(self.distill.checkpoint)),
+        encoder=dataclasses.replace(self.encoder, checkpoint=encoder))
 
 
 def load_config(path: str | pathlib.Path, preset: str | None = None) -> Config:

@@ -22,6 +22,7 @@ CONFIG = "CONFIG"  # the sections a (possibly interrupted) run of the stage bega
 
 RATIONALES = "rationales.jsonl"  # teacher/, generate/: a rationale per user (and split)
 CACHE = "cache.jsonl"  # teacher/, generate/: every request's outcome, so that a rerun resumes
+EMBEDDED_LLM = "smollm2-135m-instruct"  # convert/: the embedded GGUF as a Hugging Face directory
 ADAPTER = "adapter"  # distill/: the student's LoRA adapter, a PEFT directory
 ITEM_VECTORS = "item_vectors.npy"  # encode/: a vector per item text
 METRICS = "metrics.json"  # train/<variant>/: the variant's metrics; train/: all of them

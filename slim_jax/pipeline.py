@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 from absl import logging
 
-from slim_jax import (assets, checkpoints, encode, layout, multihost, parallel, report, student,
-                      teacher)
+from slim_jax import (assets, checkpoints, embed, encode, layout, multihost, parallel, report,
+                      student, teacher)
 from slim_jax.config import Config
 from slim_jax.data import formats, preprocess
 from slim_jax.models import bert, slim
@@ -73,82 +73,70 @@ def _mesh(cfg: Config):
   return parallel.make_mesh(cfg.mesh.axes())
 
 
-EMBEDDED_LLM = "smollm2-135m-instruct"  # the converted embedded GGUF, under workdir/convert/
-
-
-def llm_checkpoint(checkpoint: str, workdir: pathlib.Path) -> str:
-  """A configured checkpoint, or the HF directory the convert stage made of the embedded GGUF."""
-  return checkpoint or str(workdir / layout.CONVERT / EMBEDDED_LLM)
-
-
 def _convert(cfg: Config, out: pathlib.Path) -> dict:
   del cfg
-  directory = checkpoints.convert_gguf_to_hf(assets.path("smollm2"), out / EMBEDDED_LLM)
+  directory = checkpoints.convert_gguf_to_hf(assets.path("smollm2"), out / layout.EMBEDDED_LLM)
   print(f"converted {assets.path('smollm2').name} to the Hugging Face directory {directory}")
   return {"checkpoint": str(directory)}
 
 
 def _teacher(cfg: Config, out: pathlib.Path) -> dict:
-  tcfg = dataclasses.replace(cfg.teacher, checkpoint=llm_checkpoint(cfg.teacher.checkpoint,
-                                                                    out.parent))
-  if tcfg.kind == "openai":
-    estimate = teacher.estimate_cost(tcfg, cfg.prompt, load_prepared(out.parent))
-    logging.info("teacher dry run: %s", json.dumps(estimate))
-  return teacher.run_teacher(tcfg, cfg.prompt, load_prepared(out.parent), out, mesh=_mesh(cfg))
+  prepared = load_prepared(out.parent)
+  if cfg.teacher.kind == "openai":
+    logging.info("teacher dry run: %s",
+                 json.dumps(teacher.estimate_cost(cfg.teacher, cfg.prompt, prepared)))
+  return teacher.run_teacher(cfg.teacher, cfg.prompt, prepared, out, mesh=_mesh(cfg))
 
 
 def _distill(cfg: Config, out: pathlib.Path) -> dict:
-  dcfg = dataclasses.replace(cfg.distill, checkpoint=llm_checkpoint(cfg.distill.checkpoint,
-                                                                    out.parent))
-  return distill.run_distill(dcfg, cfg.prompt, load_prepared(out.parent),
+  return distill.run_distill(cfg.distill, cfg.student_prompt, load_prepared(out.parent),
                              out.parent / layout.TEACHER / layout.RATIONALES, out,
                              mesh=_mesh(cfg))
 
 
 def _generate(cfg: Config, out: pathlib.Path) -> dict:
   checkpoint = (out.parent / layout.DISTILL / layout.ADAPTER if cfg.student.distilled
-                else llm_checkpoint(cfg.distill.checkpoint, out.parent))
-  return student.run_student(cfg.student, cfg.prompt, load_prepared(out.parent), checkpoint, out,
-                             mesh=_mesh(cfg))
+                else cfg.distill.checkpoint)
+  return student.run_student(cfg.student, cfg.student_prompt, load_prepared(out.parent),
+                             checkpoint, out, mesh=_mesh(cfg))
+
+
+def rationale_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Each writer's rationales.jsonl (encode.WRITERS), which the encode stage alone reads."""
+  return {writer: workdir / stage / layout.RATIONALES for writer, stage in encode.WRITERS.items()}
 
 
 def _encode(cfg: Config, out: pathlib.Path) -> dict:
-  return encode.encode_stage(cfg.encoder, load_prepared(out.parent),
-                             out.parent / layout.GENERATE / layout.RATIONALES, out,
-                             mesh=_mesh(cfg))
-
-
-def variant_name(backbone: str, mode: str) -> str:
-  """The train stage's directory of one variant: "sasrec_id_based", or "id_agnostic" (no
-  backbone)."""
-  return mode if mode in slim.BACKBONE_FREE_MODES else f"{backbone}_{mode}"
+  return encode.encode_stage(cfg.encoder, load_prepared(out.parent), rationale_paths(out.parent),
+                             out, mesh=_mesh(cfg))
 
 
 def finetuned_encoder(cfg: Config) -> bert.SentenceEncoder | None:
   """The MiniLM that `slim.finetune_encoder` trains with the recommender, else None."""
   if not cfg.slim.finetune_encoder:
     return None
-  return bert.load(encode.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
+  return bert.load(embed.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
+
+
+def trained_modes(cfg: Config) -> tuple[str, ...]:
+  """`slim.modes`, less those that read text vectors when encoder.kind=none."""
+  unencoded = tuple(mode for mode in cfg.slim.modes if mode in slim.TEXT_FREE_MODES)
+  if cfg.encoder.kind == "none" and cfg.slim.modes != unencoded:
+    logging.warning("encoder.kind=none: no text vectors, so only %s train", unencoded)
+    return unencoded
+  return cfg.slim.modes
 
 
 def _train(cfg: Config, out: pathlib.Path) -> dict:
   """Trains every variant of `slim.modes` into out/<variant>/; out/metrics.json sums them up."""
-  modes = cfg.slim.modes
-  unencoded = tuple(mode for mode in modes if mode in slim.TEXT_FREE_MODES)
-  if cfg.encoder.kind == "none" and modes != unencoded:
-    logging.warning("encoder.kind=none: no text vectors, so only %s train", unencoded)
-    modes = unencoded
+  modes = trained_modes(cfg)
   prepared, mesh = load_prepared(out.parent), _mesh(cfg)
-  teacher_vectors = (encode.encode_teacher(cfg.encoder, prepared, out.parent / layout.TEACHER /
-                                           layout.RATIONALES, out / "teacher_vectors", mesh)
-                     if "teacher_rationales" in modes else ({}, {}))
-  encoded = (None if modes == unencoded else
-             encode.load_encoded(out.parent / layout.ENCODE, cfg.encoder.postprocess,
-                                 teacher_vectors))
+  encoded = (None if all(mode in slim.TEXT_FREE_MODES for mode in modes) else
+             encode.load_encoded(out.parent / layout.ENCODE, prepared, cfg.encoder.postprocess))
   encoder = finetuned_encoder(cfg)
   summary = {}
   for mode in modes:
-    name = variant_name(cfg.rec.backbone, mode)
+    name = slim.variant_name(cfg.rec.backbone, mode)
     result = recommend.train_recommender(cfg.rec, prepared, out / name, mesh, mode, cfg.slim,
                                          encoded, encoder)
     summary[name] = {"backbone": result["backbone"], "mode": mode, "test": result["test"]}
@@ -181,8 +169,8 @@ STAGES: dict[str, Stage] = {
         Stage(layout.GENERATE, _generate, (*_UPSTREAM_OF_STUDENT, "student")),
         Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
         Stage(layout.TRAIN, _train, _RECOMMENDERS, restart_on_change=True),
-        # every process: the report encodes rationales on the mesh
-        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True),
+        Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True,
+              everywhere=_NOWHERE_ELSE),
     )
 }
 
@@ -231,8 +219,11 @@ def _prepare_stage(stage: Stage, cfg: Config, out: pathlib.Path) -> int:
   return _RUN
 
 
-def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
-  """Runs one stage unless its output is complete for this config; returns its summary."""
+def run_stage(name: str, cfg: Config, workdir: pathlib.Path,
+              resolved: Config | None = None) -> dict:
+  """Runs one stage unless its output is complete for `cfg`, the config as written (its DONE
+  records that); the stage itself runs `resolved` (default `cfg.resolved(workdir)`). Returns the
+  stage's summary."""
   stage = STAGES[name]
   out = workdir / name
   multihost.barrier(f"before {name}")  # no process still reads what the decision may remove
@@ -242,7 +233,7 @@ def run_stage(name: str, cfg: Config, workdir: pathlib.Path) -> dict:
   if decision == _RUN:
     if multihost.is_writer() or stage.everywhere(cfg):
       logging.info("stage %s: running into %s", name, out)
-      summary = stage.run(cfg, out)
+      summary = stage.run(resolved or cfg.resolved(workdir), out)
       multihost.write_text(out / layout.DONE, json.dumps(
           {"config": _fingerprint(cfg, stage), "summary": summary}, indent=2, default=str))
   multihost.barrier(f"after {name}")  # DONE is written for every process to read
@@ -254,6 +245,6 @@ def run(cfg: Config, workdir: pathlib.Path, stages: list[str]) -> dict[str, dict
   unknown = [name for name in stages if name not in STAGES]
   if unknown:
     raise ValueError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-  cfg.checked()  # a bad value fails here, not stages later
+  resolved = cfg.resolved(workdir)  # a bad value fails here, not stages later
   workdir.mkdir(parents=True, exist_ok=True)
-  return {name: run_stage(name, cfg, workdir) for name in stages}
+  return {name: run_stage(name, cfg, workdir, resolved) for name in stages}

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from slim_jax import prompts
+from slim_jax import answers, prompts
 
 REASONS = ("truncated", "missing_step", "echo", "repetition", "copies_exemplar",
            "no_history_attribute")
@@ -93,7 +93,7 @@ def copies_exemplar(steps: Sequence[str], pcfg: prompts.PromptConfig) -> bool:
   if not pcfg.exemplar:
     return False
   _, rationale = prompts.exemplar(pcfg)
-  theirs = {_normalized(step) for step in prompts.split_steps(rationale)}
+  theirs = {_normalized(step) for step in answers.split_steps(rationale)}
   return any(_normalized(step) in theirs for step in steps)
 
 
@@ -105,10 +105,10 @@ def rejection(text: str, truncated: bool, history_attributes: tuple[str, ...],
   """
   if truncated:
     return "truncated"
-  steps = prompts.split_steps(text)
+  steps = answers.split_steps(text)
   if not all(steps):
     return "missing_step"
-  if any(prompts.echoes_instruction(step, k + 1) for k, step in enumerate(steps)):
+  if any(answers.echoes_instruction(step, k + 1) for k, step in enumerate(steps)):
     return "echo"
   if repeats(steps):
     return "repetition"
@@ -161,20 +161,19 @@ def predictive_lift(named: Sequence[set[str]], next_attributes: Sequence[set[str
 def next_items(prepared, rows: Iterable[Mapping]) -> list[int]:
   """The held-out item each rationale row is meant to help predict: the target of the split
   whose visible history it was written from."""
-  targets = {}
-  for row in rows:
-    split = row["split"]
-    if split not in targets:
-      data = prepared.split(split)
-      targets[split] = dict(zip(map(int, data.users), map(int, data.targets)))
-  return [targets[row["split"]][int(row["user"])] for row in rows]
+  rows = list(rows)
+  users = prepared.rows_of([row["user_id"] for row in rows])
+  if (users < 0).any():
+    unknown = rows[int(np.argmax(users < 0))]["user_id"]
+    raise ValueError(f"a rationale of user_id={unknown!r} names no user of the prepared data")
+  return [int(prepared.split(row["split"]).targets[user]) for row, user in zip(rows, users)]
 
 
 def measure(rows: Sequence[Mapping], requests: int, prepared, seed: int = 0) -> dict:
   """The quality of accepted rationale `rows` (rationales.jsonl's) out of `requests` asked."""
   texts = [row["text"] for row in rows]
   vocabulary = catalogue_attributes(prepared)
-  step_two = [named_attributes(prompts.split_steps(text)[1], vocabulary) for text in texts]
+  step_two = [named_attributes(answers.split_steps(text)[1], vocabulary) for text in texts]
   following = [set(item_attributes(prepared.item_meta[i])) for i in next_items(prepared, rows)]
   return {"accepted_share": len(rows) / requests if requests else 0.0,
           "distinct_share": len(set(texts)) / len(texts) if texts else 0.0,

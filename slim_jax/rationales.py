@@ -1,4 +1,4 @@
-"""Rationales: the requests, their cache, their files, and the one local generation path.
+"""Rationales: the requests, their cache and their files, whoever writes them.
 
 A rationale is written for a `Request` (a user's visible history as chat messages) by a teacher
 (an OpenAI-compatible API or a local LLaMA) or by the student; all of them append one JSON record
@@ -7,13 +7,8 @@ record: a killed run loses at most the record being written, and a rerun generat
 no record. A rationale that fails the quality filter (`quality.rejection`) is never kept: its
 request is recorded with status "failed" and the reason, and failures are retried on a later run
 only when `retry_failures` is set. Finally `rationales.jsonl` gets one line per request whose
-rationale was accepted.
-
-Local models (the local teacher and the student) share `generate_local`: prompts in batches of
-similar length, each batch filled to the same shape, guided steps ("Step 1:" opens the answer and
-each line end opens the next step; see `generate.SamplingConfig`), sampled candidates, and best of
-k: a user whose candidate is rejected gets another, up to `candidates`, the retries with twice
-the token budget when the last one ran out of tokens.
+rationale was accepted. Local models write theirs through `local_generation`, the API teacher
+through `chat_api`.
 """
 
 from __future__ import annotations
@@ -23,19 +18,18 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import pathlib
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import jax
 from absl import logging
 
-from slim_jax import checks, generate, multihost, parallel, progress, prompts, quality
+from slim_jax import answers, multihost, prompts, quality
 from slim_jax.prompts import PromptConfig
 
-RATIONALE_FIELDS = ("user", "user_id", "split", "prompt_hash", "model", "history_len", "text")
+# A rationales.jsonl line: keyed by the raw user id and split, never by a row of the prepared
+# arrays, which shift when the data is prepared again with another filter.
+RATIONALE_FIELDS = ("user_id", "split", "prompt_hash", "model", "history_len", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +165,7 @@ def record(request: Request, model: str, *, text: str, error: str | None,
            rejections: Mapping[str, int] | None = None, kept_rejected: bool = False) -> dict:
   """The cache record of one request; `rejections` counts its candidates rejected, by reason.
   A failure keeps its last answer as `rejected_text` (what the filter saw), never as `text`."""
-  return {"user": request.user, "user_id": request.user_id, "split": request.split,
+  return {"user_id": request.user_id, "split": request.split,
           "prompt_hash": request.prompt_hash, "model": model,
           "status": "failed" if error else "ok", "text": "" if error else text, "error": error,
           "rejected_text": text if error else "", "kept_rejected": kept_rejected,
@@ -198,7 +192,7 @@ def summarize(requests: Sequence[Request], records: Sequence[Mapping], model: st
       "candidates": sum(r["attempts"] for r in final if r),
       "rejections": dict(sorted(rejections.items())),
       "kept_rejected": sum(1 for r in final if r and r.get("kept_rejected")),
-      "steps": prompts.missing_steps(texts),
+      "steps": answers.missing_steps(texts),
       "records": len(mine), "attempts": sum(r["attempts"] for r in mine),
       "prompt_tokens": sum(r["prompt_tokens"] for r in mine),
       "completion_tokens": sum(r["completion_tokens"] for r in mine),
@@ -215,8 +209,8 @@ def write_rationales(path: pathlib.Path, requests: Sequence[Request], records: S
   """Writes (process 0, atomically) one line per requested rationale that was accepted, in
   request order; returns the lines."""
   latest = {cache_key(r): r for r in records if r["status"] == "ok"}
-  rows = [{k: found[k] for k in RATIONALE_FIELDS} for found in
-          (latest.get(request_key(q, model)) for q in requests) if found]
+  rows = [{**{k: found[k] for k in RATIONALE_FIELDS}, "user_id": q.user_id, "split": q.split}
+          for q, found in ((q, latest.get(request_key(q, model))) for q in requests) if found]
   multihost.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
   return rows
 
@@ -232,152 +226,8 @@ def read_rationales(path: pathlib.Path) -> list[dict]:
       row = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
-    missing = [k for k in ("user", "user_id", "split", "text") if k not in row]
+    missing = [k for k in ("user_id", "split", "text") if k not in row]
     if missing:
       raise ValueError(f"{path}:{number}: record lacks {', '.join(missing)}")
     rows.append(row)
   return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Local generation, shared by the local teacher and the student.
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-  """How a local model writes rationales (read from the teacher's or the student's config)."""
-  max_tokens: int  # per candidate; retries after a truncation get twice as many
-  temperature: float
-  top_p: float
-  repetition_penalty: float
-  no_repeat_ngram: int
-  candidates: int  # best of k: candidates drawn per request at most
-  batch_size: int  # rows per generation call
-  seed: int
-
-  @classmethod
-  def of(cls, cfg) -> Decoding:
-    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
-
-
-def check_decoding(cfg, section: str) -> None:
-  """The Decoding fields of a teacher or student config `section`."""
-  checks.within(cfg, section, "[1, inf)", "max_tokens", "candidates", "batch_size")
-  checks.within(cfg, section, "[0, inf)", "temperature", "no_repeat_ngram")
-  checks.within(cfg, section, "(0, 1]", "top_p")
-  checks.within(cfg, section, "(0, inf)", "repetition_penalty")
-
-
-def sampling_config(decoding: Decoding, tokenizer, pcfg: PromptConfig):
-  """The decoding of `decoding` with the prompt's guided steps in this tokenizer's ids."""
-  markers = tuple(tuple(tokenizer(marker, add_special_tokens=False)["input_ids"])
-                  for marker in prompts.step_markers(pcfg)[1:])
-  return generate.SamplingConfig(
-      max_new_tokens=decoding.max_tokens, temperature=decoding.temperature, top_p=decoding.top_p,
-      repetition_penalty=decoding.repetition_penalty, no_repeat_ngram=decoding.no_repeat_ngram,
-      step_markers=markers, line_ends=line_end_ids(tokenizer) if markers else ())
-
-
-def line_end_ids(tokenizer) -> tuple[int, ...]:
-  """Every token whose text holds a line break: any of them ends a guided step."""
-  return tuple(i for i in range(len(tokenizer))
-               if "\n" in tokenizer.decode([i], skip_special_tokens=False))
-
-
-def batch_rows(requests: int, batch_size: int) -> int:
-  """Rows per generation call for `requests` prompts: `batch_size` (rounded up to a multiple of
-  the mesh's batch devices, which split each batch), or for fewer prompts (a retry round) the
-  smallest power of two times those devices that holds them, so a handful of retries does not
-  pay for a whole batch and few shapes are ever compiled."""
-  mesh = jax.sharding.get_abstract_mesh()
-  multiple = 1 if mesh.empty else parallel.batch_size_multiple(mesh)
-  return min(-(-batch_size // multiple) * multiple,
-             multiple * 1 << max(0, math.ceil(requests / multiple) - 1).bit_length())
-
-
-@dataclasses.dataclass
-class _Pending:
-  """A request still without an accepted candidate."""
-  request: Request
-  prompt_ids: list[int]
-  drawn: int = 0
-  completion_tokens: int = 0
-  seconds: float = 0.0
-  rejections: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  last: str | None = None  # the last candidate's rejection
-  recorded: bool = False
-
-
-def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: PromptConfig, model,
-                   variables, tokenizer, label: str, writer: CacheWriter,
-                   keep_rejected: bool = False) -> tuple[int, float]:
-  """Writes a record per request: its first accepted candidate, or a failure after
-  `decoding.candidates` rejected ones (with `keep_rejected`, the last of them instead, marked).
-  Returns (generated tokens, seconds).
-
-  Each round draws one candidate for every request still pending, in batches of similar prompt
-  length; a short batch is filled with repeats of its last prompt so that every call has the
-  same shape (no recompilation), and the repeats are dropped. Greedy decoding draws one
-  candidate only: another would be the same.
-  """
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  first = sampling_config(decoding, tokenizer, pcfg)
-  open_ = sorted((_Pending(r, chat_ids(tokenizer, r.messages, r.prefill)) for r in requests),
-                 key=lambda p: len(p.prompt_ids))
-  rounds = decoding.candidates if decoding.temperature > 0 else 1
-  start, produced, written = time.monotonic(), 0, 0
-  for round_ in range(rounds):
-    longer = dataclasses.replace(first, max_new_tokens=2 * first.max_new_tokens)
-    for group, sampling in (([p for p in open_ if p.last == "truncated"], longer),
-                            ([p for p in open_ if p.last != "truncated"], first)):
-      if not group:
-        continue
-      rows = batch_rows(len(group), decoding.batch_size)
-      with progress.bar(len(group), f"{label}: round {round_ + 1} of {rounds}",
-                        "request") as bar:
-        for index in range(0, len(group), rows):
-          batch = group[index:index + rows]
-          filled = [p.prompt_ids for p in batch]
-          filled += [filled[-1]] * (rows - len(batch))
-          key = jax.random.fold_in(jax.random.fold_in(jax.random.key(decoding.seed), round_),
-                                   written + index)
-          batch_start = time.monotonic()
-          outputs = generate.generate_ids(model, variables, filled, key, sampling,
-                                          [tokenizer.eos_token_id], pad_id)
-          seconds = (time.monotonic() - batch_start) / len(batch)
-          for pending_, ids in zip(batch, outputs):
-            text = pending_.request.prefill + tokenizer.decode(ids, skip_special_tokens=True)
-            truncated = len(ids) >= sampling.max_new_tokens
-            reason = quality.rejection(text, truncated, pending_.request.history_attributes, pcfg)
-            pending_.drawn += 1
-            pending_.completion_tokens += len(ids)
-            pending_.seconds += seconds
-            produced += len(ids)
-            if reason:
-              pending_.rejections[reason] += 1
-              pending_.last = reason
-            if not reason or pending_.drawn == rounds:
-              writer.append(_local_record(pending_, label, text.strip(), reason, keep_rejected))
-              pending_.recorded = True
-          bar.update(len(batch))
-      written += len(group)
-    open_ = [p for p in open_ if not p.recorded]
-    logging.info("%s: round %d of %d, %d requests still without an accepted rationale, "
-                 "%.1f generated tokens/s", label, round_ + 1, rounds, len(open_),
-                 produced / max(time.monotonic() - start, 1e-9))
-    if not open_:
-      break
-  return produced, time.monotonic() - start
-
-
-def _local_record(pending_: _Pending, label: str, text: str, reason: str | None,
-                  keep_rejected: bool) -> dict:
-  """A request's record once it has an accepted candidate or none is left to draw."""
-  kept = bool(reason) and keep_rejected
-  return record(pending_.request, label, text=text,
-                error=f"rejected: {reason}" if reason and not kept else None,
-                finish_reason="length" if reason == "truncated" else "stop",
-                attempts=pending_.drawn, prompt_tokens=len(pending_.prompt_ids),
-                completion_tokens=pending_.completion_tokens, estimated_tokens=False,
-                cost_usd=0.0, seconds=pending_.seconds,
-                rejections=pending_.rejections, kept_rejected=kept)

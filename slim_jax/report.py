@@ -1,12 +1,14 @@
 """report.md: what SLIM bought on this dataset, from the artifacts the earlier stages wrote.
 
-Sections: (i) accuracy of each trained variant with its improvement over the plain backbone;
-(ii) popularity bias (table and popularity.png); (iii) user-sparsity groups (table and
-sparsity.png); (iv) cost: teacher tokens and dollars against student throughput and hardware;
-(v) example users: history, the student's rationale, the top-10 list and the true next item.
+Sections: (i) accuracy of each trained variant, metrics only; (ii) the paired tests, one row per
+contrast (against plain and against shuffled, both protocols); (iii) popularity bias (table and
+popularity.png); (iv) user-sparsity groups (table and sparsity.png); (v) rationale quality;
+(vi) cost: teacher tokens and dollars against student throughput and hardware; (vii) example
+users: history, the student's rationale, the top-10 list and the true next item.
 Everything is read from what the earlier stages left: their summaries and files
-(train/*/metrics.json, ranked_test.npz, rationales.jsonl), which the pipeline hands over, so a
-report can be rewritten without retraining anything.
+(train/*/metrics.json, ranked_test.npz, the encode stage's vectors, the student's
+rationales.jsonl for the examples), which the pipeline hands over, so a report can be rewritten
+without retraining or encoding anything.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from slim_jax import encode, layout, multihost, prompts, quality, rationales, stats, teacher
+from slim_jax import (answers, encode, layout, multihost, prompts, quality, rationales, stats,
+                      teacher)
 from slim_jax.config import Config
-from slim_jax.models.slim import BACKBONE_FREE_MODES, MODES
+from slim_jax.models.slim import MODES, variant_name
 from slim_jax.train import recommend
 
 KS = (10, 20)
@@ -40,8 +43,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def label(variant: Mapping) -> str:
   """The variant by its mode's exact name (slim.MODES), after its backbone where it has one."""
-  mode = variant["mode"]
-  return mode if mode in BACKBONE_FREE_MODES else f"{variant['backbone']} {mode}"
+  return variant_name(variant["backbone"], variant["mode"])
 
 
 def relative(value: float, base: float | None) -> str:
@@ -54,40 +56,66 @@ def load_variants(train_dir: pathlib.Path) -> dict[str, dict]:
   return {name: json.loads((train_dir / name / layout.METRICS).read_text()) for name in index}
 
 
-def accuracy_section(variants: Mapping[str, dict], train_dir: pathlib.Path) -> str:
+def accuracy_section(variants: Mapping[str, dict]) -> str:
   """Test metrics per variant under full ranking and among sampled negatives (the paper's
-  protocol); NDCG@10 against plain and shuffled: the change and Wilcoxon's p over users (one
-  seed here, so no test over seeds: experiments/analysis/ablate.py runs those)."""
-  users = {name: {protocol: stats.user_metric(np.load(train_dir / name / layout.RANKED_TEST),
-                                              protocol) for protocol in stats.PROTOCOLS}
-           for name in variants}
-  first = lambda mode: next((n for n, v in variants.items() if v["mode"] == mode), None)
-
-  def versus(name: str, base: str | None, protocol: str) -> list[str]:
-    if base is None or base == name:
-      return ["", ""]
-    metric = lambda n: recommend.protocol_metrics(variants[n]["test"], protocol)["ndcg@10"]
-    _, a, b = stats.paired_users(users[name][protocol], users[base][protocol])
-    return [relative(metric(name), metric(base)), stats.describe_p(stats.p_over_users(a, b))]
-
+  protocol): metrics only, the paired tests are `tests_section`'s."""
   rows = [[label(v), *[v["test"][m] for m in ACCURACY],
-           *[recommend.sampled_metrics(v["test"])[m] for m in SAMPLED],
-           *[cell for protocol in stats.PROTOCOLS for base in (first("plain"), first("shuffled"))
-             for cell in versus(name, base, protocol)]]
-          for name, v in variants.items()]
-  header = ["model", *[m.upper() for m in ACCURACY], *[f"sampled {m.upper()}" for m in SAMPLED],
-            *[f"{protocol} NDCG@10 vs {base}{p}" for protocol in stats.PROTOCOLS
-              for base in ("plain", "shuffled") for p in ("", ": p over users")]]
+           *[recommend.sampled_metrics(v["test"])[m] for m in SAMPLED]]
+          for v in variants.values()]
+  header = ["model", *[m.upper() for m in ACCURACY], *[f"sampled {m.upper()}" for m in SAMPLED]]
   config = next(iter(variants.values()))["config"]
   notes = [f"Sampled: each test target among {config['sampled_negatives']} "
-           f"{config['sampled_eval']} negatives. p: Wilcoxon signed-rank over users, two-sided; "
-           f"p >= {stats.ALPHA} reads \"{stats.NO_DIFFERENCE}\"."]
+           f"{config['sampled_eval']} negatives."]
   notes += [f"{label(v)}: {count} users read the teacher's rationale instead of the student's "
             f"({split} split)." for v in variants.values()
             for split, count in v.get("users_with_teacher_rationale", {}).items()]
   legend = [f"- `{mode}`: {MODES[mode]}" for mode in dict.fromkeys(v["mode"]
                                                                    for v in variants.values())]
   return "\n\n".join([markdown_table(header, rows), *notes, "\n".join(legend)])
+
+
+def contrasts(variants: Mapping[str, dict], train_dir: pathlib.Path) -> list[dict]:
+  """Every variant against plain and against shuffled, per protocol: the change of NDCG@10, the
+  mean per-user difference with its 95% bootstrap interval, Wilcoxon's p over users, and that p
+  adjusted for all the contrasts of the report (Benjamini-Hochberg)."""
+  users = {name: {protocol: stats.user_metric(np.load(train_dir / name / layout.RANKED_TEST),
+                                              protocol) for protocol in stats.PROTOCOLS}
+           for name in variants}
+  first = lambda mode: next((n for n, v in variants.items() if v["mode"] == mode), None)
+  out = []
+  for base in filter(None, (first("plain"), first("shuffled"))):
+    for name in variants:
+      if name == base:
+        continue
+      for protocol in stats.PROTOCOLS:
+        metric = lambda n: recommend.protocol_metrics(variants[n]["test"], protocol)["ndcg@10"]
+        _, a, b = stats.paired_users(users[name][protocol], users[base][protocol])
+        _, low, high = stats.mean_interval(a - b)
+        out.append({"variant": name, "against": base, "protocol": protocol,
+                    "change": relative(metric(name), metric(base)),
+                    "difference": float(np.mean(a - b)), "low": low, "high": high,
+                    "p_users": stats.p_over_users(a, b)})
+  for contrast, adjusted in zip(out, stats.adjusted([c["p_users"] for c in out])):
+    contrast["p_adjusted"] = adjusted
+  return out
+
+
+def tests_section(variants: Mapping[str, dict], train_dir: pathlib.Path) -> str:
+  """The paired tests of `contrasts`, one row per contrast."""
+  negatives = next(iter(variants.values()))["config"]["sampled_negatives"]
+  protocols = {"full": "full ranking", "sampled": f"{negatives} negatives"}
+  rows = [[label(variants[c["variant"]]), label(variants[c["against"]]), protocols[c["protocol"]],
+           c["change"], f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]",
+           stats.describe_p(c["p_users"]), stats.describe_p(c["p_adjusted"])]
+          for c in contrasts(variants, train_dir)]
+  if not rows:
+    return "No plain or shuffled variant to compare with."
+  header = ["variant", "against", "protocol", "NDCG@10 change", "per-user difference [95% CI]",
+            "p over users", "p adjusted"]
+  return (markdown_table(header, rows) + "\n\nOne seed: p is Wilcoxon's signed-rank test over "
+          f"users, two-sided; adjusted: Benjamini-Hochberg over the {len(rows)} rows. "
+          f"p >= {stats.ALPHA} reads \"{stats.NO_DIFFERENCE}\". Tests over seeds: "
+          "experiments/analysis/ablate.py.")
 
 
 def popularity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:
@@ -149,34 +177,30 @@ def _share(part: float, whole: float) -> str:
   return f"{100 * part / whole:.1f}%" if whole else ""
 
 
-def rationale_vectors_quality(cfg: Config, items: pathlib.Path, out: pathlib.Path,
-                              texts: Sequence[str]) -> dict[str, float]:
-  """Mean pairwise cosine of the encoded `texts`, raw and centred on the mean of the item-text
-  vectors in `items` (see quality.centered_cosine), by the configured frozen encoder; {} without
-  one."""
-  if cfg.encoder.kind == "none" or len(texts) < 2 or not items.is_file():
+def rationale_cosines(encode_dir: pathlib.Path, writer: str) -> dict[str, float]:
+  """Mean pairwise cosine of a writer's encoded rationales, raw and centred on the mean of the
+  item-text vectors (see quality.centered_cosine), as the encode stage stored them; {} when it
+  stored none."""
+  stored = encode.load_rationales(encode_dir, writer)
+  if stored is None or len(stored["vectors"]) < 2:
     return {}
-  item_vectors = np.load(items)
+  item_vectors = np.load(encode_dir / layout.ITEM_VECTORS)
   reference = item_vectors[np.abs(item_vectors).sum(axis=1) > 0].mean(axis=0)
-  vectors = encode.encode(list(texts), cfg.encoder, out / "rationale_cache")
-  return quality.centered_cosine(vectors, reference)
+  return quality.centered_cosine(stored["vectors"], reference)
 
 
-def quality_section(cfg: Config, directories: Mapping[str, pathlib.Path],
-                    summaries: Mapping[str, dict], out: pathlib.Path) -> str:
+def quality_section(directories: Mapping[str, pathlib.Path],
+                    summaries: Mapping[str, dict]) -> str:
   """The teacher's and the student's rationales: how many passed the quality filter, why the
   others did not, how alike they are, and whether step 2 predicts the next item's attributes."""
-  writers = {"teacher": layout.TEACHER, "student": layout.GENERATE}
+  writers = {writer: encode.WRITERS[writer] for writer in ("teacher", "student")}
   rows, reasons = [], sorted({r for stage in writers.values()
                               for r in summaries.get(stage, {}).get("rejections", {})})
   for name, stage in writers.items():
     summary = summaries.get(stage, {})
     if not summary.get("quality"):
       continue
-    path = directories[stage] / layout.RATIONALES
-    texts = [row["text"] for row in rationales.read_rationales(path)] if path.is_file() else []
-    cosine = rationale_vectors_quality(cfg, directories[layout.ENCODE] / layout.ITEM_VECTORS, out,
-                                       texts)
+    cosine = rationale_cosines(directories[layout.ENCODE], name)
     predictive = summary["quality"]["predictive"]
     low, high = predictive["lift_interval"]
     candidates = summary["candidates"]
@@ -208,8 +232,9 @@ def examples_section(prepared, directories: Mapping[str, pathlib.Path],
   path = directories[layout.GENERATE] / layout.RATIONALES
   if not path.is_file():
     return "No student rationales were generated."
-  written = {row["user"]: row for row in rationales.read_rationales(path)
-             if row["split"] == "valid" and row["text"]}
+  rows = [row for row in rationales.read_rationales(path)
+          if row["split"] == prompts.TRAINING_RATIONALES and row["text"]]
+  written = dict(zip(prepared.rows_of([row["user_id"] for row in rows]).tolist(), rows))
   name = next((n for n, v in variants.items() if v["mode"] == "id_based"), next(iter(variants)))
   ranked = np.load(directories[layout.TRAIN] / name / layout.RANKED_TEST)
   test = prepared.split("test")
@@ -223,7 +248,7 @@ def examples_section(prepared, directories: Mapping[str, pathlib.Path],
            for i in ranked["top"][row][:10]]
     history = [title(i) for i in test.history(user)[-10:]]
     text = written[user]["text"]
-    named = quality.named_attributes(prompts.split_steps(text)[1], vocabulary)
+    named = quality.named_attributes(answers.split_steps(text)[1], vocabulary)
     (following,) = quality.next_items(prepared, [written[user]])
     expected = set(quality.item_attributes(prepared.item_meta[following]))
     parts.append(f"### User {prepared.user_ids[user]}\n\n"
@@ -250,10 +275,11 @@ def write_report(cfg: Config, prepared, directories: Mapping[str, pathlib.Path],
       f"{', history excluded' if cfg.rec.exclude_history else ''}. Encoder: "
       f"{cfg.encoder.kind}; fusion: {cfg.slim.fusion}"
       f"; postprocess: {cfg.encoder.postprocess}.",
-      "## Accuracy (test)", accuracy_section(variants, directories[layout.TRAIN]),
+      "## Accuracy (test)", accuracy_section(variants),
+      "## Paired tests (test NDCG@10)", tests_section(variants, directories[layout.TRAIN]),
       "## Popularity bias (test)", popularity_section(variants, out),
       "## User sparsity groups (test)", sparsity_section(variants, out),
-      "## Rationale quality", quality_section(cfg, directories, summaries, out),
+      "## Rationale quality", quality_section(directories, summaries),
       "## Cost", cost_section(cfg, summaries, prepared),
       "## Example users", examples_section(prepared, directories, variants),
   ]

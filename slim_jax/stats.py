@@ -43,6 +43,14 @@ def p_over_users(a: Sequence[float], b: Sequence[float]) -> float:
   return float(scipy.stats.wilcoxon(a, b).pvalue)
 
 
+def adjusted(p_values: Sequence[float]) -> list[float]:
+  """Benjamini-Hochberg adjusted p-values: a table testing many contrasts at once keeps the
+  expected share of false discoveries among those under ALPHA at ALPHA."""
+  if not p_values:
+    return []
+  return scipy.stats.false_discovery_control(np.asarray(p_values, np.float64)).tolist()
+
+
 def user_metric(ranked: Mapping[str, np.ndarray], protocol: str = "full",
                 metric: str = "ndcg@10") -> dict[int, float]:
   """user -> `metric` of one run's ranked_test.npz under `protocol` (a key of PROTOCOLS)."""

@@ -3,9 +3,10 @@
 The adapter is merged into the base once (W + BA, sharded like W), so decoding costs what the
 base model costs. Pointed at a base checkpoint instead of an adapter, the same code gives the
 undistilled student's rationales: the before-distillation baseline. Generation, its quality filter
-and its cache are `rationales`' (the local teacher's path); the model label carries a hash of the
-adapter's weights, so a re-distilled adapter never reuses rationales of an older one. A user whose
-candidates are all rejected gets no rationale, and the recommenders read it as absent.
+and its cache are the local teacher's (`local_generation`, `rationales`); the model label carries
+a hash of the adapter's weights, so a re-distilled adapter never reuses rationales of an older
+one. A user whose candidates are all rejected gets no rationale, and the recommenders read it as
+absent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pathlib
 import jax
 from absl import logging
 
-from slim_jax import (checkpoints, checks, layout, multihost, parallel, prompts, quality,
+from slim_jax import (checkpoints, checks, layout, local_generation, multihost, parallel, quality,
                       rationales)
 from slim_jax.checkpoints import peft
 from slim_jax.models import lora as lora_lib
@@ -30,7 +31,7 @@ from slim_jax.prompts import PromptConfig
 class StudentConfig:
   max_users: int = 0  # rationales for the first N users only (0 = all)
   max_tokens: int = 256  # generated tokens per candidate at most (a retry after a cut: twice)
-  # Sampled, best of `candidates` through the teacher's quality filter (see rationales.py).
+  # Sampled, best of `candidates` through the teacher's quality filter (see local_generation.py).
   temperature: float = 0.7
   top_p: float = 0.9
   repetition_penalty: float = 1.0
@@ -46,7 +47,7 @@ class StudentConfig:
   seed: int = 0
 
   def checked(self) -> StudentConfig:
-    rationales.check_decoding(self, "student")
+    local_generation.check_decoding(self, "student")
     checks.within(self, "student", "[0, inf)", "max_users")
     checks.one_of("student.dtype", self.dtype, checks.FLOAT_DTYPES)
     return self
@@ -95,23 +96,21 @@ def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, ou
   user (and per split with prompt.history=per_split) from the history visible at prediction
   time, by `checkpoint`: an adapter directory (merged into its base) or a base checkpoint.
   Returns the teacher's summary (counts, rejections, quality) plus this run's generated tokens,
-  tokens/s and wall time."""
-  pcfg.checked()
+  tokens/s and wall time. `pcfg` is the student's prompt section (`Config.student_prompt`)."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   cache, label = out_dir / layout.CACHE, model_label(checkpoint)
   mesh = mesh or parallel.make_mesh()
   model, variables, tokenizer = load_student(checkpoint, mesh, cfg.dtype)
-  pcfg = prompts.student_config(pcfg)
   requests = rationales.build_requests(
       prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), cfg.max_users, local=True)
   todo = rationales.pending(requests, rationales.read_cache(cache), label, cfg.retry_failures)
   multihost.barrier("student cache read")  # before process 0 appends to it
   logging.info("student %s: %d of %d rationales to write", label, len(todo), len(requests))
   with rationales.CacheWriter(cache) as writer, jax.set_mesh(mesh):
-    produced, seconds = rationales.generate_local(todo, rationales.Decoding.of(cfg), pcfg, model,
-                                                  variables, tokenizer, label, writer,
-                                                  cfg.keep_rejected)
+    produced, seconds = local_generation.generate_local(
+        todo, local_generation.Decoding.of(cfg), pcfg, model, variables, tokenizer, label, writer,
+        cfg.keep_rejected)
   records = rationales.read_cache(cache)
   rows = rationales.write_rationales(out_dir / layout.RATIONALES, requests, records, label)
   return {**rationales.summarize(requests, records, label), "generated": len(todo),

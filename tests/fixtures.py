@@ -111,6 +111,7 @@ def bigram_fixture(directory: pathlib.Path):
 # Distillation: synthetic users, their teacher rationales and a tiny random student.
 
 PROMPT = PromptConfig(domain="generic", max_prompt_tokens=192)
+STUDENT_PROMPT = prompts.student_config(PROMPT)  # what distillation and the student read
 ITEMS = 12
 
 
@@ -145,7 +146,7 @@ def make_fixture(directory: pathlib.Path) -> tuple[pathlib.Path, preprocess.Prep
   with path.open("w") as f:
     for user, split, items in prompts.visible_histories(prepared, PROMPT.history):
       last = int(prepared.item_ids[items[-1]][1:])
-      f.write(json.dumps({"user": user, "user_id": str(prepared.user_ids[user]), "split": split,
+      f.write(json.dumps({"user_id": str(prepared.user_ids[user]), "split": split,
                           "prompt_hash": "-", "model": "synthetic", "history_len": len(items),
                           "text": rationale(last)}) + "\n")
   return model_dir, prepared, path
@@ -310,7 +311,7 @@ def write_recbole(directory: pathlib.Path, users: int = 16, items: int = 12) -> 
 
 CONFIG_FILE = '''
 from slim_jax.config import Config, DataConfig
-from slim_jax.encode import EncoderConfig
+from slim_jax.embed import EncoderConfig
 from slim_jax.models.recommender import RecConfig
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig

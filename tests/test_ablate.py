@@ -76,7 +76,11 @@ class TableTest(absltest.TestCase):
     self.assertGreater(better["change"], 0.1)
     self.assertLess(better["p_users"], 1e-3)
     self.assertLess(better["p_seeds"], 0.05)
+    self.assertGreater(better["low"], 0.0)  # the interval of the per-user gain excludes zero
+    self.assertBetween(better["difference"], better["low"], better["high"])
+    self.assertBetween(better["p_users_adjusted"], better["p_users"], 1.0)
     self.assertGreater(compared["shuffled", "plain", "full"]["p_users"], 0.05)
+    self.assertLessEqual(compared["shuffled", "plain", "full"]["low"], 0.0)
     self.assertLess(compared["item_text", "shuffled", "sampled"]["p_users"], 1e-3)
     self.assertNotIn(("plain", "plain", "full"), compared)
     table = ablate.markdown(self.rows, list(compared.values()), [], "100 uniform negatives")

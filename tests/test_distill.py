@@ -27,7 +27,7 @@ from slim_jax.models import llama
 from slim_jax.models.llama import Llama
 from slim_jax.train import distill
 from slim_jax.train.distill import DistillConfig
-from tests.fixtures import (PROMPT, TINY_LLAMA, make_fixture, one_device, random_params,
+from tests.fixtures import (STUDENT_PROMPT, TINY_LLAMA, make_fixture, one_device, random_params,
                             tiny_config)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ class DistillTest(absltest.TestCase):
     """(summary, out_dir) of a run, shared between tests."""
     if name not in self.runs:
       out = self.root / name
-      summary = distill.run_distill(tiny_config(self.model_dir, **changes), PROMPT,
+      summary = distill.run_distill(tiny_config(self.model_dir, **changes), STUDENT_PROMPT,
                                     self.prepared, self.rationales, out, mesh)
       self.runs[name] = summary, out
     return self.runs[name]
@@ -101,7 +101,7 @@ class DistillTest(absltest.TestCase):
     child = textwrap.dedent(f"""
         from tests import fixtures as t
         from slim_jax.train import distill
-        distill.run_distill(t.tiny_config({str(self.model_dir)!r}), t.PROMPT,
+        distill.run_distill(t.tiny_config({str(self.model_dir)!r}), t.STUDENT_PROMPT,
                             t.distill_prepared(), {str(self.rationales)!r}, {str(out)!r},
                             t.one_device())
         """)
@@ -121,7 +121,7 @@ class DistillTest(absltest.TestCase):
     original = loader.BatchIterator.__next__
     with absltest.mock.patch.object(loader.BatchIterator, "__next__",
                                     lambda it: calls.append(1) or original(it)):
-      summary = distill.run_distill(tiny_config(self.model_dir), PROMPT, self.prepared,
+      summary = distill.run_distill(tiny_config(self.model_dir), STUDENT_PROMPT, self.prepared,
                                     self.rationales, out, one_device())
     self.assertLen(calls, 8 - killed_at)  # resumed, not restarted
     self.assertEqual(summary["heldout_loss"], expected["heldout_loss"])
@@ -135,7 +135,7 @@ class DistillTest(absltest.TestCase):
     with self.assertRaisesRegex(FloatingPointError,
                                 r"non-finite .* steps 9\.\.9: .*lora_norm.* last good checkpoint "
                                 r"is step 8"):
-      distill.run_distill(tiny_config(self.model_dir, steps=12, lr=float("inf")), PROMPT,
+      distill.run_distill(tiny_config(self.model_dir, steps=12, lr=float("inf")), STUDENT_PROMPT,
                           self.prepared, self.rationales, out, one_device())
     self.assertEqual(ocp.CheckpointManager(out / "checkpoints").latest_step(), 8)
 

@@ -20,12 +20,13 @@ import transformers
 from absl.testing import absltest, parameterized
 from sentence_transformers import SentenceTransformer
 
-from slim_jax import assets, encode, parallel
+from slim_jax import assets, embed, encode, parallel
 from slim_jax.config import DataConfig
 from slim_jax.data import formats, preprocess
 from slim_jax.checkpoints import hf
 from slim_jax.models import bert, llama
-from tests.fixtures import cosine_distance, encode_ours, write_sentence_transformers_dir
+from tests.fixtures import (cosine_distance, encode_ours, prepared_from_sequences,
+                            write_sentence_transformers_dir)
 
 MESHES = {
     "unsharded": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
@@ -49,8 +50,8 @@ class ItemTextTest(parameterized.TestCase):
     texts = ml100k_item_texts()
     longest = max(texts, key=len)
     cls.texts = texts[:12] + [longest]  # 13 texts: two batches of 8, three padding rows
-    cls.cfg = encode.EncoderConfig(max_len=24, batch_size=8, buckets=(16,))  # buckets 16, 24
-    cls.embedder = encode.make_embedder(cls.cfg)
+    cls.cfg = embed.EncoderConfig(max_len=24, batch_size=8, buckets=(16,))  # buckets 16, 24
+    cls.embedder = embed.make_embedder(cls.cfg)
     reference = SentenceTransformer(str(assets.path("minilm")), device="cpu")
     reference.max_seq_length = 24
     cls.expected = reference.encode(cls.texts, convert_to_numpy=True)
@@ -59,14 +60,15 @@ class ItemTextTest(parameterized.TestCase):
     lengths = [len(t) for t in self.embedder.tokenize(self.texts)]
     self.assertEqual(max(lengths), 24)  # the longest title is truncated
     self.assertLess(min(lengths), 16)
-    self.assertEqual(encode.bucket_lengths(self.cfg.buckets, 24), (16, 24))
+    self.assertEqual(embed.bucket_lengths(self.cfg.buckets, 24), (16, 24))
 
   @parameterized.named_parameters(
       (name, axes, devices) for name, (axes, devices) in MESHES.items())
   def test_matches_sentence_transformers_on_mesh(self, axes, devices):
     mesh = parallel.make_mesh(axes, jax.devices()[:devices])
     directory = self.create_tempdir().full_path
-    vectors = encode.encode(self.texts, self.cfg, directory, mesh=mesh, embedder=self.embedder)
+    vectors = embed.encode(self.texts, self.cfg, directory, mesh=mesh,
+                           embedder=lambda: self.embedder)
     self.assertEqual((vectors.shape, vectors.dtype), ((13, 384), np.float32))
     self.assertLess(cosine_distance(vectors, self.expected).max(), 1e-5)
 
@@ -79,26 +81,26 @@ class CacheTest(absltest.TestCase):
     super().setUpClass()
     model_dir = write_sentence_transformers_dir(
         pathlib.Path(cls.enterClassContext(tempfile.TemporaryDirectory())))
-    cls.cfg = encode.EncoderConfig(checkpoint=str(model_dir), batch_size=8)
+    cls.cfg = embed.EncoderConfig(checkpoint=str(model_dir), batch_size=8)
     cls.texts = [f"item {i} " + "word " * (i % 7) for i in range(20)]
     cls.expected, _ = encode_ours(bert.load(model_dir), cls.texts)
 
   def encode(self, directory, texts=None, cfg=None):
-    return encode.encode(self.texts if texts is None else texts, cfg or self.cfg, directory,
-                         chunk_size=8)
+    return embed.encode(self.texts if texts is None else texts, cfg or self.cfg, directory,
+                        chunk_size=8)
 
   def test_chunks_assemble_in_input_order_and_are_cleaned_up(self):
     directory = pathlib.Path(self.create_tempdir().full_path)
     np.testing.assert_allclose(self.encode(directory), self.expected, atol=1e-6)
     self.assertEqual(sorted(p.name for p in directory.iterdir()),
-                     [encode.EMBEDDINGS, encode.MANIFEST])
+                     [embed.EMBEDDINGS, embed.MANIFEST])
 
   def test_resumes_from_saved_chunks(self):
     directory = pathlib.Path(self.create_tempdir().full_path)
-    directory.joinpath(encode.MANIFEST).write_text(
-        json.dumps(encode.manifest_for(self.texts, self.cfg, 8)))
+    directory.joinpath(embed.MANIFEST).write_text(
+        json.dumps(embed.manifest_for(self.texts, self.cfg, 8)))
     sentinel = np.full((8, 32), 7.0, np.float32)  # chunk 1 of 3, as left by a killed run
-    np.save(encode.chunk_path(directory, 8), sentinel)
+    np.save(embed.chunk_path(directory, 8), sentinel)
     vectors = self.encode(directory)
     np.testing.assert_array_equal(vectors[8:16], sentinel)
     np.testing.assert_allclose(vectors[:8], self.expected[:8], atol=1e-6)
@@ -108,12 +110,12 @@ class CacheTest(absltest.TestCase):
     directory = pathlib.Path(self.create_tempdir().full_path)
     self.encode(directory)
     marker = np.zeros((20, 32), np.float32)
-    np.save(directory / encode.EMBEDDINGS, marker)  # what a rerun must load, not recompute
+    np.save(directory / embed.EMBEDDINGS, marker)  # what a rerun must load, not recompute
     np.testing.assert_array_equal(self.encode(directory), marker)
     changed = self.texts[:-1] + ["another text"]
     vectors = self.encode(directory, texts=changed)
     np.testing.assert_allclose(vectors[:19], self.expected[:19], atol=1e-6)
-    shorter = self.encode(directory, texts=changed, cfg=encode.EncoderConfig(
+    shorter = self.encode(directory, texts=changed, cfg=embed.EncoderConfig(
         checkpoint=self.cfg.checkpoint, batch_size=8, max_len=4))
     self.assertGreater(np.abs(shorter - vectors).max(), 1e-3)
 
@@ -126,6 +128,41 @@ class CacheTest(absltest.TestCase):
     np.testing.assert_array_equal(table[[0, 2, 4]], 0.0)
     expected, _ = encode_ours(bert.load(self.cfg.checkpoint), ["item one", "item three"])
     np.testing.assert_allclose(table[[1, 3]], expected, atol=1e-6)
+
+  def test_the_stage_keys_rationales_by_user_id_and_loads_them_on_any_preparation(self):
+    """Rows are joined on raw user ids, so data prepared again with other users (their rows
+    shifted) reads every rationale on its own user's row."""
+    directory = pathlib.Path(self.create_tempdir().full_path)
+    prepared = prepared_from_sequences([np.arange(1, 5)] * 4, num_items=4)  # users u0..u3
+    written = {"student": [("u1", "valid", "one likes a"), ("u3", "valid", "three likes b"),
+                           ("u3", "test", "three now likes c")],
+               "teacher": [("u2", "valid", "the teacher on two")]}
+    paths = {}
+    for writer, rows in written.items():
+      paths[writer] = directory / f"{writer}.jsonl"
+      paths[writer].write_text("".join(json.dumps({"user_id": u, "split": s, "text": t}) + "\n"
+                                       for u, s, t in rows))
+    summary = encode.encode_stage(self.cfg, prepared, paths, directory / "encode")
+    self.assertEqual((summary["student_rationales"], summary["teacher_rationales"]), (3, 1))
+    expected = dict(zip(["one likes a", "three likes b", "three now likes c"], encode_ours(
+        bert.load(self.cfg.checkpoint), ["one likes a", "three likes b", "three now likes c"])[0]))
+
+    again = dataclasses.replace(prepared_from_sequences([np.arange(1, 5)] * 3, num_items=4),
+                                user_ids=np.array(["u3", "u0", "u1"]))  # u2 filtered out
+    encoded = encode.load_encoded(directory / "encode", again)
+    vectors, present = encoded.rationales["valid"]
+    np.testing.assert_array_equal(present, [True, False, True])
+    np.testing.assert_allclose(vectors[[0, 2]], [expected["three likes b"],
+                                                 expected["one likes a"]], atol=1e-6)
+    np.testing.assert_array_equal(vectors[1], 0.0)
+    np.testing.assert_array_equal(encoded.rationales["test"][1], [True, False, False])
+    np.testing.assert_allclose(encoded.rationales["test"][0][0], expected["three now likes c"],
+                               atol=1e-6)
+    ids, lengths = encoded.tokens["valid"]
+    tokens = bert.load(self.cfg.checkpoint).tokenize(["three likes b"])[0]
+    np.testing.assert_array_equal(ids[0, :lengths[0]], tokens)
+    self.assertEqual(lengths[1], 0)
+    np.testing.assert_array_equal(encoded.teacher["valid"][1], False)  # u2 is not prepared
 
 
 def _encoded_for_postprocess(seed: int = 0) -> encode.Encoded:
@@ -191,11 +228,6 @@ class PostprocessTest(parameterized.TestCase):
     # Off by the shrinkage alone: 1e-3 of the mean variance against the smallest, ~1/5 of it.
     np.testing.assert_allclose(np.cov(whitened, rowvar=False), np.eye(6), atol=1e-2)
 
-  def test_teacher_rationales_without_the_teacher_stage_name_it(self):
-    missing = pathlib.Path(self.create_tempdir().full_path) / "teacher" / "rationales.jsonl"
-    with self.assertRaisesRegex(FileNotFoundError, "--stages=teacher"):
-      encode.encode_teacher(encode.EncoderConfig(), None, missing, missing.parent)
-
   def test_none_is_the_identity_and_unknown_kinds_fail(self):
     encoded = _encoded_for_postprocess()
     self.assertIs(encode.postprocessed(encoded, "none"), encoded)
@@ -223,7 +255,7 @@ class LlmPooledTest(absltest.TestCase):
                      attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
     expected = np.sum(hidden * mask[..., None], 1) / mask.sum(1, keepdims=True)
     expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
-    ours = jax.jit(encode.llm_embed(config))(params, ids, mask)
+    ours = jax.jit(embed.llm_embed(config))(params, ids, mask)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 

@@ -10,7 +10,7 @@ import sys
 from absl import flags
 from absl.testing import absltest
 
-from slim_jax import generate, pipeline  # noqa: F401  (every module, the one program among them)
+from slim_jax import pipeline, sampler  # noqa: F401  (every module, the one program among them)
 
 ROOT = pathlib.Path(__file__).parent.parent
 # Runtimes that only a stage's work needs, never reading or checking a config.

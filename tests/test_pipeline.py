@@ -1,6 +1,7 @@
 """The whole pipeline through launch.py on a tiny synthetic dataset with a tiny random student:
-every stage's artifacts, the report, and a run killed in the train stage that resumes to the
-numbers of an uninterrupted one.
+every stage's artifacts, the report, a run killed in the train stage that resumes to the
+numbers of an uninterrupted one, and data prepared again with fewer users, whose rows shift,
+reading every rationale on its own user's row from the caches.
 
 The teacher is the fault-injecting OpenAI-compatible server (no faults here), since a random
 student never writes a complete rationale; everything else is the project's own code.
@@ -13,16 +14,20 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from absl.testing import absltest
 
+from slim_jax import encode, rationales
+from slim_jax.data import preprocess
 from tests.fixtures import ROOT, TinyPipelineTest
 
 
 class PipelineTest(TinyPipelineTest):
 
-  def launch(self, workdir: pathlib.Path, wait: bool = True):
+  def launch(self, workdir: pathlib.Path, wait: bool = True,
+             stages: str = "prepare,teacher,distill,generate,encode,train,report", *overrides):
     args = [sys.executable, str(ROOT / "launch.py"), f"--config={self.config}",
-            f"--workdir={workdir}", "--stages=prepare,teacher,distill,generate,encode,train,report"]
+            f"--workdir={workdir}", f"--stages={stages}", *overrides]
     if not wait:  # output to a file: an unread pipe would fill up and block the process
       log = open(workdir.with_suffix(".log"), "w")
       self.addCleanup(log.close)
@@ -36,7 +41,8 @@ class PipelineTest(TinyPipelineTest):
     self.launch(whole)
     for artifact in ("teacher/rationales.jsonl", "distill/adapter/adapter_model.safetensors",
                      "generate/rationales.jsonl", "encode/item_vectors.npy",
-                     "encode/rationale_vectors_valid.npy", "report/report.md",
+                     "encode/rationales_student.npz", "encode/rationales_teacher.npz",
+                     "report/report.md",
                      "report/popularity.png", "report/sparsity.png"):
       self.assertTrue((whole / artifact).is_file(), artifact)
     self.assertLen((whole / "generate" / "rationales.jsonl").read_text().splitlines(), 16)
@@ -45,9 +51,13 @@ class PipelineTest(TinyPipelineTest):
                                      "gru4rec_shuffled", "gru4rec_teacher_rationales",
                                      "id_agnostic", "zero_shot", "popularity"])
     report = (whole / "report" / "report.md").read_text()
-    for heading in ("## Accuracy", "## Popularity bias", "## User sparsity groups", "## Cost",
-                    "## Example users", "gru4rec id_based", "zero_shot"):
+    for heading in ("## Accuracy", "## Paired tests", "## Popularity bias",
+                    "## User sparsity groups", "## Cost", "## Example users", "gru4rec_id_based",
+                    "zero_shot"):
       self.assertIn(heading, report)
+    accuracy = report.split("## Accuracy (test)\n\n")[1].splitlines()[0]
+    self.assertLessEqual(accuracy.count("|") - 1, 10)  # metrics only; the tests have a table
+    self.assertIn("| gru4rec_id_based | gru4rec_shuffled | full ranking |", report)
 
     killed = self.root / "killed"
     process = self.launch(killed, wait=False)
@@ -63,6 +73,30 @@ class PipelineTest(TinyPipelineTest):
     self.assertEqual(json.loads((killed / "train" / "metrics.json").read_text()), trained)
     self.assertEqual((killed / "generate" / "rationales.jsonl").read_text(),
                      (whole / "generate" / "rationales.jsonl").read_text())
+
+    # Prepared again with a filter that drops users: the kept users' rows shift, their prompts do
+    # not. The caches answer every request, and every rationale stays its own user's.
+    before = preprocess.load(whole / "prepare")
+    vectors_before = encode.load_rationales(whole / "encode", "student")
+    requests = sum(self.server.requests.values())
+    self.launch(whole, True, "prepare,teacher,generate,encode", "--set", "data.user_core=8")
+    after = preprocess.load(whole / "prepare")
+    self.assertLess(after.num_users, before.num_users)
+    self.assertFalse(np.array_equal(after.user_ids, before.user_ids[:after.num_users]))
+    self.assertEqual(sum(self.server.requests.values()), requests)
+    self.assertEqual(json.loads((whole / "generate" / "DONE").read_text())["summary"]
+                     ["generated"], 0)
+    texts = lambda path: {(row["user_id"], row["split"]): row["text"]
+                          for row in rationales.read_rationales(path)}
+    old, new = (texts(directory / "generate" / "rationales.jsonl") for directory in (killed, whole))
+    self.assertEqual({user for user, _ in new}, set(after.user_ids))
+    self.assertEqual(new, {key: text for key, text in old.items() if key[0] in after.user_ids})
+    table, present = encode.load_encoded(whole / "encode", after).rationales["valid"]
+    self.assertTrue(present.all())
+    for row, user_id in enumerate(after.user_ids):
+      (source,) = np.flatnonzero((vectors_before["user_ids"] == user_id)
+                                 & (vectors_before["splits"] == "valid"))
+      np.testing.assert_allclose(table[row], vectors_before["vectors"][source], atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from absl.testing import absltest, parameterized
 import numpy as np
 
-from slim_jax import prompts
+from slim_jax import answers, prompts
 from slim_jax.config import DataConfig
 from slim_jax.data import preprocess
 from slim_jax.data.formats import RawDataset
@@ -33,9 +33,9 @@ class MessagesTest(parameterized.TestCase):
 
   @parameterized.parameters(*prompts.DOMAINS)
   def test_every_exemplar_has_three_steps_that_answer_rather_than_echo(self, domain):
-    steps = prompts.split_steps(prompts.DOMAINS[domain].exemplar_rationale)
+    steps = answers.split_steps(prompts.DOMAINS[domain].exemplar_rationale)
     self.assertTrue(all(steps))
-    self.assertFalse(any(prompts.echoes_instruction(step, k + 1) for k, step in enumerate(steps)))
+    self.assertFalse(any(answers.echoes_instruction(step, k + 1) for k, step in enumerate(steps)))
     self.assertTrue(all("\n" not in step for step in steps))  # one line each, as asked
     PromptConfig(domain=domain).checked()
 
@@ -85,7 +85,8 @@ class TruncationTest(parameterized.TestCase):
 
   def test_student_prompt_counts_the_student_tokenizer(self):
     render = lambda messages: list(" ".join(m["content"] for m in messages).encode())  # bytes
-    ids, kept = prompts.student_prompt(ITEMS, PromptConfig(max_prompt_tokens=900), render)
+    student = prompts.student_config(PromptConfig(max_prompt_tokens=900))
+    ids, kept = prompts.student_prompt(ITEMS, student, render)
     self.assertLessEqual(len(ids), 900)
     self.assertEqual(ids, render(prompts.cot_messages(ITEMS[-kept:], PromptConfig(exemplar=False))))
     self.assertLess(kept, len(ITEMS))
@@ -144,25 +145,25 @@ class ParserTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*FORMATS.items())
   def test_finds_three_steps(self, text):
-    steps = prompts.split_steps(text)
+    steps = answers.split_steps(text)
     self.assertIn("dramas", steps[0].lower())
     self.assertIn("Crime", steps[1])
     self.assertIn("Heat", steps[2])
     self.assertIn("Fargo", steps[2])
 
   def test_numbered_items_inside_step_three_are_not_steps(self):
-    steps = prompts.split_steps(FORMATS["step_colon"])
+    steps = answers.split_steps(FORMATS["step_colon"])
     self.assertEqual(steps, ("Likes dramas.", "Drama, Crime", "1. Heat\n2. Fargo"))
 
   def test_missing_steps_are_reported(self):
     texts = [FORMATS["step_colon"], "Step 1: Likes dramas.\nStep 3: Heat", "Step 2:\nStep 3: x",
              "I think they like dramas.", ""]
-    self.assertEqual(prompts.split_steps(texts[1]), ("Likes dramas.", "", "Heat"))
-    self.assertEqual(prompts.missing_steps(texts), {
+    self.assertEqual(answers.split_steps(texts[1]), ("Likes dramas.", "", "Heat"))
+    self.assertEqual(answers.missing_steps(texts), {
         "rationales": 5, "missing_any": 4, "missing_step_1": 3, "missing_step_2": 4,
         "missing_step_3": 2, "echoed_any": 0, "echoed_step_1": 0, "echoed_step_2": 0,
         "echoed_step_3": 0})
-    self.assertEqual(prompts.missing_steps([])["rationales"], 0)
+    self.assertEqual(answers.missing_steps([])["rationales"], 0)
 
   def test_restated_instructions_are_counted_as_echoes(self):
     echo = ("Step 1: Summarize the user's preferences from this history.\n"
@@ -171,7 +172,7 @@ class ParserTest(parameterized.TestCase):
             "genres.\n\nAnswer:")
     answer = ("Step 1: The user enjoys gritty crime dramas from the nineties.\n"
               "Step 2: Crime, Thriller\nStep 3: 1. Heat - a crime epic")
-    counts = prompts.missing_steps([echo, answer])
+    counts = answers.missing_steps([echo, answer])
     self.assertEqual((counts["missing_any"], counts["echoed_any"]), (0, 1))
     self.assertEqual([counts[f"echoed_step_{k}"] for k in (1, 2, 3)], [1, 1, 1])
 

@@ -15,8 +15,10 @@ import time
 
 from absl.testing import absltest
 
-from slim_jax import assets, checkpoints, layout, parallel, quality, rationales, student, teacher
-from slim_jax.data import preprocess
+from slim_jax import (assets, checkpoints, layout, local_generation, parallel, quality,
+                      rationales, student, teacher)
+from slim_jax.config import DataConfig
+from slim_jax.data import formats, preprocess
 from slim_jax.models.llama import Llama
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig
@@ -30,7 +32,7 @@ VOLATILE = ("model", "seconds")  # what may differ between two writers of the sa
 
 def comparable(records):
   return sorted(({k: v for k, v in r.items() if k not in VOLATILE} for r in records),
-                key=lambda r: r["user"])
+                key=lambda r: r["user_id"])
 
 
 class SharedPathTest(absltest.TestCase):
@@ -87,20 +89,21 @@ class BestOfKTest(absltest.TestCase):
 
   def test_keeps_the_first_accepted_candidate_and_counts_the_rejected(self):
     pcfg = PromptConfig(max_prompt_tokens=256, exemplar=False, max_words=60)
-    decoding = rationales.Decoding(max_tokens=48, temperature=0.9, top_p=0.9,
-                                   repetition_penalty=1.0, no_repeat_ngram=4, candidates=3,
-                                   batch_size=8, seed=0)
+    decoding = local_generation.Decoding(max_tokens=48, temperature=0.9, top_p=0.9,
+                                         repetition_penalty=1.0, no_repeat_ngram=4, candidates=3,
+                                         batch_size=8, seed=0)
     count = lambda messages: len(rationales.chat_ids(self.tokenizer, messages))
     requests = rationales.build_requests(self.prepared, pcfg, count, max_users=8, local=True)
     cache = pathlib.Path(self.create_tempdir().full_path) / layout.CACHE
     log = io.StringIO()  # not a terminal: progress comes as lines
     with rationales.CacheWriter(cache) as writer, contextlib.redirect_stderr(log):
-      rationales.generate_local(requests, decoding, pcfg, Llama(self.config),
-                                {"params": self.params}, self.tokenizer, "smollm2", writer)
+      local_generation.generate_local(requests, decoding, pcfg, Llama(self.config),
+                                      {"params": self.params}, self.tokenizer, "smollm2", writer)
     self.assertIn("smollm2: round 1 of 3: 8/8 request", log.getvalue())
     records = rationales.read_cache(cache)
-    self.assertEqual(sorted(r["user"] for r in records), list(range(8)))
-    for request, r in zip(requests, sorted(records, key=lambda r: r["user"])):
+    by_user = {r["user_id"]: r for r in records}
+    self.assertCountEqual([r["user_id"] for r in records], [q.user_id for q in requests])
+    for request, r in ((q, by_user[q.user_id]) for q in requests):
       rejected = sum(r["rejections"].values())
       if r["status"] == "ok":  # accepted at the first candidate that passed
         self.assertEqual(r["attempts"], rejected + 1)
@@ -154,8 +157,10 @@ class KillTest(absltest.TestCase):
     rerun = run()
     _, stderr = rerun.communicate(timeout=240)
     self.assertEqual(rerun.returncode, 0, stderr.decode()[-2000:])
-    users = collections.Counter(r["user"] for r in rationales.read_cache(cache))
-    self.assertEqual(users, collections.Counter(range(USERS)))
+    prepared = preprocess.prepare(formats.read_dataset("recbole", assets.path("ml-100k")),
+                                  DataConfig())
+    users = collections.Counter(r["user_id"] for r in rationales.read_cache(cache))
+    self.assertEqual(users, collections.Counter(map(str, prepared.user_ids[:USERS])))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,9 @@ class RecommenderTrainingTest(parameterized.TestCase):
     self.assertEqual(finished["test"], whole["test"])
     with self.assertRaisesRegex(ValueError, "finish_on_prefixes"):
       dataclasses.replace(cfg, train_mode="last_position").resolved()
+    resolved = cfg.resolved()  # the prefix phase is resolved as it comes
+    self.assertEqual(recommend.training_phases(resolved)[1], dataclasses.replace(
+        resolved, train_mode="last_position", batch=None, finish_on_prefixes=False).resolved())
 
 
 class MovieLensTest(absltest.TestCase):

@@ -9,6 +9,7 @@ from absl.testing import absltest, parameterized
 
 from slim_jax.checkpoints import recbole
 from slim_jax.models import bert4rec, gru4rec, recommender, srgnn
+from slim_jax.models.backbones import BACKBONES
 from slim_jax.models.recommender import RecConfig
 from slim_jax.train.recommend import build_backbone
 
@@ -21,7 +22,7 @@ INPUTS = jnp.array([[0, 0, 0, 3, 7, 3, 9, 12],
 def _model(backbone):
   """(params, model.apply) of a small backbone."""
   model = build_backbone(RecConfig(backbone=backbone, hidden=16, max_len=12, inner=32,
-                                gru_hidden=24), NUM_ITEMS)
+                                   gru_hidden=24).resolved(), NUM_ITEMS)
   return model.init(jax.random.key(0), INPUTS), model.apply
 
 
@@ -137,7 +138,7 @@ class BackboneTest(parameterized.TestCase):
     """Torch's dropout (RecBole) draws a mask per element; flax's default would share one
     [L, L] attention mask across the batch, correlating every row's noise."""
     model = build_backbone(RecConfig(backbone=backbone, hidden=16, max_len=12, inner=32,
-                                     dropout=0.0, attn_dropout=0.5), NUM_ITEMS)
+                                     dropout=0.0, attn_dropout=0.5).resolved(), NUM_ITEMS)
     same_rows = jnp.tile(INPUTS[1:2], (2, 1))
     params = model.init(jax.random.key(0), same_rows)
     states = model.apply(params, same_rows, train=True, rngs={"dropout": jax.random.key(1)})[0]
@@ -179,8 +180,8 @@ class SessionGraphTest(absltest.TestCase):
           expected = reference(torch.from_numpy(right).long(), torch.tensor([len(r) for r in rows]))
         tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
         params = recbole.srgnn_params(tensors, np.arange(NUM_ITEMS + 1))
-        model = build_backbone(RecConfig(backbone="srgnn", hidden=16, max_len=8, layers=steps),
-                               NUM_ITEMS)
+        model = build_backbone(
+            RecConfig(backbone="srgnn", hidden=16, max_len=8, layers=steps).resolved(), NUM_ITEMS)
         state, _ = model.apply({"params": jax.tree.map(jnp.asarray, params)}, left,
                                method="predict")
         np.testing.assert_allclose(state, expected.numpy(), atol=1e-5)
@@ -254,7 +255,9 @@ class LossTest(absltest.TestCase):
     np.testing.assert_array_equal(kept, [[4], [5], [0]])
 
   def test_targets_per_row(self):
-    per_row = lambda **kw: recommender.targets_per_row(RecConfig(**kw).resolved())
+    def per_row(**kw):
+      cfg = RecConfig(**kw).resolved()
+      return cfg.spec.task.targets_per_row(cfg)
     self.assertEqual(per_row(backbone="sasrec"), 10)  # a stride-10 window's last 10 columns
     self.assertEqual(per_row(backbone="gru4rec"), 50)  # tiled windows: every column
     self.assertEqual(per_row(backbone="bert4rec"), 10)  # RecBole's mask_item_length
@@ -285,9 +288,17 @@ class ConfigTest(absltest.TestCase):
         dataclasses.replace(RecConfig(), **bad).resolved()
 
   def test_table_rows(self):
-    self.assertEqual(recommender.table_rows(10, "sasrec"), 11)
-    self.assertEqual(recommender.table_rows(10, "bert4rec"), 12)
-    self.assertEqual(recommender.table_rows(10, "sasrec", 8), 16)
+    self.assertEqual(BACKBONES["sasrec"].table_rows(10), 11)
+    self.assertEqual(BACKBONES["bert4rec"].table_rows(10), 12)  # the mask token's row
+    self.assertEqual(BACKBONES["sasrec"].table_rows(10, 8), 16)
+
+  def test_registry(self):
+    """Each spec is registered under its name, and its defaults fill RecConfig's None fields."""
+    fields = {field.name: field.default for field in dataclasses.fields(RecConfig)}
+    for name, spec in BACKBONES.items():
+      self.assertEqual(spec.name, name)
+      self.assertEqual({key: fields[key] for key in spec.defaults},
+                       dict.fromkeys(spec.defaults), name)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from slim_jax import assets, encode, parallel
+from slim_jax import assets, embed, encode, parallel
 from slim_jax.data import loader
+from slim_jax.data.side_inputs import derangement, shuffled_sources, side_inputs, teacher_users
 from slim_jax.models import bert, slim
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
@@ -19,7 +20,7 @@ NUM_ITEMS, NUM_USERS, DIM = 30, 5, 8
 INPUTS = jnp.array([[0, 0, 3, 7, 3, 9], [4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 21],
                     [0, 0, 0, 1, 2, 3]], jnp.int32)
 USERS = jnp.array([0, 1, 2, -1], jnp.int32)  # -1: a padding row of an evaluation batch
-CFG = RecConfig(backbone="sasrec", hidden=16, max_len=6, inner=32)
+CFG = RecConfig(backbone="sasrec", hidden=16, max_len=6, inner=32).resolved()
 
 
 def _encoded(seed: int = 0, present=(True, True, False, True, True)):
@@ -34,7 +35,7 @@ def _model(mode, backbone="sasrec", encoded=None, **slim_fields):
   slim_cfg = SlimConfig(**slim_fields)
   model = recommend.build_model(cfg, NUM_ITEMS, mode=mode, slim=slim_cfg)
   popularity = np.arange(NUM_ITEMS + 1, dtype=np.float32) % 7
-  side = slim.side_inputs(encoded or _encoded(), model.rows, slim_cfg, mode, popularity)
+  side = side_inputs(encoded or _encoded(), model.rows, slim_cfg, mode, popularity)
   side = jax.tree.map(jnp.asarray, side["train"])
   params = model.init(jax.random.key(0), INPUTS, USERS, side)
   return model, params, side
@@ -100,11 +101,11 @@ class FusionTest(parameterized.TestCase):
                      {"text_proj/kernel", "text_proj/bias", "fuse_proj/kernel", "fuse_proj/bias"})
     scores = lambda side: np.asarray(jnp.einsum("bh,rh->br", *model.apply(
         params, INPUTS, USERS, side, method="predict")))
-    other = slim.side_inputs(_encoded(present=(False,) * NUM_USERS), model.rows, SlimConfig(),
-                             "item_text")["train"]
+    other = side_inputs(_encoded(present=(False,) * NUM_USERS), model.rows, SlimConfig(),
+                        "item_text")["train"]
     np.testing.assert_array_equal(scores(side), scores(jax.tree.map(jnp.asarray, other)))
-    id_based = jax.tree.map(jnp.asarray, slim.side_inputs(_encoded(), model.rows, SlimConfig(),
-                                                          "id_based")["train"])
+    id_based = jax.tree.map(jnp.asarray, side_inputs(_encoded(), model.rows, SlimConfig(),
+                                                     "id_based")["train"])
     np.testing.assert_array_equal(scores(side), scores(id_based))  # extra keys are never read
     plain_state, plain_table = recommend.build_backbone(CFG, NUM_ITEMS).apply(
         {"params": params["params"]["backbone"]}, INPUTS, method="predict")
@@ -154,12 +155,12 @@ class FusionTest(parameterized.TestCase):
     no_rationales = encode.Encoded(np.ones((NUM_ITEMS + 1, DIM), np.float32), {})
     for mode in ("id_based", "shuffled", "id_agnostic", "zero_shot"):
       with self.assertRaisesRegex(ValueError, "--stages=generate,encode"):
-        slim.side_inputs(no_rationales, 32, SlimConfig(), mode)
-    with self.assertRaisesRegex(ValueError, "--stages=teacher"):
-      slim.side_inputs(_encoded(), 32, SlimConfig(), "teacher_rationales")
+        side_inputs(no_rationales, 32, SlimConfig(), mode)
+    with self.assertRaisesRegex(ValueError, "--stages=teacher,encode"):
+      side_inputs(_encoded(), 32, SlimConfig(), "teacher_rationales")
     with self.assertRaisesRegex(ValueError, "--stages=encode"):
-      slim.side_inputs(None, 32, SlimConfig(), "item_text")
-    self.assertEqual(set(slim.side_inputs(no_rationales, 32, SlimConfig(), "item_text")["test"]),
+      side_inputs(None, 32, SlimConfig(), "item_text")
+    self.assertEqual(set(side_inputs(no_rationales, 32, SlimConfig(), "item_text")["test"]),
                      {"item_text"})
 
   def test_rationale_dropout_zeroes_some_training_rows(self):
@@ -175,13 +176,13 @@ class SideInputsTest(absltest.TestCase):
 
   def test_derangement_moves_everyone(self):
     for count in (2, 3, 10, 943):
-      permutation = slim.derangement(count, seed=count)
+      permutation = derangement(count, seed=count)
       self.assertEqual(sorted(permutation), list(range(count)))
       self.assertFalse((permutation == np.arange(count)).any())
 
   def test_every_user_gets_another_users_rationale(self):
     present = np.array([True, True, False, True, True, False])
-    source = slim.shuffled_sources(present, seed=0)
+    source = shuffled_sources(present, seed=0)
     owners = np.flatnonzero(present)
     np.testing.assert_array_equal(present[source], present)
     self.assertFalse((source[owners] == owners).any())
@@ -191,7 +192,7 @@ class SideInputsTest(absltest.TestCase):
   def test_side_inputs_per_split(self):
     vectors, present = np.eye(3, dtype=np.float32), np.ones(3, bool)
     test_vectors = 2 * vectors
-    sides = slim.side_inputs(encode.Encoded(np.ones((5, 3), np.float32), {
+    sides = side_inputs(encode.Encoded(np.ones((5, 3), np.float32), {
         "valid": (vectors, present), "test": (test_vectors, present)}), 7, SlimConfig(),
         "id_based")
     np.testing.assert_array_equal(sides["train"]["rationale"], vectors)
@@ -199,7 +200,7 @@ class SideInputsTest(absltest.TestCase):
     self.assertEqual(sides["valid"]["item_text"].shape, (7, 3))
     np.testing.assert_array_equal(sides["valid"]["item_text"][5:], 0.0)
     tokens = (np.arange(3)[:, None] * np.ones((1, 4), np.int32), np.full(3, 4, np.int32))
-    shuffled = slim.side_inputs(
+    shuffled = side_inputs(
         encode.Encoded(np.ones((5, 3), np.float32), {"valid": (vectors, present)},
                        {"valid": tokens}), 7, SlimConfig(finetune_encoder=True), "shuffled")
     self.assertFalse((shuffled["test"]["rationale"] == vectors).all(1).any())
@@ -215,14 +216,14 @@ class SideInputsTest(absltest.TestCase):
     encoded = encode.Encoded(np.ones((5, 4), np.float32), {"valid": (student, has_student)},
                              {"valid": tokens(student)}, {"valid": (teacher, has_teacher)},
                              {"valid": tokens(teacher)})
-    side = slim.side_inputs(encoded, 7, SlimConfig(finetune_encoder=True),
-                            "teacher_rationales")["train"]
+    side = side_inputs(encoded, 7, SlimConfig(finetune_encoder=True),
+                       "teacher_rationales")["train"]
     np.testing.assert_array_equal(side["rationale"], [student[0], teacher[1], teacher[2],
                                                       student[3]])
     np.testing.assert_array_equal(side["has_rationale"], True)
     np.testing.assert_array_equal(side["rationale_ids"], side["rationale"])
-    self.assertEqual(slim.teacher_users(encoded), {"valid": 2})
-    own = slim.side_inputs(encoded, 7, SlimConfig(), "id_based")["train"]
+    self.assertEqual(teacher_users(encoded), {"valid": 2})
+    own = side_inputs(encoded, 7, SlimConfig(), "id_based")["train"]
     np.testing.assert_array_equal(own["rationale"], student)
 
 
@@ -279,32 +280,33 @@ class FinetunedEncoderTest(absltest.TestCase):
     genres = ("dramas", "comedies", "westerns", "cartoons")
     user_genre = frozen.rationales["valid"][0].argmax(1)
     texts = [f"This user watches {genres[g]} and will want more {genres[g]}." for g in user_genre]
-    cls.vectors = encode.encode(texts, encode.EncoderConfig(batch_size=8),
-                                absltest.get_default_test_tmpdir() + "/finetune_vectors")
+    # The encode stage's own path: rows keyed by user id, token ids for the fine-tuned copy.
+    cfg = embed.EncoderConfig(batch_size=8, max_len=32)
+    stored = encode.encode_rationales(
+        cfg, [{"user_id": user_id, "split": "valid", "text": text}
+              for user_id, text in zip(prepared.user_ids, texts)],
+        absltest.get_default_test_tmpdir() + "/finetune_vectors")
+    rationales, tokens = encode.user_tables(stored, prepared)
+    cls.vectors = stored["vectors"]
     # Item texts by the same encoder: the item side's g_l is the one the rationales go through.
-    genre_vectors = encode.encode([f"A film among the {genre}." for genre in genres],
-                                  encode.EncoderConfig(batch_size=8),
-                                  absltest.get_default_test_tmpdir() + "/finetune_items")
+    genre_vectors = embed.encode([f"A film among the {genre}." for genre in genres], cfg,
+                                 absltest.get_default_test_tmpdir() + "/finetune_items")
     item_vectors = np.concatenate([np.zeros_like(genre_vectors[:1]),
                                    genre_vectors[frozen.item_vectors[1:].argmax(1)]])
-    ids, lengths = encode.rationale_tokens(
-        [{"user": u, "split": "valid"} for u in range(len(texts))], cls.minilm.tokenize(texts),
-        len(texts), "valid", 32, cls.minilm.pad_id)
-    present = np.ones(len(texts), bool)
     cls.prepared = prepared
-    cls.encoded = encode.Encoded(item_vectors, {"valid": (cls.vectors, present)},
-                                 {"valid": (ids, lengths)})
-    cls.cfg = RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16, batch=16)
+    cls.encoded = encode.Encoded(item_vectors, rationales, tokens)
+    cls.cfg = RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16,
+                        batch=16).resolved()
     cls.slim = SlimConfig(finetune_encoder=True)
 
   def build(self):
     model = recommend.build_model(self.cfg, self.prepared.num_items, mode="id_based",
                                   slim=self.slim, encoder=self.minilm)
     mesh = parallel.make_mesh({"data": -1})
-    sides = recommend.device_sides(slim.side_inputs(self.encoded, model.rows, self.slim,
-                                                    "id_based"), mesh)
-    tx = recommend.optimizer(self.cfg.resolved(), 10)
-    state, shardings = recommend.init_state(model, tx, self.cfg.resolved(), mesh, sides["train"],
+    sides = recommend.device_sides(side_inputs(self.encoded, model.rows, self.slim, "id_based"),
+                                   mesh)
+    tx = recommend.optimizer(self.cfg, 10)
+    state, shardings = recommend.init_state(model, tx, self.cfg, mesh, sides["train"],
                                             self.minilm.params)
     return model, mesh, sides, tx, state, shardings
 
@@ -314,7 +316,7 @@ class FinetunedEncoderTest(absltest.TestCase):
     vectors = model.apply(state.params, users, sides["train"], False, method="rationale")
     np.testing.assert_allclose(vectors, self.vectors[:8], atol=1e-5)
 
-    step = recommend.make_train_step(model, tx, self.cfg.resolved(), shardings, mesh)
+    step = recommend.make_train_step(model, tx, self.cfg, shardings, mesh)
     batches, _ = loader.next_item_training(self.prepared, max_len=10, batch_size=16, seed=0,
                                            mesh=mesh, per_position=True)
     trained, metrics = step(state, next(batches), sides["train"])

@@ -9,14 +9,14 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
-from slim_jax import generate, parallel, prompts, rationales, student
+from slim_jax import local_generation, parallel, rationales, sampler, student
 from slim_jax.checkpoints import hf, peft
 from slim_jax.checkpoints.tokenizer import load_tokenizer
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
 from slim_jax.models.lora import LoraConfig
 from slim_jax.student import StudentConfig
-from tests.fixtures import PROMPT, TINY_LLAMA, make_fixture
+from tests.fixtures import STUDENT_PROMPT, TINY_LLAMA, make_fixture
 
 
 def random_adapter(model_dir: pathlib.Path, directory: pathlib.Path) -> None:
@@ -40,12 +40,12 @@ class StudentTest(absltest.TestCase):
     mesh = parallel.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     out = root / "student"
 
-    first = student.run_student(dataclasses.replace(cfg, max_users=5), PROMPT, prepared,
+    first = student.run_student(dataclasses.replace(cfg, max_users=5), STUDENT_PROMPT, prepared,
                                 root / "adapter", out, mesh)
     self.assertEqual((first["requests"], first["generated"], first["ok"]), (5, 5, 5))
     self.assertGreater(first["tokens_per_s"], 0)
     cache = (out / "cache.jsonl").read_text()
-    summary = student.run_student(cfg, PROMPT, prepared, root / "adapter", out, mesh)
+    summary = student.run_student(cfg, STUDENT_PROMPT, prepared, root / "adapter", out, mesh)
     users = prepared.num_users
     self.assertEqual((summary["requests"], summary["generated"], summary["ok"]),
                      (users, users - 5, users))
@@ -53,7 +53,7 @@ class StudentTest(absltest.TestCase):
     records = rationales.read_cache(out / "cache.jsonl")
     self.assertEqual(collections.Counter(map(rationales.cache_key, records)).most_common(1)[0][1],
                      1)
-    self.assertEqual(student.run_student(cfg, PROMPT, prepared, root / "adapter", out,
+    self.assertEqual(student.run_student(cfg, STUDENT_PROMPT, prepared, root / "adapter", out,
                                          mesh)["generated"], 0)
     lines = (out / "rationales.jsonl").read_text().splitlines()
     self.assertLen(lines, users)
@@ -63,27 +63,28 @@ class StudentTest(absltest.TestCase):
     # The merged, sharded student writes what the unmerged adapter writes on one device.
     adapters, lora_config = peft.load_peft(root / "adapter")
     tokenizer = load_tokenizer(model_dir)
-    pcfg = prompts.student_config(PROMPT)
+    pcfg = STUDENT_PROMPT
     requests = rationales.build_requests(
         prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), max_users=8, local=True)
-    sampling = rationales.sampling_config(rationales.Decoding.of(cfg), tokenizer, pcfg)
+    sampling = local_generation.sampling_config(local_generation.Decoding.of(cfg), tokenizer,
+                                                pcfg)
     texts = lambda model, variables: [(r.prefill + tokenizer.decode(i, skip_special_tokens=True))
-                                      .strip() for r, i in zip(requests, generate.generate_ids(
+                                      .strip() for r, i in zip(requests, sampler.generate_ids(
         model, variables, [rationales.chat_ids(tokenizer, r.messages, r.prefill) for r in requests],
         jax.random.key(0), sampling, [tokenizer.eos_token_id], tokenizer.pad_token_id))]
     base = hf.load_params(model_dir)
-    written = [{r["user"]: r["text"] for r in records}[q.user] for q in requests]
+    written = [{r["user_id"]: r["text"] for r in records}[q.user_id] for q in requests]
     self.assertEqual(written, texts(Llama(TINY_LLAMA, lora_config),
                                     {"params": base, "lora": adapters}))
     self.assertNotEqual(written, texts(Llama(TINY_LLAMA), {"params": base}))  # the adapter matters
 
     # Pointed at the base checkpoint, the same stage writes the undistilled baseline.
-    undistilled = student.run_student(dataclasses.replace(cfg, max_users=8), PROMPT, prepared,
-                                      model_dir, root / "base", mesh)
+    undistilled = student.run_student(dataclasses.replace(cfg, max_users=8), STUDENT_PROMPT,
+                                      prepared, model_dir, root / "base", mesh)
     self.assertEqual(undistilled["model"], f"base:{model_dir.name}")
-    base_records = {r["user"]: r["text"]
+    base_records = {r["user_id"]: r["text"]
                     for r in rationales.read_cache(root / "base" / "cache.jsonl")}
-    self.assertEqual([base_records[q.user] for q in requests],
+    self.assertEqual([base_records[q.user_id] for q in requests],
                      texts(Llama(TINY_LLAMA), {"params": base}))
 
   def test_another_adapter_is_another_cache_model(self):

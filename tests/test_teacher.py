@@ -1,5 +1,5 @@
 """Teachers: the OpenAI-compatible client against a fault-injecting server, the resumable cache,
-cost accounting, the dry run, and the local teacher through slim_jax.generate."""
+cost accounting, the dry run, and the local teacher through slim_jax.sampler."""
 
 import collections
 import contextlib
@@ -19,7 +19,7 @@ import time
 from absl.testing import absltest
 import numpy as np
 
-from slim_jax import parallel, prompts, rationales, teacher
+from slim_jax import chat_api, parallel, prompts, rationales, teacher
 from slim_jax.prompts import PromptConfig
 from slim_jax.teacher import TeacherConfig
 from tests import fake_openai_server as fake
@@ -47,8 +47,8 @@ class OpenAIClientTest(absltest.TestCase):
     log = io.StringIO()
     with (fake.FakeOpenAI(seed=1, fault_rate=0.3, api_key=SECRET) as server,
           contextlib.redirect_stderr(log)):
-      teacher.run_openai(requests, dataclasses.replace(cfg, base_url=server.url), PCFG,
-                         self.cache)
+      chat_api.run_openai(requests, dataclasses.replace(cfg, base_url=server.url), PCFG,
+                          self.cache)
     records = rationales.read_cache(self.cache)
     summary = rationales.summarize(requests, records, "gpt-test")
     # The progress line's final report: every request, none failed, what they cost.
@@ -80,11 +80,11 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(200)
     child = textwrap.dedent("""
         import pathlib, sys
-        from slim_jax import teacher
+        from slim_jax import chat_api
         from slim_jax.prompts import PromptConfig
         from tests.fixtures import client_config, synthetic_requests
-        teacher.run_openai(synthetic_requests(200), client_config(sys.argv[1], concurrency=4),
-                           PromptConfig(), pathlib.Path(sys.argv[2]))
+        chat_api.run_openai(synthetic_requests(200), client_config(sys.argv[1], concurrency=4),
+                            PromptConfig(), pathlib.Path(sys.argv[2]))
         """)
     with fake.FakeOpenAI(seed=2, fault_rate=0.3, latency_s=0.02, api_key=SECRET) as server:
       process = subprocess.Popen([sys.executable, "-c", child, server.url, str(self.cache)],
@@ -100,14 +100,14 @@ class OpenAIClientTest(absltest.TestCase):
       self.assertBetween(len(recorded), 40, 199)
       before = dict(server.requests)
       cfg = client_config(server.url)
-      teacher.run_openai(rationales.pending(requests, recorded, "gpt-test", False), cfg, PCFG,
-                         self.cache)
+      chat_api.run_openai(rationales.pending(requests, recorded, "gpt-test", False), cfg, PCFG,
+                          self.cache)
 
     for record in recorded:
-      key = fake.prompt_key(list(requests[record["user"]].messages))
+      key = fake.prompt_key(list(requests[int(record["user_id"][1:])].messages))
       self.assertEqual(server.requests[key], before[key], record)  # not requested again
     records = rationales.read_cache(self.cache)
-    self.assertEqual(sorted(r["user"] for r in records), list(range(200)))
+    self.assertCountEqual([r["user_id"] for r in records], [f"u{u}" for u in range(200)])
     self.assertTrue(all(r["status"] == "ok" for r in records))
     self.assertNotIn(SECRET, stderr)
 
@@ -115,14 +115,14 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(5)
     with fake.FakeOpenAI(fault_rate=1.0, faults=["length"], faulty_attempts=(99, 99)) as server:
       cfg = client_config(server.url, max_retries=2)
-      teacher.run_openai(requests, cfg, PCFG, self.cache)
+      chat_api.run_openai(requests, cfg, PCFG, self.cache)
       self.assertEqual(served(server, requests), [3] * 5)
       records = rationales.read_cache(self.cache)
       self.assertEqual({(r["status"], r["text"], r["finish_reason"]) for r in records},
                        {("failed", "", "length")})
       self.assertEqual(rationales.pending(requests, records, "gpt-test", retry_failures=False), [])
       todo = rationales.pending(requests, records, "gpt-test", retry_failures=True)
-      teacher.run_openai(todo, cfg, PCFG, self.cache)
+      chat_api.run_openai(todo, cfg, PCFG, self.cache)
       self.assertEqual(served(server, requests), [6] * 5)
       summary = rationales.summarize(requests, rationales.read_cache(self.cache), "gpt-test")
     self.assertEqual((summary["ok"], summary["failed"], summary["records"]), (0, 5, 10))
@@ -135,9 +135,10 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(30)
     with self.assertLogs(level=logging.DEBUG) as logs:
       with fake.FakeOpenAI(seed=3, fault_rate=0.5, api_key=SECRET) as server:
-        teacher.run_openai(requests, client_config(server.url), PCFG, self.cache)
+        chat_api.run_openai(requests, client_config(server.url), PCFG, self.cache)
       with fake.FakeOpenAI(api_key="another-key") as server:
-        teacher.run_openai(synthetic_requests(31)[30:], client_config(server.url), PCFG, self.cache)
+        chat_api.run_openai(synthetic_requests(31)[30:], client_config(server.url), PCFG,
+                            self.cache)
     records = rationales.read_cache(self.cache)
     self.assertEqual(collections.Counter(r["status"] for r in records), {"ok": 30, "failed": 1})
     self.assertEqual(records[-1]["error"], "HTTP 401")  # refused at once, not retried
@@ -150,8 +151,8 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(6)
     with fake.FakeOpenAI(fault_rate=0, unsupported=["repetition_penalty"]) as server:
       with self.assertLogs(level="WARNING") as logs:
-        teacher.run_openai(requests, client_config(server.url, repetition_penalty=1.2), PCFG,
-                           self.cache)
+        chat_api.run_openai(requests, client_config(server.url, repetition_penalty=1.2), PCFG,
+                            self.cache)
     self.assertTrue(all(r["status"] == "ok" for r in rationales.read_cache(self.cache)))
     self.assertBetween(server.refused["repetition_penalty"], 1, 6)  # until the first refusal
     self.assertTrue(any("repetition_penalty" in line for line in logs.output))
@@ -167,33 +168,33 @@ class OpenAIClientTest(absltest.TestCase):
     requests = synthetic_requests(3)
     answers = iter([echo, echo, echo, echo, echo, fake.rationale_for(requests[2].messages)] * 2)
     with fake.FakeOpenAI(fault_rate=0, answer=lambda messages: next(answers)) as server:
-      teacher.run_openai(requests[:2], client_config(server.url, candidates=2, concurrency=1),
-                         PCFG, self.cache)
+      chat_api.run_openai(requests[:2], client_config(server.url, candidates=2, concurrency=1),
+                          PCFG, self.cache)
       self.assertEqual(served(server, requests[:2]), [2, 2])
-      teacher.run_openai(requests[2:], client_config(server.url, candidates=3), PCFG, self.cache)
-    records = {r["user"]: r for r in rationales.read_cache(self.cache)}
-    self.assertEqual([records[u]["status"] for u in range(3)], ["failed", "failed", "ok"])
-    self.assertEqual(records[0]["error"], "rejected: echo")
-    self.assertEqual(records[0]["rejections"], {"echo": 2})
-    self.assertEqual(records[0]["rejected_text"], echo)
-    self.assertEqual((records[2]["attempts"], records[2]["rejections"]), (2, {"echo": 1}))
+      chat_api.run_openai(requests[2:], client_config(server.url, candidates=3), PCFG, self.cache)
+    records = {r["user_id"]: r for r in rationales.read_cache(self.cache)}
+    self.assertEqual([records[f"u{u}"]["status"] for u in range(3)], ["failed", "failed", "ok"])
+    self.assertEqual(records["u0"]["error"], "rejected: echo")
+    self.assertEqual(records["u0"]["rejections"], {"echo": 2})
+    self.assertEqual(records["u0"]["rejected_text"], echo)
+    self.assertEqual((records["u2"]["attempts"], records["u2"]["rejections"]), (2, {"echo": 1}))
 
   def test_missing_key_names_the_variable(self):
     del os.environ[KEY_ENV]
     with self.assertRaisesRegex(KeyError, KEY_ENV):
-      teacher.run_openai(synthetic_requests(1), client_config("http://127.0.0.1:9/v1"), PCFG,
-                         self.cache)
+      chat_api.run_openai(synthetic_requests(1), client_config("http://127.0.0.1:9/v1"), PCFG,
+                          self.cache)
 
   def test_without_usage_tokens_are_counted_with_cl100k(self):
-    requests = [dataclasses.replace(r, prompt_tokens=teacher.chat_tokens(r.messages))
+    requests = [dataclasses.replace(r, prompt_tokens=chat_api.chat_tokens(r.messages))
                 for r in synthetic_requests(4)]
     with fake.FakeOpenAI(fault_rate=0, with_usage=False) as server:
-      teacher.run_openai(requests, client_config(server.url), PCFG, self.cache)
+      chat_api.run_openai(requests, client_config(server.url), PCFG, self.cache)
     for request, record in zip(requests, sorted(rationales.read_cache(self.cache),
-                                                key=lambda r: r["user"])):
+                                                key=lambda r: int(r["user_id"][1:]))):
       self.assertTrue(record["estimated_tokens"])
       self.assertEqual(record["prompt_tokens"], request.prompt_tokens)
-      self.assertEqual(record["completion_tokens"], teacher.text_tokens(record["text"]))
+      self.assertEqual(record["completion_tokens"], chat_api.text_tokens(record["text"]))
       self.assertGreater(record["completion_tokens"], 20)
 
 
@@ -225,8 +226,8 @@ class RateLimiterTest(absltest.TestCase):
 
   def _run(self, rpm, tpm, tokens, n):
     clock = [0.0]
-    limiter = teacher.RateLimiter(rpm, tpm, clock=lambda: clock[0],
-                                  sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    limiter = chat_api.RateLimiter(rpm, tpm, clock=lambda: clock[0],
+                                   sleep=lambda s: clock.__setitem__(0, clock[0] + s))
     for _ in range(n):
       limiter.acquire(tokens)
     return clock[0]
@@ -246,17 +247,17 @@ class RateLimiterTest(absltest.TestCase):
 class ResponseTest(absltest.TestCase):
 
   def test_retry_after_forms(self):
-    self.assertEqual(teacher.retry_after({"retry-after": "3"}), 3.0)
-    self.assertEqual(teacher.retry_after({"retry-after-ms": "250", "retry-after": "9"}), 0.25)
+    self.assertEqual(chat_api.retry_after({"retry-after": "3"}), 3.0)
+    self.assertEqual(chat_api.retry_after({"retry-after-ms": "250", "retry-after": "9"}), 0.25)
     date = email.utils.formatdate(time.time() + 30, usegmt=True)
-    self.assertBetween(teacher.retry_after({"retry-after": date}), 25, 31)
-    self.assertIsNone(teacher.retry_after({}))
+    self.assertBetween(chat_api.retry_after({"retry-after": date}), 25, 31)
+    self.assertIsNone(chat_api.retry_after({}))
 
   def test_backoff_honours_retry_after_else_grows_with_jitter(self):
     cfg = TeacherConfig(backoff_s=1.0, max_backoff_s=10.0)
-    self.assertEqual(teacher.backoff(0, cfg, 0.05), 0.05)
-    self.assertBetween(teacher.backoff(2, cfg, None), 2.0, 4.0)
-    self.assertBetween(teacher.backoff(9, cfg, 600.0), 5.0, 10.0)  # an absurd wait is capped
+    self.assertEqual(chat_api.backoff(0, cfg, 0.05), 0.05)
+    self.assertBetween(chat_api.backoff(2, cfg, None), 2.0, 4.0)
+    self.assertBetween(chat_api.backoff(9, cfg, 600.0), 5.0, 10.0)  # an absurd wait is capped
 
 
 class DryRunTest(absltest.TestCase):
@@ -275,7 +276,7 @@ class DryRunTest(absltest.TestCase):
     self.assertEqual(estimate["completion_tokens"], 943 * tcfg.max_tokens)
     self.assertAlmostEqual(estimate["cost_usd"], (estimate["prompt_tokens"] * 0.0015
                                                   + estimate["completion_tokens"] * 0.002) / 1000)
-    requests = rationales.build_requests(prepared, pcfg, teacher.chat_tokens, max_users=10)
+    requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, max_users=10)
     self.assertLen(requests, 10)
     self.assertLessEqual(max(r.prompt_tokens for r in requests), 1024)
     lengths = np.diff(prepared.seq_offsets)[:10] - 2
@@ -299,10 +300,11 @@ class LocalTeacherTest(absltest.TestCase):
     # steps 2 and 3, which the filter rejects.
     self.assertEqual((summary["requests"], summary["ok"], summary["failed"]), (4, 0, 4))
     self.assertEqual(summary["rejections"], {"missing_step": 4})
-    self.assertEqual(sorted(r["user"] for r in records), [0, 1, 2, 3])
+    users = prepared.rows_of([r["user_id"] for r in records])
+    self.assertEqual(sorted(users), [0, 1, 2, 3])
     cut = 0
-    for r in records:
-      history = [prepared.item_text[i] for i in prepared.split("valid").history(r["user"])]
+    for r, user in zip(records, users):
+      history = [prepared.item_text[i] for i in prepared.split("valid").history(user)]
       cut += r["history_len"] < len(history)
       messages = prompts.cot_messages(history[-r["history_len"]:], pcfg)
       self.assertLessEqual(len(rationales.chat_ids(tokenizer, messages)), 660)

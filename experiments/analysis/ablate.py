@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from slim_jax import config as config_lib
-from slim_jax import encode, layout, parallel, pipeline, stats
+from slim_jax import embed, encode, layout, parallel, pipeline, stats
 from slim_jax.models import bert, slim
 from slim_jax.train import recommend
 
@@ -106,19 +106,26 @@ def plan(backbones, encoders, fusions, seeds, variants) -> list[Run]:
   return runs
 
 
-def execute(run: Run, cfg, prepared, encoded: dict, minilm, root: pathlib.Path, mesh) -> dict:
-  out = root / "runs" / run.name
+def run_config(run: Run, cfg: config_lib.Config) -> config_lib.Config:
+  """The config of one run, as written: `cfg` with the run's backbone, seed and fusion."""
+  rec = dataclasses.replace(cfg.rec, backbone=run.backbone if run.backbone != NONE else
+                            cfg.rec.backbone, seed=run.seed)
+  slim_cfg = dataclasses.replace(cfg.slim, finetune_encoder=run.encoder == "minilm_finetuned",
+                                 fusion=run.fusion if run.fusion != NONE else cfg.slim.fusion)
+  return dataclasses.replace(cfg, rec=rec, slim=slim_cfg)
+
+
+def execute(run: Run, cfg: config_lib.Config, workdir: pathlib.Path, prepared, encoded: dict,
+            minilm, mesh) -> dict:
+  """Trains one run, resolved as launch.py resolves a config, into <workdir>/<out>/runs/."""
+  out = workdir / _OUT.value / "runs" / run.name
   if (out / layout.METRICS).is_file():
     return json.loads((out / layout.METRICS).read_text())
   logging.info("ablation run %s", run.name)
-  rec = dataclasses.replace(cfg.rec, backbone=run.backbone if run.backbone != NONE else
-                            cfg.rec.backbone, seed=run.seed)
-  finetune = run.encoder == "minilm_finetuned"
-  slim_cfg = dataclasses.replace(cfg.slim, finetune_encoder=finetune,
-                                 fusion=run.fusion if run.fusion != NONE else cfg.slim.fusion)
-  return recommend.train_recommender(rec, prepared, out, mesh, run.mode, slim_cfg,
+  resolved = run_config(run, cfg).resolved(workdir)
+  return recommend.train_recommender(resolved.rec, prepared, out, mesh, run.mode, resolved.slim,
                                      encoded.get(encoding(run.encoder)),
-                                     minilm if finetune else None)
+                                     minilm if resolved.slim.finetune_encoder else None)
 
 
 def encoding(encoder: str) -> str:
@@ -185,13 +192,19 @@ def comparisons(runs: Sequence[Run], rows: Sequence[dict],
         metric = f"{protocol}/{TESTED}"
         mean_of = lambda group: stats.seed_averaged([s[protocol] for s in group.values()])
         _, a, b = stats.paired_users(mean_of(mine), mean_of(theirs))
+        _, low, high = stats.mean_interval(a - b)
         out.append({**{name: row[name] for name in GROUP_FIELDS},
                     "against": against, "protocol": protocol, "metric": TESTED,
                     "change": row[metric] / base[metric] - 1 if base[metric] else None,
+                    "difference": float(np.mean(a - b)), "low": low, "high": high,
                     "p_seeds": stats.p_over_seeds(
                         [np.mean(list(mine[s][protocol].values())) for s in seeds],
                         [np.mean(list(theirs[s][protocol].values())) for s in seeds]),
                     "p_users": stats.p_over_users(a, b)})
+  for kind in ("seeds", "users"):
+    tested = [c for c in out if c[f"p_{kind}"] is not None]
+    for contrast, p in zip(tested, stats.adjusted([c[f"p_{kind}"] for c in tested])):
+      contrast[f"p_{kind}_adjusted"] = p
   return out
 
 
@@ -235,12 +248,16 @@ def markdown(rows: Sequence[dict], compared: Sequence[dict], gains: Sequence[dic
              for split, count in r.get("users_with_teacher_rationale", {}).items()]
   lines += ["", *teacher] if teacher else []
   lines += ["", f"Paired tests of {TESTED.upper()} (p over seeds: paired t-test; over users: "
-            "Wilcoxon on each user's value averaged over seeds):", "",
-            "| backbone | variant | fusion | encoder | against | protocol | change | p over seeds "
-            "| p over users |", "|" + "---|" * 9]
+            "Wilcoxon on each user's value averaged over seeds; the difference is the mean "
+            "per-user one with its 95% bootstrap interval; adjusted: Benjamini-Hochberg over "
+            "every row of the column):", "",
+            "| backbone | variant | fusion | encoder | against | protocol | change | difference "
+            "[95% CI] | p over seeds | adjusted | p over users | adjusted |", "|" + "---|" * 13]
   lines += [f"| {_named(c)} | {c['against']} | "
             f"{'full ranking' if c['protocol'] == 'full' else negatives} | {pct(c['change'])} | "
-            f"{stats.describe_p(c['p_seeds'])} | {stats.describe_p(c['p_users'])} |"
+            f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] | "
+            f"{stats.describe_p(c['p_seeds'])} | {stats.describe_p(c.get('p_seeds_adjusted'))} | "
+            f"{stats.describe_p(c['p_users'])} | {stats.describe_p(c['p_users_adjusted'])} |"
             for c in compared]
   if gains:
     groups = gains[0]["groups"]
@@ -284,25 +301,24 @@ def main(argv):
   del argv
   cfg = config_lib.from_flags(_CONFIG.value, _SET.value)
   workdir = pathlib.Path(_WORKDIR.value)
+  cfg.checked()  # a bad value fails here, not runs later
   root = workdir / _OUT.value
   prepared, mesh = pipeline.load_prepared(workdir), parallel.make_mesh(cfg.mesh.axes())
   runs = plan(_BACKBONES.value, _ENCODERS.value, _FUSIONS.value, [int(s) for s in _SEEDS.value],
               _VARIANTS.value)
+  # Each encoder as launch.py would resolve it; a fine-tuned MiniLM starts from the frozen one's.
+  encoders = {kind: dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, kind=kind))
+              .resolved(workdir).encoder
+              for kind in sorted({encoding(run.encoder) for run in runs} - {NONE})}
   encoded = {}
-  for kind in sorted({encoding(run.encoder) for run in runs} - {NONE}):
-    kind_cfg = dataclasses.replace(cfg.encoder, kind=kind)
+  for kind, encoder in encoders.items():
     out = workdir / "ablations" / f"encode_{kind}"  # shared by every sweep
     out.mkdir(parents=True, exist_ok=True)
-    encode.encode_stage(kind_cfg, prepared, workdir / layout.GENERATE / layout.RATIONALES, out,
-                        mesh)
-    teacher = (encode.encode_teacher(kind_cfg, prepared,
-                                     workdir / layout.TEACHER / layout.RATIONALES,
-                                     out / "teacher", mesh)
-               if "teacher_rationales" in _VARIANTS.value else ({}, {}))
-    encoded[kind] = encode.load_encoded(out, cfg.encoder.postprocess, teacher)
-  minilm = (bert.load(encode.checkpoint_dir(cfg.encoder), cfg.encoder.max_len)
+    encode.encode_stage(encoder, prepared, pipeline.rationale_paths(workdir), out, mesh)
+    encoded[kind] = encode.load_encoded(out, prepared, cfg.encoder.postprocess)
+  minilm = (bert.load(embed.checkpoint_dir(encoders["minilm"]), cfg.encoder.max_len)
             if "minilm_finetuned" in _ENCODERS.value else None)
-  results = [execute(run, cfg, prepared, encoded, minilm, root, mesh) for run in runs]
+  results = [execute(run, cfg, workdir, prepared, encoded, minilm, mesh) for run in runs]
   users = []
   for run in runs:
     ranked = np.load(root / "runs" / run.name / layout.RANKED_TEST)

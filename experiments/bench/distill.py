@@ -100,7 +100,8 @@ def bench_distill(cfg: DistillConfig, mesh) -> tuple[dict, object, object]:
 def real_examples(tokenizer, prepared) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """(student prompt ids, rationale ids) of the first --examples rationales, as distill builds
   them for training."""
-  pcfg = PromptConfig(max_prompt_tokens=_PROMPT_TOKENS.value, max_words=150)
+  pcfg = prompts.student_config(PromptConfig(max_prompt_tokens=_PROMPT_TOKENS.value,
+                                              max_words=150))
   if _RATIONALES.value:
     records = distill.read_teacher_rationales(pathlib.Path(_RATIONALES.value))
   else:
@@ -183,8 +184,8 @@ def bench_student(adapters, lora_config, mesh, directory: pathlib.Path) -> dict:
       formats.read_dataset("recbole", assets.path("ml-100k"), "raise"), DataConfig())
   cfg = student.StudentConfig(max_users=_USERS.value, max_tokens=_NEW_TOKENS.value,
                               batch_size=_USERS.value, dtype=_DTYPE.value)
-  run = lambda name: student.run_student(cfg, PromptConfig(max_prompt_tokens=512), prepared,
-                                        adapter_dir, directory / name, mesh)
+  pcfg = prompts.student_config(PromptConfig(max_prompt_tokens=512))
+  run = lambda name: student.run_student(cfg, pcfg, prepared, adapter_dir, directory / name, mesh)
   run("warmup")  # compiles generation for these prompt buckets
   summary = run("timed")
   return {key: summary[key] for key in ("generated", "generated_tokens", "generation_seconds",

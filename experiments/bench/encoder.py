@@ -13,7 +13,7 @@ import time
 
 from absl import app, flags
 
-from slim_jax import assets, encode, parallel
+from slim_jax import assets, embed, parallel
 from slim_jax.data import formats, preprocess
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Texts per batch.")
@@ -50,10 +50,10 @@ def main(argv):
   texts = list(prepared.item_text[1:])
   mesh = parallel.make_mesh({name: int(size) for name, size in
                              (axis.split(":") for axis in _MESH.value.split(","))})
-  cfg = encode.EncoderConfig(batch_size=_BATCH_SIZE.value)
-  embedder, load_seconds = _timed(lambda: encode.make_embedder(cfg))
-  step, params = encode.embed_step(embedder, mesh)
-  run = lambda: encode.embed_texts(texts, embedder, step, params, batch_size=cfg.batch_size,
+  cfg = embed.EncoderConfig(batch_size=_BATCH_SIZE.value)
+  embedder, load_seconds = _timed(lambda: embed.make_embedder(cfg))
+  step, params = embed.embed_step(embedder, mesh)
+  run = lambda: embed.embed_texts(texts, embedder, step, params, batch_size=cfg.batch_size,
                                    buckets=cfg.buckets, mesh=mesh)
   _, cold = _timed(run)
   ours, warm = _timed(run)

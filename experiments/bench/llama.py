@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from slim_jax import assets, checkpoints, generate, parallel
+from slim_jax import assets, checkpoints, parallel, sampler
 from slim_jax.data import loader
 from slim_jax.models import llama
 from slim_jax.models.llama import Llama
@@ -90,12 +90,12 @@ def lora_step(config, params, mesh):
 
 
 def generation(config, params, batch_size: int) -> tuple[tuple, dict]:
-  """generate.generate_tokens' arguments and options: greedy, NEW_TOKENS after random prompts of
+  """sampler.generate_tokens' arguments and options: greedy, NEW_TOKENS after random prompts of
   PROMPT tokens; no stop token ends a row early."""
   prompts = random_tokens(config, batch_size, PROMPT, seed=1)
   args = (Llama(config), {"params": params}, prompts, np.ones_like(prompts, bool),
           jax.random.key(0))
-  return args, dict(sampling=generate.SamplingConfig(NEW_TOKENS), stop_ids=(-1,), pad_id=0)
+  return args, dict(sampling=sampler.SamplingConfig(NEW_TOKENS), stop_ids=(-1,), pad_id=0)
 
 
 def jax_benchmarks(config, params, mesh, parts, repeats) -> dict:
@@ -114,7 +114,7 @@ def jax_benchmarks(config, params, mesh, parts, repeats) -> dict:
   if "generate" in parts:
     for batch_size in (1, 16):
       args, options = generation(config, params, batch_size)
-      run = lambda: generate.generate_tokens(*args, **options).block_until_ready()
+      run = lambda: sampler.generate_tokens(*args, **options).block_until_ready()
       results[f"generate_b{batch_size}_tokens_per_s"] = (
           batch_size * NEW_TOKENS / best_seconds(run, repeats))
   return results

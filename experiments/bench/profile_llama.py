@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.bench import llama as bench_llama
-from slim_jax import generate, parallel
+from slim_jax import parallel, sampler
 
 _PART = flags.DEFINE_enum("part", "train", ["train", "generate"], "What to profile.")
 _TOP = flags.DEFINE_integer("top", 30, "Rows to print.")
@@ -36,8 +36,8 @@ def workload(part: str, mesh):
     step, args, train = bench_llama.lora_step(config, params, mesh)
     return train, step.lower(*args).compile().as_text()  # lowered before a call donates args
   args, options = bench_llama.generation(config, params, batch_size=16)
-  hlo = generate.generate_tokens.lower(*args, **options).compile().as_text()
-  return lambda: generate.generate_tokens(*args, **options), hlo
+  hlo = sampler.generate_tokens.lower(*args, **options).compile().as_text()
+  return lambda: sampler.generate_tokens(*args, **options), hlo
 
 
 def op_sources(hlo: str) -> dict[str, tuple[str, str]]:

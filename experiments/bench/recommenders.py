@@ -20,7 +20,7 @@ from absl import app, flags
 
 from slim_jax import assets, config, host, parallel
 from slim_jax.data import formats, loader, preprocess
-from slim_jax.models.recommender import BACKBONES
+from slim_jax.models.backbones import BACKBONES
 from slim_jax.train import recommend
 
 _BACKBONES = flags.DEFINE_list("backbones", list(BACKBONES), "Backbones to time.")

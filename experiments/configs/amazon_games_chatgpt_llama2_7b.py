@@ -16,7 +16,7 @@ stage is data parallel over the same devices.
 """
 
 from slim_jax.config import Config, DataConfig, MeshConfig
-from slim_jax.encode import EncoderConfig
+from slim_jax.embed import EncoderConfig
 from slim_jax.models.recommender import RecConfig
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig

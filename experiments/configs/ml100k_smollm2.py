@@ -18,7 +18,7 @@ On a CPU the LLM stages compute in float32: generation in bfloat16 is slower the
 import dataclasses
 
 from slim_jax.config import Config, DataConfig
-from slim_jax.encode import EncoderConfig
+from slim_jax.embed import EncoderConfig
 from slim_jax.models.recommender import RecConfig
 from slim_jax.prompts import PromptConfig
 from slim_jax.student import StudentConfig

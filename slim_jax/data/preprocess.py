@@ -12,7 +12,7 @@ import dataclasses
 import json
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -82,6 +82,12 @@ class Prepared:
 
   def sequence(self, u: int) -> np.ndarray:
     return self.seq_items[self.seq_offsets[u]:self.seq_offsets[u + 1]]
+
+  def rows_of(self, user_ids: Sequence[str]) -> np.ndarray:
+    """int64 row index of each raw user id, -1 for one this preparation does not hold: artifacts
+    join on raw ids, since rows shift whenever another filter re-prepares the data."""
+    row = {str(user_id): index for index, user_id in enumerate(self.user_ids)}
+    return np.array([row.get(str(user_id), -1) for user_id in user_ids], np.int64)
 
   def _before_last(self, k: int) -> np.ndarray:
     """Mask over seq_items: the positions before each user's last k items."""

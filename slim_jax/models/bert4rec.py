@@ -12,8 +12,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.recommender import Backbone
-from slim_jax.models.sasrec import INIT, TransformerEncoder
+from slim_jax.models.backbone import Backbone, BackboneSpec, Task
+from slim_jax.models.sasrec import INIT, TransformerEncoder, transformer_fields
+
+
+def mask_token_id(num_items: int) -> int:
+  """The mask token's id: the item table's row past the items."""
+  return num_items + 1
 
 
 def mask_items(rng: jax.Array, window: jax.Array, ratio: float, mask_token: int):
@@ -39,10 +44,6 @@ class BERT4Rec(Backbone):
   dropout: float = 0.2
   attn_dropout: float = 0.2
 
-  @property
-  def mask_token(self) -> int:
-    return self.num_items + 1
-
   def setup(self):
     self.encoder = TransformerEncoder(self.rows, self.hidden, self.max_len, self.layers,
                                       self.heads, self.inner, self.dropout, self.attn_dropout)
@@ -58,5 +59,37 @@ class BERT4Rec(Backbone):
 
   def predict(self, inputs):
     """The state of a mask token appended after the history (the oldest column drops out)."""
-    token = jnp.full((inputs.shape[0], 1), self.mask_token, inputs.dtype)
+    token = jnp.full((inputs.shape[0], 1), mask_token_id(self.num_items), inputs.dtype)
     return super().predict(jnp.concatenate([inputs[:, 1:], token], 1))
+
+
+def masked_gradient(loss_gradient, batch, rng: jax.Array, cfg, num_items: int):
+  """`loss_gradient(inputs, targets)` of the masked task on the window ending at the last
+  target: with probability `mask_last_ratio` (drawn per batch, RecBole's ft_ratio) only the last
+  item is masked, and then the last block and the logits run for that column alone; otherwise a
+  random `mask_ratio` of the items."""
+  last = batch["targets"][:, -1] if batch["targets"].ndim == 2 else batch["targets"]
+  window = jnp.concatenate([batch["inputs"][:, 1:], last[:, None]], 1)
+  token = mask_token_id(num_items)
+  return jax.lax.cond(
+      jax.random.bernoulli(jax.random.fold_in(rng, 1), cfg.mask_last_ratio),
+      lambda: loss_gradient(*mask_last(window, token)),
+      lambda: loss_gradient(*mask_items(rng, window, cfg.mask_ratio, token)))
+
+
+def masked_targets(cfg) -> int:
+  """A row's masked items, as RecBole keeps them: the newest mask_ratio * max_len (10 of 50; a
+  full row masks more with probability 0.42; its older masked items stay masked in the input,
+  unscored)."""
+  return max(1, int(cfg.mask_ratio * cfg.max_len))
+
+
+MASKED_ITEMS = Task(masked_gradient, masked_targets, extra_rows=1)  # the row: the mask token
+
+SPEC = BackboneSpec(
+    name="bert4rec",
+    # BERT4Rec on prefixes, as RecBole: windows are far cheaper an epoch but plateau lower;
+    # prefixes reach RecBole's accuracy (docs/results.md, 2026-11-30, "BERT4Rec").
+    defaults=dict(layers=2, dropout=0.2, attn_dropout=0.2, train_mode="last_position"),
+    build=lambda cfg, **shared: BERT4Rec(**shared, **transformer_fields(cfg)),
+    task=MASKED_ITEMS)

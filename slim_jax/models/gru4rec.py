@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.recommender import Backbone
+from slim_jax.models.backbone import Backbone, BackboneSpec
 
 
 class MaskedGRU(nn.Module):
@@ -48,3 +48,10 @@ class GRU4Rec(Backbone):
     if columns is not None:
       x = jnp.take_along_axis(x, columns[..., None], 1)
     return nn.Dense(self.hidden, name="proj")(x), emb.embedding
+
+
+SPEC = BackboneSpec(
+    name="gru4rec",
+    defaults=dict(layers=1, dropout=0.3, attn_dropout=0.0, train_mode="per_position"),
+    build=lambda cfg, **shared: GRU4Rec(**shared, gru_hidden=cfg.gru_hidden, layers=cfg.layers,
+                                        dropout=cfg.dropout))

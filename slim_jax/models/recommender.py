@@ -1,54 +1,34 @@
-"""The interface every sequential recommender shares (RecBole style), its config and its losses.
+"""A sequential recommender's config (RecBole style) and its losses.
 
-A backbone is a linen module over item sequences LEFT-padded with 0 (most recent item in the
-last column) whose `__call__(inputs int32[B, L], train, columns) -> (states [B, T, H],
-table [R, H])` returns the sequence states and the item-embedding table they are scored against
-(`scores = states @ table.T`). Causal backbones (SASRec, GRU4Rec) return one state per position
-(T = L), so a whole window trains on every next item in one pass; session-level ones (SRGNN,
-T = 1) and bidirectional ones (BERT4Rec) do not. Given `columns` int32[B, k], a backbone returns
-only those columns' states (T = k): the ones the loss scores, or the last one to predict; the
-transformers then compute nothing else in their last block. `predict(inputs) -> (state
-float[B, H], table)` is the state that predicts the item after the last column. Row 0 of the
-table is padding; rows past `num_items` (BERT4Rec's mask token, rows padding the table to a
-shardable size) never score.
-Losses are plain functions of (states, table, targets), independent of the backbone, so any
-backbone trains with any loss.
+The backbones share one interface (models/backbone.py) and are looked up by name in the registry
+(models/backbones.py): `RecConfig.spec` is everything per-backbone, from its defaults to its
+training task. Losses are plain functions of (states, table, targets), independent of the
+backbone, so any backbone trains with any loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from slim_jax import checks
+from slim_jax.models.backbone import BackboneSpec, last_column
+from slim_jax.models.backbones import BACKBONES
 from slim_jax.parallel import MeshConfig
 
-BACKBONES = ("sasrec", "gru4rec", "srgnn", "bert4rec")
 LOSSES = ("ce", "bpr", "sampled")
 TRAIN_MODES = ("per_position", "last_position")
 SCHEDULES = ("constant", "cosine")
 SAMPLED_EVALS = ("uniform", "popularity")
-
-# RecBole 1.2.1's defaults for each backbone (its model yaml files); None fields take these.
-BACKBONE_DEFAULTS = {
-    # SASRec on overlapping windows: each target sees more context than in tiled windows, at the
-    # same targets a step (docs/results.md, "Recommender training recipes").
-    "sasrec": dict(layers=2, dropout=0.5, attn_dropout=0.5, train_mode="per_position", stride=10),
-    "gru4rec": dict(layers=1, dropout=0.3, attn_dropout=0.0, train_mode="per_position"),
-    "srgnn": dict(layers=1, dropout=0.0, attn_dropout=0.0, train_mode="last_position"),
-    # BERT4Rec on prefixes, as RecBole: windows are far cheaper an epoch but plateau lower;
-    # prefixes reach RecBole's accuracy (docs/results.md, 2026-11-30, "BERT4Rec").
-    "bert4rec": dict(layers=2, dropout=0.2, attn_dropout=0.2, train_mode="last_position"),
-}
+PREFIX_BATCH = 256  # prefixes a step (last_position), RecBole's batch
 
 
 @dataclasses.dataclass(frozen=True)
 class RecConfig:
   """A sequential recommender and how it trains; None fields take the backbone's RecBole default."""
-  backbone: str = "sasrec"  # sasrec | gru4rec | srgnn | bert4rec
+  backbone: str = "sasrec"  # a name in BACKBONES (models/backbones.py)
   hidden: int = 64  # item embedding / state size
   max_len: int = 50  # most recent items a sequence keeps
   layers: int | None = None  # transformer blocks, GRU layers, or SRGNN gated graph steps
@@ -107,12 +87,16 @@ class RecConfig:
     self.resolved()
     return self
 
+  @property
+  def spec(self) -> BackboneSpec:
+    """The backbone's spec: its defaults, module, training task and sharding."""
+    return BACKBONES[self.backbone]
+
   def resolved(self) -> RecConfig:
     """This config with the backbone's defaults filled in, checked."""
     checks.one_of("rec.backbone", self.backbone, BACKBONES)
     checks.one_of("rec.loss", self.loss, LOSSES)
-    defaults = BACKBONE_DEFAULTS[self.backbone]
-    cfg = dataclasses.replace(self, **{k: v for k, v in defaults.items()
+    cfg = dataclasses.replace(self, **{k: v for k, v in self.spec.defaults.items()
                                         if getattr(self, k) is None})
     checks.one_of("rec.train_mode", cfg.train_mode, TRAIN_MODES)
     checks.one_of("rec.schedule", cfg.schedule, SCHEDULES)
@@ -127,47 +111,15 @@ class RecConfig:
     checks.within(cfg, "rec", "[0, 1]", "mask_ratio", "mask_last_ratio")
     if cfg.batch is None:
       windows = 8 * cfg.max_len // (cfg.stride or cfg.max_len)
-      cfg = dataclasses.replace(cfg, batch=windows if cfg.train_mode == "per_position" else 256)
+      per_position = cfg.train_mode == "per_position"
+      cfg = dataclasses.replace(cfg, batch=windows if per_position else PREFIX_BATCH)
     if cfg.finish_on_prefixes and cfg.train_mode != "per_position":
       raise ValueError("rec.finish_on_prefixes=true follows per-position training; "
                        f"rec.train_mode={cfg.train_mode!r} already trains on prefixes")
-    if cfg.backbone == "srgnn" and cfg.train_mode != "last_position":
-      raise ValueError("rec.train_mode=per_position needs a causal backbone; srgnn encodes the "
-                       "whole session graph, use last_position")
+    if cfg.train_mode == "per_position" and not cfg.spec.per_position:
+      raise ValueError(f"rec.train_mode=per_position needs a state per position; {cfg.backbone} "
+                       "has one per sequence, use last_position")
     return cfg
-
-
-def targets_per_row(cfg: RecConfig) -> int:
-  """Most targets a per-position training row holds, the columns the loss scores (see
-  `scored_columns`): a window's last `stride` columns; BERT4Rec's masked items, as RecBole keeps
-  them: the newest mask_ratio * max_len (10 of 50; a full row masks more with probability 0.42;
-  its older masked items stay masked in the input, unscored)."""
-  if cfg.backbone != "bert4rec":
-    return cfg.stride or cfg.max_len
-  return max(1, int(cfg.mask_ratio * cfg.max_len))
-
-
-def table_rows(num_items: int, backbone: str, multiple: int = 1) -> int:
-  """Rows of the item table: padding + items (+ BERT4Rec's mask token), rounded up to `multiple`."""
-  rows = num_items + 1 + (backbone == "bert4rec")
-  return -(-rows // multiple) * multiple
-
-
-class Backbone(nn.Module):
-  """Fields and the default `predict` shared by every backbone."""
-  num_items: int
-  rows: int  # item-table rows, see table_rows
-  hidden: int = 64
-  max_len: int = 50
-
-  def predict(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    states, table = self(inputs, train=False, columns=last_column(inputs))
-    return states[:, -1], table
-
-
-def last_column(inputs: jax.Array) -> jax.Array:
-  """int32[B, 1] columns of each row's last (most recent) position."""
-  return jnp.full((inputs.shape[0], 1), inputs.shape[1] - 1, jnp.int32)
 
 
 def item_mask(rows: int, num_items: int) -> jax.Array:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.recommender import Backbone
+from slim_jax.models.backbone import Backbone, BackboneSpec
 
 INIT = nn.initializers.normal(0.02)
 
@@ -92,3 +92,17 @@ class SASRec(Backbone):
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = causal[None, None] & (inputs > 0)[:, None, None, :]
     return self.encoder(inputs, mask, train, columns), self.encoder.item_emb.embedding
+
+
+def transformer_fields(cfg) -> dict:
+  """The transformer's fields of the SASRec-style backbones, from a resolved RecConfig."""
+  return dict(layers=cfg.layers, heads=cfg.heads, inner=cfg.inner, dropout=cfg.dropout,
+              attn_dropout=cfg.attn_dropout)
+
+
+SPEC = BackboneSpec(
+    name="sasrec",
+    # SASRec on overlapping windows: each target sees more context than in tiled windows, at the
+    # same targets a step (docs/results.md, "Recommender training recipes").
+    defaults=dict(layers=2, dropout=0.5, attn_dropout=0.5, train_mode="per_position", stride=10),
+    build=lambda cfg, **shared: SASRec(**shared, **transformer_fields(cfg)))

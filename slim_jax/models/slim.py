@@ -3,16 +3,17 @@ rationale (ID-based), the rationale matched against item texts (ID-agnostic), an
 of the paper's tables.
 
 Rationale and item-text vectors are *side inputs*, not parameters: a dict of arrays passed to
-every call beside the item sequence (`side_inputs` builds it per mode), so the encoder that made
-them, the shuffled and teacher controls and the split they come from are all swapped without
-touching the model. A mode's side holds only what it reads (`item_text` has no rationale key):
+every call beside the item sequence (`data/side_inputs.py` builds it per mode), so the encoder
+that made them, the shuffled and teacher controls and the split they come from are all swapped
+without touching the model. A mode's side holds only what it reads (`item_text` has no
+rationale key):
 
   side = {"rationale": float[U, D], "has_rationale": bool[U], "item_text": float[R, D]}
   (+ "rationale_ids": int32[U, T], "rationale_lengths": int32[U] to fine-tune the encoder;
    "popularity": float[R] alone for the popularity ranking)
 
 `SLIM.__call__(inputs, users, side, train)` and `SLIM.predict(inputs, users, side)` keep the
-backbone interface (`models/recommender.py`) with the users of the rows added; in mode "plain"
+backbone interface (`models/backbone.py`) with the users of the rows added; in mode "plain"
 they are exactly the backbone's, so one trainer serves every variant.
 """
 
@@ -23,11 +24,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from slim_jax import checks
 from slim_jax.models import bert
-from slim_jax.models.recommender import Backbone
+from slim_jax.models.backbone import Backbone
 
 # The variants of the paper's Tables 1-2, by the names every table, JSON file and plot uses.
 MODES = {
@@ -47,6 +47,14 @@ TEXT_FREE_MODES = ("plain", "popularity")  # read no encoded vectors
 ID_BASED_MODES = ("id_based", "shuffled", "teacher_rationales")  # both sides fused
 FUSED_MODES = ("item_text", *ID_BASED_MODES)  # the item side fused with item text
 RATIONALE_MODES = (*ID_BASED_MODES, "id_agnostic", "zero_shot")
+
+
+def variant_name(backbone: str, mode: str) -> str:
+  """A trained variant's name in directories and tables: "sasrec_id_based", or "id_agnostic"
+  for a mode without a backbone."""
+  return mode if mode in BACKBONE_FREE_MODES else f"{backbone}_{mode}"
+
+
 # The user side of the ID-based modes: paper = g_f([g_l(s_text); s_seq]) with the item side's
 # g_l and g_f; concat = the same with a user-side g_f of its own; add = s_seq + g_l(s_text);
 # gate = a learned sigmoid mix of the two. The item side is the paper's in every fusion.
@@ -70,104 +78,6 @@ class SlimConfig:
     checks.one_of("slim.fusion", self.fusion, FUSIONS)
     checks.within(self, "slim", "[0, 1)", "rationale_dropout")
     return self
-
-
-def derangement(count: int, seed: int) -> np.ndarray:
-  """A permutation with no fixed point (for count >= 2): a random cycle through all indices."""
-  order = np.random.default_rng(seed).permutation(count)
-  permutation = np.empty(count, np.int64)
-  permutation[order] = np.roll(order, -1)
-  return permutation
-
-
-def shuffled_sources(present: np.ndarray, seed: int) -> np.ndarray:
-  """Whose rationale each user reads in the shuffled control: every user who has one gets a
-  different such user's; the others keep their (absent) own."""
-  owners = np.flatnonzero(present)
-  source = np.arange(len(present))
-  source[owners] = owners[derangement(len(owners), seed)]
-  return source
-
-
-def teacher_substituted(encoded):
-  """`encoded` (an `encode.Encoded`) whose rationale vectors and token ids are the teacher's
-  wherever the teacher wrote one for that user and split, the student's elsewhere."""
-  if not encoded.teacher:
-    raise ValueError("mode teacher_rationales needs the teacher's rationales encoded with the "
-                     "same encoder: run --stages=teacher (it writes workdir/teacher/"
-                     "rationales.jsonl)")
-  rationales, tokens = dict(encoded.rationales), dict(encoded.tokens)
-  for split, (vectors, present) in encoded.teacher.items():
-    if split not in rationales:  # the split reads another split's rationale; keep that one
-      continue
-    student, has_student = rationales[split]
-    rationales[split] = (np.where(present[:, None], vectors, student), has_student | present)
-    if split in tokens:
-      (ids, lengths), (teacher_ids, teacher_lengths) = tokens[split], encoded.teacher_tokens[split]
-      tokens[split] = (np.where(present[:, None], teacher_ids, ids),
-                       np.where(present, teacher_lengths, lengths))
-  return dataclasses.replace(encoded, rationales=rationales, tokens=tokens)
-
-
-def teacher_users(encoded) -> dict[str, int]:
-  """Per split the student has, how many users read the teacher's rationale instead."""
-  return {split: int(present.sum()) for split, (_, present) in encoded.teacher.items()
-          if split in encoded.rationales}
-
-
-# The rationale each split reads, first one present: training rows and validation read the one
-# written from seq[:-2] ("valid"); the test reads its own (seq[:-1]) when one was written.
-RATIONALE_OF_SPLIT = {"train": ("valid",), "valid": ("valid",), "test": ("test", "valid")}
-
-
-def padded_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """float32 `array` zero-padded along its first axis to the item table's `rows`."""
-  padded = np.zeros((rows, *array.shape[1:]), np.float32)
-  padded[:len(array)] = array
-  return padded
-
-
-def side_inputs(encoded, rows: int, cfg: SlimConfig, mode: str,
-                popularity: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
-  """What `mode` reads, per split, from the encode stage's vectors (`encode.Encoded`, None for
-  plain and popularity) or the training `popularity` [I+1] (popularity only).
-
-  Item-text rows [I+1, D] are zero-padded to the item table's `rows`. With
-  `cfg.finetune_encoder` the rationale modes also read each user's rationale token ids and their
-  lengths.
-  """
-  per_split = lambda side: {split: side for split in RATIONALE_OF_SPLIT}
-  if mode == "plain":
-    return per_split({})
-  if mode == "popularity":
-    return per_split({"popularity": padded_rows(popularity, rows)})
-  if encoded is None:
-    raise ValueError(f"mode {mode!r} needs item-text vectors: run --stages=encode")
-  item_text = padded_rows(encoded.item_vectors, rows)
-  if mode == "item_text":
-    return per_split({"item_text": item_text})
-  if mode == "teacher_rationales":
-    encoded = teacher_substituted(encoded)
-  if not encoded.rationales:
-    raise ValueError(f"mode {mode!r} needs the student's rationales and none were encoded: run "
-                     "--stages=generate,encode")
-  sides = {}
-  for split, candidates in RATIONALE_OF_SPLIT.items():
-    source = next((s for s in candidates if s in encoded.rationales), None)
-    if source is None:
-      raise ValueError(f"no rationale vectors for split {split!r}: have "
-                       f"{sorted(encoded.rationales)}")
-    vectors, present = encoded.rationales[source]
-    users = shuffled_sources(present, cfg.seed) if mode == "shuffled" else np.arange(len(present))
-    sides[split] = {"rationale": np.asarray(vectors[users], np.float32),
-                    "has_rationale": np.asarray(present[users], bool), "item_text": item_text}
-    if cfg.finetune_encoder:
-      if source not in encoded.tokens:
-        raise ValueError("slim.finetune_encoder needs rationale token ids: encode with "
-                         "encoder.kind=minilm")
-      ids, lengths = encoded.tokens[source]
-      sides[split].update(rationale_ids=ids[users], rationale_lengths=lengths[users])
-  return sides
 
 
 class SLIM(nn.Module):

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.recommender import Backbone
+from slim_jax.models.backbone import Backbone, BackboneSpec
 
 
 def session_graph(inputs: jax.Array):
@@ -134,3 +134,10 @@ class SRGNN(Backbone):
     preference = (alpha * seq * (inputs > 0)[..., None]).sum(1)
     state = dense(self.hidden, "combine")(jnp.concatenate([preference, last], -1))
     return state[:, None], emb.embedding
+
+
+SPEC = BackboneSpec(
+    name="srgnn",
+    defaults=dict(layers=1, dropout=0.0, attn_dropout=0.0, train_mode="last_position"),
+    build=lambda cfg, **shared: SRGNN(**shared, steps=cfg.layers),
+    per_position=False)  # one state per session graph

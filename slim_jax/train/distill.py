@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from slim_jax import assets, checkpoints, checks, layout, multihost, parallel, prompts, rationales
+from slim_jax import checkpoints, checks, layout, multihost, parallel, prompts, rationales
 from slim_jax.checkpoints import peft
 from slim_jax.data import loader
 from slim_jax.models import llama, lora as lora_lib
@@ -41,7 +41,9 @@ HELDOUT_METRIC = "heldout/loss"
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  checkpoint: str = ""  # student base: HF directory or .gguf; "" = embedded SmolLM2-135M-Instruct
+  # student base: HF directory or .gguf; "" = the embedded SmolLM2-135M-Instruct as the convert
+  # stage writes it (Config.resolved)
+  checkpoint: str = ""
   lora_rank: int = 8
   lora_alpha: float = 16.0
   lora_dropout: float = 0.05
@@ -296,8 +298,9 @@ def heldout_metrics(eval_step: Callable, base, adapters, batches) -> dict[str, f
 
 def check_lengths(cfg: DistillConfig, pcfg: PromptConfig) -> None:
   """The longest example (the student's whole prompt budget, then a whole rationale) fits the
-  largest bucket: a rule between two config sections, which `Config.checked` runs at start-up."""
-  budget = prompts.student_config(pcfg).max_prompt_tokens
+  largest bucket: a rule between two config sections, which `Config.checked` runs at start-up.
+  `pcfg` is the student's prompt section (`Config.student_prompt`)."""
+  budget = pcfg.max_prompt_tokens
   if budget + cfg.max_rationale_tokens > max(cfg.buckets):
     raise ValueError(f"the student's prompt budget {budget} + "
                      f"distill.max_rationale_tokens={cfg.max_rationale_tokens} exceed the largest "
@@ -314,7 +317,8 @@ def _check(cfg: DistillConfig, pcfg: PromptConfig, mesh) -> None:
 
 def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_path, out_dir,
                 mesh=None) -> dict:
-  """Distils the rationales in `rationales_path` into LoRA adapters of the student.
+  """Distils the rationales in `rationales_path` into LoRA adapters of the student (`cfg` and
+  the student's prompt section `pcfg` resolved: `Config.resolved`, `Config.student_prompt`).
 
   Writes out_dir/checkpoints (orbax: adapters, optimizer and loader state; a rerun resumes),
   out_dir/metrics.jsonl, and out_dir/adapter in the PEFT layout: the best adapter by held-out
@@ -325,9 +329,8 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
   mesh = mesh or parallel.make_mesh()
   _check(cfg, pcfg, mesh)
   out_dir = pathlib.Path(out_dir)
-  checkpoint = cfg.checkpoint or str(assets.path("smollm2"))
   config, base, tokenizer = checkpoints.load(
-      checkpoint, mesh, dtype=cfg.dtype, param_dtype=cfg.base_dtype,
+      cfg.checkpoint, mesh, dtype=cfg.dtype, param_dtype=cfg.base_dtype,
       remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
   users, prompt_ids, rationale_ids = training_examples(
       read_teacher_rationales(rationales_path), prepared, pcfg, tokenizer,
@@ -368,10 +371,10 @@ def run_distill(cfg: DistillConfig, pcfg: PromptConfig, prepared, rationales_pat
   adapters = multihost_utils.process_allgather(result.state.lora, tiled=True)
   adapter = out_dir / layout.ADAPTER
   if multihost.is_writer():
-    peft.save_peft(adapter, adapters, cfg.lora(), checkpoint)
+    peft.save_peft(adapter, adapters, cfg.lora(), cfg.checkpoint)
   trained_tokens = int(np.sum(jax.device_get(tokens)))
   best = next(row for row in result.history if row["step"] == result.best_step)
-  return {"base": checkpoint, "adapter": str(adapter), "train_examples": len(train),
+  return {"base": cfg.checkpoint, "adapter": str(adapter), "train_examples": len(train),
           "heldout_examples": len(heldout), "steps": result.step, "best_step": result.best_step,
           "stopped_early": result.stopped_early,
           "heldout_loss_before": before[HELDOUT_METRIC],

@@ -24,14 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 
 from slim_jax import host, layout, metrics, multihost, parallel
-from slim_jax.data import loader
-from slim_jax.models import bert, bert4rec, gru4rec, sasrec, srgnn
+from slim_jax.data import loader, side_inputs
+from slim_jax.models import bert
 from slim_jax.models import recommender
-from slim_jax.models.recommender import Backbone, RecConfig, table_rows
-from slim_jax.models import slim
+from slim_jax.models.backbone import Backbone
+from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import (BACKBONE_FREE_MODES, RATIONALE_MODES, SLIM, UNTRAINED_MODES,
                                   SlimConfig)
 from slim_jax.train import loop
@@ -56,35 +55,23 @@ class TrainState:
 def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: str = "plain",
                 slim: SlimConfig = SlimConfig(),
                 encoder: bert.SentenceEncoder | None = None) -> SLIM:
-  """The SLIM variant `mode` of the backbone `cfg` names (no backbone for the ID-agnostic ones),
-  with a trainable copy of `encoder` when `slim.finetune_encoder` (and the mode reads rationales).
-  """
-  cfg = cfg.resolved()
+  """The SLIM variant `mode` of the backbone `cfg` (resolved) names (no backbone for the
+  ID-agnostic ones), with a trainable copy of `encoder` when `slim.finetune_encoder` (and the mode
+  reads rationales)."""
   backbone = (None if mode in BACKBONE_FREE_MODES
               else build_backbone(cfg, num_items, table_multiple))
   finetune = slim.finetune_encoder and mode in RATIONALE_MODES and mode not in UNTRAINED_MODES
   if finetune and encoder is None:
     raise ValueError("slim.finetune_encoder needs the encoder checkpoint (a MiniLM directory)")
-  return SLIM(mode, slim.checked(), num_items, table_rows(num_items, cfg.backbone, table_multiple),
+  return SLIM(mode, slim.checked(), num_items, cfg.spec.table_rows(num_items, table_multiple),
               cfg.hidden, backbone, encoder.config if finetune else None,
               encoder.pooling if finetune else bert.Pooling())
 
 
 def build_backbone(cfg: RecConfig, num_items: int, table_multiple: int = 1) -> Backbone:
-  """The backbone `cfg` names, with its RecBole defaults filled in."""
-  cfg = cfg.resolved()
-  common = dict(num_items=num_items, rows=table_rows(num_items, cfg.backbone, table_multiple),
-                hidden=cfg.hidden, max_len=cfg.max_len)
-  transformer = dict(layers=cfg.layers, heads=cfg.heads, inner=cfg.inner, dropout=cfg.dropout,
-                     attn_dropout=cfg.attn_dropout)
-  if cfg.backbone == "sasrec":
-    return sasrec.SASRec(**common, **transformer)
-  if cfg.backbone == "bert4rec":
-    return bert4rec.BERT4Rec(**common, **transformer)
-  if cfg.backbone == "gru4rec":
-    return gru4rec.GRU4Rec(**common, gru_hidden=cfg.gru_hidden, layers=cfg.layers,
-                           dropout=cfg.dropout)
-  return srgnn.SRGNN(**common, steps=cfg.layers)
+  """The backbone `cfg` (resolved: its RecBole defaults filled in) names."""
+  rows = cfg.spec.table_rows(num_items, table_multiple)
+  return cfg.spec.build(cfg, num_items=num_items, rows=rows, hidden=cfg.hidden, max_len=cfg.max_len)
 
 
 def optimizer(cfg: RecConfig, total_steps: int) -> optax.GradientTransformation:
@@ -99,11 +86,6 @@ def optimizer(cfg: RecConfig, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*clip, optax.adamw(lr, weight_decay=cfg.weight_decay))
 
 
-def sharding_rules(cfg: RecConfig) -> parallel.Rules:
-  """Item-table rows over `rec.table_axis` (also its Adam moments); everything else replicated."""
-  return [(r"item_emb/embedding$", P(cfg.table_axis or None, None)), (r".*", P())]
-
-
 def init_state(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
                mesh: jax.sharding.Mesh, side, encoder_params=None) -> tuple[TrainState, Any]:
   """A TrainState placed on `mesh` by the sharding rules, and its shardings; a fine-tuned
@@ -116,31 +98,18 @@ def init_state(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                       params if cfg.ema_decay else None)
   encoder_params = encoder_params if model.encoder is not None else None
-  shardings = parallel.param_shardings(jax.eval_shape(init, encoder_params), sharding_rules(cfg),
-                                       mesh)
+  shardings = parallel.param_shardings(jax.eval_shape(init, encoder_params),
+                                       cfg.spec.sharding_rules(cfg), mesh)
   return jax.jit(init, out_shardings=shardings)(encoder_params), shardings
-
-
-def bert4rec_gradient(gradient: Callable, batch, rng: jax.Array, cfg: RecConfig,
-                      mask_token: int):
-  """`gradient(inputs, targets)` of BERT4Rec's masked task on the window ending at the last
-  target: with probability `mask_last_ratio` (drawn per batch, RecBole's ft_ratio) only the last
-  item is masked, and then the last block and the logits run for that column alone; otherwise a
-  random `mask_ratio` of the items."""
-  last = batch["targets"][:, -1] if batch["targets"].ndim == 2 else batch["targets"]
-  window = jnp.concatenate([batch["inputs"][:, 1:], last[:, None]], 1)
-  return jax.lax.cond(
-      jax.random.bernoulli(jax.random.fold_in(rng, 1), cfg.mask_last_ratio),
-      lambda: gradient(*bert4rec.mask_last(window, mask_token)),
-      lambda: gradient(*bert4rec.mask_items(rng, window, cfg.mask_ratio, mask_token)))
 
 
 def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfig,
                     state_shardings, mesh: jax.sharding.Mesh) -> Callable:
-  """The jitted `step(state, batch, side) -> (state, {"loss", "grad_norm"})`."""
-  cfg = cfg.resolved()
+  """The jitted `step(state, batch, side) -> (state, {"loss", "grad_norm"})` of `cfg` (resolved)
+  on the backbone's training task."""
   key = jax.random.key(cfg.seed)
-  targets_per_row = recommender.targets_per_row(cfg)
+  task = cfg.spec.task
+  targets_per_row = task.targets_per_row(cfg)
 
   def step(state: TrainState, batch, side):
     dropout_rng, mask_rng, negative_rng = jax.random.split(jax.random.fold_in(key, state.step), 3)
@@ -155,10 +124,7 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
     def gradient(inputs, targets):
       return jax.value_and_grad(loss_of)(state.params, inputs, targets)
 
-    if cfg.backbone == "bert4rec":
-      value, grads = bert4rec_gradient(gradient, batch, mask_rng, cfg, model.num_items + 1)
-    else:
-      value, grads = gradient(batch["inputs"], batch["targets"])
+    value, grads = task.gradient(gradient, batch, mask_rng, cfg, model.num_items)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = (None if state.ema_params is None else
@@ -180,9 +146,9 @@ def make_eval_step(model: SLIM, cfg: RecConfig,
 
   Full ranking over the catalogue (padding excluded; the visible history too when
   `rec.exclude_history`). Given the training `popularity` it also returns each user's "top" 20
-  items and "sampled_ranks", the rank among `rec.sampled_negatives` sampled negatives.
+  items and "sampled_ranks", the rank among `rec.sampled_negatives` sampled negatives. `cfg` is
+  resolved.
   """
-  cfg = cfg.resolved()
   key = jax.random.key(cfg.seed + 1)
   weights = jnp.asarray(popularity) if cfg.sampled_eval == "popularity" else None
   k = min(TOP_K, model.num_items)
@@ -248,19 +214,20 @@ def popularity_ranks(popularity: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def device_sides(sides: dict | None, mesh: jax.sharding.Mesh) -> dict[str, dict]:
-  """Each split's side inputs (`slim.side_inputs`) replicated on `mesh` (None: the plain
+  """Each split's side inputs (`side_inputs.side_inputs`) replicated on `mesh` (None: the plain
   backbone's, {} per split)."""
-  sides = sides or slim.side_inputs(None, 0, SlimConfig(), "plain")
+  sides = sides or side_inputs.side_inputs(None, 0, SlimConfig(), "plain")
   return jax.device_put(sides, parallel.replicated(mesh))
 
 
 def training_phases(cfg: RecConfig) -> list[RecConfig]:
-  """The configs trained one after the other, each from the best state so far (metrics.json's
-  "phase" says whose state it reports; its history rows say which phase they come from)."""
+  """The configs trained one after the other (`cfg` resolved, so are they), each from the best
+  state so far (metrics.json's "phase" says whose state it reports; its history rows say which
+  phase they come from)."""
   if not cfg.finish_on_prefixes:
     return [cfg]
-  return [cfg, dataclasses.replace(cfg, train_mode="last_position", stride=None, batch=None,
-                                   finish_on_prefixes=False).resolved()]
+  return [cfg, dataclasses.replace(cfg, train_mode="last_position", batch=recommender.PREFIX_BATCH,
+                                   finish_on_prefixes=False)]
 
 
 def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
@@ -272,12 +239,13 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   workdir/metrics.json (also returned) and workdir/ranked_test.npz (each test user's ranks, full
   and among the sampled negatives, and top-20 list: the per-user paired tests read them).
 
-  `encoded` is what `encode.load_encoded` returns, needed by every mode but "plain" and
-  "popularity" (teacher_rationales: with the teacher's, `encode.encode_teacher`); `encoder`
+  `encoded` is what `encode.load_encoded` returns (the teacher's rationales too, for
+  teacher_rationales), needed by every mode but "plain" and "popularity"; `encoder`
   the MiniLM that `slim.finetune_encoder` trains (from encoder.checkpoint). Resumes
   from workdir/checkpoints when a previous run was interrupted (and from
   workdir/prefixes/checkpoints in the prefix finish, `rec.finish_on_prefixes`). `mesh` defaults
-  to data parallelism over every device.
+  to data parallelism over every device. `cfg` is resolved here, once (a resolved config stays as
+  it is); the functions above take it resolved.
   """
   cfg = cfg.resolved()
   host.keep_freed_memory()
@@ -287,7 +255,8 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
   model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg, encoder)
   popularity = prepared.item_popularity()
-  sides = device_sides(slim.side_inputs(encoded, model.rows, slim_cfg, mode, popularity), mesh)
+  sides = device_sides(side_inputs.side_inputs(encoded, model.rows, slim_cfg, mode,
+                                                  popularity), mesh)
   training_data = lambda phase: loader.next_item_training(
       prepared, max_len=cfg.max_len, batch_size=phase.batch, seed=cfg.seed, mesh=mesh,
       per_position=phase.train_mode == "per_position", stride=phase.stride)
@@ -344,7 +313,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   multihost.write(workdir / layout.RANKED_TEST, lambda staged: np.savez(
       staged, users=ranked["users"], ranks=ranked["ranks"],
       sampled_ranks=ranked["sampled_ranks"], top=ranked["top"]))
-  teacher = ({"users_with_teacher_rationale": slim.teacher_users(encoded)}
+  teacher = ({"users_with_teacher_rationale": side_inputs.teacher_users(encoded)}
              if mode == "teacher_rationales" else {})
   summary = {"backbone": cfg.backbone, "mode": mode, "config": dataclasses.asdict(cfg),
              "slim": dataclasses.asdict(slim_cfg),

@@ -3,12 +3,10 @@
 Prompts are left-padded to a bucket (a power of two or three quarters of one), so one compiled
 program (prefill, then a lax.while_loop of single-token decode steps) serves every prompt length
 in the bucket. The loop stops when every row has emitted a stop token or max_new_tokens is
-reached. Stop strings need the text, so with them the host decodes the rows every few tokens,
-between calls of one compiled loop (`prefill`, then `decode` up to a traced step), and ends the
-rows that contain one. Works with LoRA (pass {"params", "lora"}, or merged params) and on a
-sharded mesh (under jax.set_mesh).
+reached. Works with LoRA (pass {"params", "lora"}, or merged params) and on a sharded mesh (under
+jax.set_mesh).
 
-  python -m slim_jax.generate --checkpoint=<HF directory or .gguf> \
+  python -m slim_jax.sampler --checkpoint=<HF directory or .gguf> \
       --prompt="Suggest three sci-fi movies for someone who loved Alien."
 """
 
@@ -16,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -178,12 +176,11 @@ def _prefill(model: Llama, variables, tokens, mask, key, sampling: SamplingConfi
   return _emit(state, logits, sampling, jnp.asarray(stop_ids, jnp.int32), pad_id)
 
 
-def _decode(model: Llama, variables, state: DecodeState, until, sampling: SamplingConfig,
+def _decode(model: Llama, variables, state: DecodeState, sampling: SamplingConfig,
             stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-  """Single-token decode steps until `until` tokens are out, max_new_tokens, or all rows done."""
+  """Single-token decode steps until max_new_tokens are out or all rows are done."""
   batch, steps = state.out.shape
   prompt_len = state.mask.shape[1] - steps
-  until = jnp.minimum(until, steps)
   stops = jnp.asarray(stop_ids, jnp.int32)
 
   def step(state):
@@ -193,13 +190,10 @@ def _decode(model: Llama, variables, state: DecodeState, until, sampling: Sampli
     logits, cache = model.apply(variables, previous, mask, state.cache, slot, last_only=True)
     return _emit(state._replace(cache=cache, mask=mask), logits, sampling, stops, pad_id)
 
-  return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), step, state)
+  return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done), step, state)
 
 
-_STATIC = ("model", "sampling", "stop_ids", "pad_id")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_ids", "pad_id"))
 def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: SamplingConfig,
                     stop_ids: tuple[int, ...], pad_id: int):
   """New tokens [B, max_new_tokens] after left-padded prompts `tokens`/`mask` [B, P], in one
@@ -208,23 +202,7 @@ def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: Sam
   Each row ends with its first stop token, followed by pad_id.
   """
   state = _prefill(model, variables, tokens, mask, key, sampling, stop_ids, pad_id)
-  return _decode(model, variables, state, sampling.max_new_tokens, sampling, stop_ids, pad_id).out
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def prefill(model: Llama, variables, tokens, mask, key, *, sampling: SamplingConfig,
-            stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-  """The decode state after the prompts and the first new token, for `decode`."""
-  return _prefill(model, variables, tokens, mask, key, sampling, stop_ids, pad_id)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def decode(model: Llama, variables, state: DecodeState, until, stopped, *,
-           sampling: SamplingConfig, stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-  """Continues `state` until `until` tokens are out (a traced scalar: one program serves every
-  chunk) or every row is done; rows `stopped` [B] by the caller count as done (emit pad_id)."""
-  state = state._replace(done=state.done | stopped)
-  return _decode(model, variables, state, until, sampling, stop_ids, pad_id)
+  return _decode(model, variables, state, sampling, stop_ids, pad_id).out
 
 
 def bucket(length: int, minimum: int = 16) -> int:
@@ -248,63 +226,31 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
 
 
 def generate_ids(model: Llama, variables, prompts: Sequence[Sequence[int]], key,
-                 sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int,
-                 should_stop: Callable[[list[int]], bool] | None = None,
-                 check_every: int = 16) -> list[list[int]]:
+                 sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int
+                 ) -> list[list[int]]:
   """Generated ids per prompt, up to and excluding the first stop token. Under a mesh that spans
-  processes, every process passes the same prompts and gets every row back.
-
-  With `should_stop`, decoding pauses every `check_every` tokens; a row whose ids so far satisfy
-  it ends there (its ids are cut at that point) and decoding stops once every row has ended, so
-  a stop that only the host can see (a stop string) saves the rest of max_new_tokens. Without
-  it, prefill and decoding are one compiled call.
-  """
+  processes, every process passes the same prompts and gets every row back."""
   tokens, mask = left_pad(prompts, pad_id)
   mesh = jax.sharding.get_mesh()
   if not mesh.empty:  # global inputs: the mesh may span processes
     tokens, mask = parallel.global_rows(tokens, mesh), parallel.global_rows(mask, mesh)
     key = jax.random.wrap_key_data(parallel.global_rows(
         np.asarray(jax.random.key_data(key)), mesh, split=False), impl=jax.random.key_impl(key))
-  static = dict(sampling=sampling, stop_ids=tuple(stop_ids), pad_id=pad_id)
-  steps = sampling.max_new_tokens
-  ends = np.full(len(prompts), steps)
-  if should_stop is None:
-    out = parallel.to_host(generate_tokens(model, variables, tokens, mask, key, **static))
-  else:
-    state = prefill(model, variables, tokens, mask, key, **static)
-    stopped = np.zeros(len(prompts), bool)
-    while True:
-      step, out, done = (int(parallel.to_host(state.step)), parallel.to_host(state.out),
-                         parallel.to_host(state.done))
-      for row in np.flatnonzero(~stopped & ~done):
-        if should_stop(out[row, :step].tolist()):
-          stopped[row], ends[row] = True, step
-      if step >= steps or (stopped | done).all():
-        break
-      until = (step // check_every + 1) * check_every  # on multiples of check_every
-      rows = stopped if mesh.empty else parallel.global_rows(stopped, mesh)
-      state = decode(model, variables, state, until, rows, **static)
+  out = parallel.to_host(generate_tokens(model, variables, tokens, mask, key, sampling=sampling,
+                                         stop_ids=tuple(stop_ids), pad_id=pad_id))
   results = []
-  for row, end in zip(out, ends):
-    stop = np.flatnonzero(np.isin(row[:end], stop_ids))
-    results.append(row[:stop[0] if len(stop) else end].tolist())
+  for row in out:
+    stop = np.flatnonzero(np.isin(row, stop_ids))
+    results.append(row[:stop[0] if len(stop) else len(row)].tolist())
   return results
 
 
 def generate_text(model: Llama, variables, tokenizer, prompts: Sequence[Sequence[int]], key,
-                  sampling: SamplingConfig = SamplingConfig(), stop: Sequence[str] = (),
-                  check_every: int = 16) -> list[str]:
-  """Decoded completions of token-id prompts, cut at EOS and at the first stop string. A row
-  stops decoding within `check_every` tokens of its text containing a stop string."""
+                  sampling: SamplingConfig = SamplingConfig()) -> list[str]:
+  """Decoded completions of token-id prompts, cut at EOS."""
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  decode_text = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-  should_stop = (lambda ids: any(marker in decode_text(ids) for marker in stop)) if stop else None
-  ids = generate_ids(model, variables, prompts, key, sampling, [tokenizer.eos_token_id], pad_id,
-                     should_stop, check_every)
-  texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-  for marker in stop:
-    texts = [text.split(marker, 1)[0] for text in texts]
-  return texts
+  ids = generate_ids(model, variables, prompts, key, sampling, [tokenizer.eos_token_id], pad_id)
+  return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def chat_prompt(tokenizer, user: str, system: str | None = None) -> list[int]:

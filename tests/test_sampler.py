@@ -1,8 +1,5 @@
-"""Generation with a KV cache: equal to recomputing everything, to transformers' generate, across
-left padding, LoRA and meshes; compiled once per prompt bucket; stop strings end decoding early."""
-
-import contextlib
-from unittest import mock
+"""Sampling with a KV cache: equal to recomputing everything, to transformers' generate, across
+left padding, LoRA and meshes; compiled once per prompt bucket."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +7,8 @@ import numpy as np
 import torch
 from absl.testing import absltest, parameterized
 
-from slim_jax import assets, checkpoints, generate, parallel
-from slim_jax.generate import SamplingConfig
+from slim_jax import assets, checkpoints, parallel, sampler
+from slim_jax.sampler import SamplingConfig
 from slim_jax.models import llama, lora as lora_lib
 from slim_jax.models.llama import Llama
 from slim_jax.models.lora import LoraConfig
@@ -23,37 +20,13 @@ NO_STOP = (-1,)
 
 
 def _generate(model, variables, prompts, sampling=GREEDY, stop_ids=NO_STOP, key=0):
-  return generate.generate_ids(model, variables, prompts, jax.random.key(key), sampling,
-                               stop_ids, pad_id=0)
+  return sampler.generate_ids(model, variables, prompts, jax.random.key(key), sampling,
+                              stop_ids, pad_id=0)
 
 
 def _prompts(lengths, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(1, TINY.vocab_size, n).tolist() for n in lengths]
-
-
-@contextlib.contextmanager
-def _recording_decode_calls():
-  """Yields the list of `until` (tokens to decode up to) of every generate.decode call."""
-  calls, decode = [], generate.decode
-
-  def recording(model, variables, state, until, *args, **kwargs):
-    calls.append(int(until))
-    return decode(model, variables, state, until, *args, **kwargs)
-
-  with mock.patch.object(generate, "decode", recording):
-    yield calls
-
-
-class _LetterTokenizer:
-  """Token id i decodes to the letter i % 26 (id 0 is the pad and EOS and decodes to nothing)."""
-  pad_token_id = eos_token_id = 0
-
-  def decode(self, ids, skip_special_tokens=True):
-    return "".join(chr(ord("a") + i % 26) for i in ids if i)
-
-  def batch_decode(self, rows, skip_special_tokens=True):
-    return [self.decode(ids) for ids in rows]
 
 
 class TinyGenerateTest(parameterized.TestCase):
@@ -79,12 +52,12 @@ class TinyGenerateTest(parameterized.TestCase):
 
   def test_compiles_once_per_bucket(self):
     _generate(self.model, self.variables, _prompts([9]))
-    before = generate.generate_tokens._cache_size()
+    before = sampler.generate_tokens._cache_size()
     _generate(self.model, self.variables, _prompts([12]))
     _generate(self.model, self.variables, _prompts([16]))
-    self.assertEqual(generate.generate_tokens._cache_size(), before)
+    self.assertEqual(sampler.generate_tokens._cache_size(), before)
     _generate(self.model, self.variables, _prompts([17]))
-    self.assertEqual(generate.generate_tokens._cache_size(), before + 1)
+    self.assertEqual(sampler.generate_tokens._cache_size(), before + 1)
 
   def test_stops_at_stop_tokens(self):
     prompts = _prompts([4, 6])
@@ -92,38 +65,10 @@ class TinyGenerateTest(parameterized.TestCase):
     stop = free[0][2]
     stopped = _generate(self.model, self.variables, prompts, stop_ids=(stop,))
     self.assertEqual(stopped[0], free[0][:free[0].index(stop)])
-    out = generate.generate_tokens(
-        self.model, self.variables, *generate.left_pad(prompts[:1], 0), jax.random.key(0),
+    out = sampler.generate_tokens(
+        self.model, self.variables, *sampler.left_pad(prompts[:1], 0), jax.random.key(0),
         sampling=GREEDY, stop_ids=(stop,), pad_id=0)
     self.assertEqual(np.asarray(out)[0, 3:].tolist(), [0] * (GREEDY.max_new_tokens - 3))
-
-  def test_host_stop_ends_decoding_early(self):
-    prompts = _prompts([4, 6])
-    free = _generate(self.model, self.variables, prompts, SamplingConfig(64))
-    with _recording_decode_calls() as calls:
-      stopped = generate.generate_ids(
-          self.model, self.variables, prompts, jax.random.key(0), SamplingConfig(64), NO_STOP,
-          pad_id=0, should_stop=lambda ids: len(ids) >= 20, check_every=8)
-    # checked after tokens 1, 8, 16 and 24: both rows end at 24 tokens, never decoding to 64
-    self.assertEqual(calls, [8, 16, 24])
-    self.assertEqual(stopped, [row[:24] for row in free])
-
-  def test_stop_strings_end_decoding_early(self):
-    tokenizer = _LetterTokenizer()
-    prompts = _prompts([4, 6])
-    free = generate.generate_text(self.model, self.variables, tokenizer, prompts,
-                                  jax.random.key(0), SamplingConfig(64))
-    markers = [text[10:12] for text in free]  # each first seen within 16 tokens of its row
-    with _recording_decode_calls() as calls:
-      cut = generate.generate_text(self.model, self.variables, tokenizer, prompts,
-                                   jax.random.key(0), SamplingConfig(64), stop=markers)
-    # one chunk of 16 tokens, then the host sees a stop string in every row: no decoding to 64
-    self.assertEqual(calls, [16])
-    expected = free
-    for marker in markers:
-      expected = [text.split(marker, 1)[0] for text in expected]
-    self.assertEqual(cut, expected)
-    self.assertLessEqual(len(cut[0]), 10)
 
   def test_sampling(self):
     prompts = _prompts([5, 5])
@@ -139,7 +84,7 @@ class TinyGenerateTest(parameterized.TestCase):
 
   def test_top_k_and_top_p_keep_only_the_head(self):
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    counts = lambda s: np.bincount(np.asarray(generate.sample(logits, jax.random.key(0), s)),
+    counts = lambda s: np.bincount(np.asarray(sampler.sample(logits, jax.random.key(0), s)),
                                    minlength=4)
     top_k = counts(SamplingConfig(temperature=1.0, top_k=2))
     self.assertEqual(top_k[2:].tolist(), [0, 0])
@@ -161,7 +106,7 @@ class TinyGenerateTest(parameterized.TestCase):
   def test_repetition_penalty_applies_only_to_generated_tokens(self):
     logits = jnp.array([[2.0, -1.0, 3.0, 0.5]])
     generated = jnp.array([[True, True, False, False]])
-    np.testing.assert_allclose(generate.penalize_repeats(logits, generated, 2.0),
+    np.testing.assert_allclose(sampler.penalize_repeats(logits, generated, 2.0),
                                [[1.0, -2.0, 3.0, 0.5]])
     prompts = _prompts([6])
     penalized = _generate(self.model, self.variables, prompts,
@@ -205,10 +150,10 @@ class SmolLM2GenerateTest(absltest.TestCase):
     cls.config, cls.params, cls.tokenizer = checkpoints.load(assets.path("smollm2"))
 
   def test_greedy_32_tokens_equal_transformers_generate(self):
-    prompts = [generate.chat_prompt(self.tokenizer, text) for text in (
+    prompts = [sampler.chat_prompt(self.tokenizer, text) for text in (
         "Name three movies similar to The Matrix.", "What is 12 times 7?")]
-    ours = generate.generate_ids(Llama(self.config), {"params": self.params}, prompts,
-                                 jax.random.key(0), SamplingConfig(32), (2,), pad_id=2)
+    ours = sampler.generate_ids(Llama(self.config), {"params": self.params}, prompts,
+                                jax.random.key(0), SamplingConfig(32), (2,), pad_id=2)
     torch_model = ref.torch_model(self.config, self.params)
     for prompt, tokens in zip(prompts, ours):
       with torch.no_grad():
@@ -218,15 +163,11 @@ class SmolLM2GenerateTest(absltest.TestCase):
       self.assertEqual(tokens, theirs[:theirs.index(2)] if 2 in theirs else theirs)
       self.assertGreater(len(tokens), 3)
 
-  def test_generate_text_answers_and_cuts_at_stop_strings(self):
-    prompt = generate.chat_prompt(self.tokenizer, "What is the capital of France?")
-    model, variables = Llama(self.config), {"params": self.params}
-    (answer,) = generate.generate_text(model, variables, self.tokenizer, [prompt],
-                                       jax.random.key(0), SamplingConfig(24))
+  def test_generate_text_answers(self):
+    prompt = sampler.chat_prompt(self.tokenizer, "What is the capital of France?")
+    (answer,) = sampler.generate_text(Llama(self.config), {"params": self.params}, self.tokenizer,
+                                      [prompt], jax.random.key(0), SamplingConfig(24))
     self.assertIn("Paris", answer)
-    (cut,) = generate.generate_text(model, variables, self.tokenizer, [prompt],
-                                    jax.random.key(0), SamplingConfig(24), stop=["Paris"])
-    self.assertEqual(cut, answer.split("Paris")[0])
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class Stage:
   # spans the processes, and fetch, whose asset store is each host's own. Process 0 alone runs
   # the others (an HTTP teacher then sends each request once in the whole job).
   everywhere: Callable[[Config], bool] = lambda cfg: True
+  # The version of what the stage writes: raising it runs the stage again in work directories
+  # whose DONE an older layout of its files wrote (0, the first layout, is left out of DONE).
+  artifacts: int = 0
 
 
 def _fetch(cfg: Config, out: pathlib.Path) -> dict:
@@ -167,7 +170,8 @@ STAGES: dict[str, Stage] = {
               everywhere=lambda cfg: cfg.teacher.kind != "openai"),
         Stage(layout.DISTILL, _distill, _UPSTREAM_OF_STUDENT),
         Stage(layout.GENERATE, _generate, (*_UPSTREAM_OF_STUDENT, "student")),
-        Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder")),
+        Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder"),
+              artifacts=1),  # 1: rationale vectors keyed by user id, the teacher's too
         Stage(layout.TRAIN, _train, _RECOMMENDERS, restart_on_change=True),
         Stage(layout.REPORT, _report, _RECOMMENDERS, restart_on_change=True,
               everywhere=_NOWHERE_ELSE),
@@ -178,8 +182,9 @@ STAGES: dict[str, Stage] = {
 def _fingerprint(cfg: Config, stage: Stage) -> dict:
   """The stage's config sections as JSON reads them back (tuples become lists), so that a
   fingerprint compares equal to the one a DONE file holds."""
-  return json.loads(json.dumps({section: dataclasses.asdict(getattr(cfg, section))
-                                for section in stage.sections}))
+  sections = {section: dataclasses.asdict(getattr(cfg, section)) for section in stage.sections}
+  return json.loads(json.dumps(
+      sections | ({"artifacts": stage.artifacts} if stage.artifacts else {})))
 
 
 def _done(out: pathlib.Path) -> dict | None:

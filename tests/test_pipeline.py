@@ -7,6 +7,7 @@ The teacher is the fault-injecting OpenAI-compatible server (no faults here), si
 student never writes a complete rationale; everything else is the project's own code.
 """
 
+import dataclasses
 import json
 import pathlib
 import signal
@@ -17,7 +18,8 @@ import time
 import numpy as np
 from absl.testing import absltest
 
-from slim_jax import encode, rationales
+from slim_jax import encode, pipeline, rationales
+from slim_jax.config import Config
 from slim_jax.data import preprocess
 from tests.fixtures import ROOT, TinyPipelineTest
 
@@ -97,6 +99,20 @@ class PipelineTest(TinyPipelineTest):
       (source,) = np.flatnonzero((vectors_before["user_ids"] == user_id)
                                  & (vectors_before["splits"] == "valid"))
       np.testing.assert_allclose(table[row], vectors_before["vectors"][source], atol=1e-6)
+
+
+class StageDecisionTest(absltest.TestCase):
+
+  def test_a_new_artifact_layout_runs_a_complete_stage_again(self):
+    out = pathlib.Path(self.create_tempdir().full_path) / "stage"
+    old = pipeline.Stage("stage", lambda cfg, out: {}, ("data",))
+    cfg = Config()
+    self.assertEqual(pipeline._prepare_stage(old, cfg, out), pipeline._RUN)
+    (out / "DONE").write_text(json.dumps({"config": pipeline._fingerprint(cfg, old)}))
+    self.assertEqual(pipeline._prepare_stage(old, cfg, out), pipeline._SKIP)
+    self.assertEqual(pipeline._prepare_stage(dataclasses.replace(old, artifacts=1), cfg, out),
+                     pipeline._RUN)
+    self.assertFalse((out / "DONE").exists())
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """The rationale quality filter, rule by rule on constructed texts, and the quality measures on
 constructed rationales whose values are known."""
 
+import dataclasses
+
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from slim_jax import quality
 from slim_jax.data.formats import ItemMeta
 from slim_jax.prompts import PromptConfig
+from tests import fixtures
 
 PCFG = PromptConfig(domain="movies")
 HISTORY = ("Comedy", "Drama", "Sci-Fi")
@@ -52,26 +55,16 @@ class RejectionTest(parameterized.TestCase):
     self.assertIsNone(quality.rejection(plain, False, (), PCFG))
 
 
-class _Split:
-
-  def __init__(self, users, targets):
-    self.users, self.targets = np.asarray(users), np.asarray(targets)
-
-
-class _Prepared:
-  """What quality.measure reads of a Prepared: item metadata and the validation targets."""
-
-  def __init__(self, genres, targets):
-    self.item_meta = (ItemMeta(),) + tuple(ItemMeta(categories=(g,)) for g in genres)
-    self._valid = _Split(range(len(targets)), targets)
-
-  def split(self, name):
-    assert name == "valid"
-    return self._valid
+def prepared_with(genres, targets):
+  """Prepared data whose item i has genre genres[i - 1] and whose user u's validation target is
+  targets[u] (each sequence is its target three times: seq[-2] is the validation target)."""
+  prepared = fixtures.prepared_from_sequences([[t] * 3 for t in targets], len(genres))
+  return dataclasses.replace(
+      prepared, item_meta=(ItemMeta(),) + tuple(ItemMeta(categories=(g,)) for g in genres))
 
 
 def rows_naming(genres):
-  return [{"user": u, "split": "valid",
+  return [{"user_id": f"u{u}", "split": "valid",
            "text": f"Step 1: likes {g}.\nStep 2: {g} next.\nStep 3: a {g} film."}
           for u, g in enumerate(genres)]
 
@@ -80,7 +73,7 @@ class MeasureTest(absltest.TestCase):
 
   def test_lift_when_each_step_two_names_its_users_next_genre(self):
     genres = ["Comedy", "Drama", "Horror", "Western"]
-    prepared = _Prepared(genres, targets=[1, 2, 3, 4] * 5)  # user u's next item has genre u % 4
+    prepared = prepared_with(genres, targets=[1, 2, 3, 4] * 5)  # user u's next item has genre u % 4
     measured = quality.measure(rows_naming(genres * 5), requests=25, prepared=prepared)
     predictive = measured["predictive"]
     self.assertEqual((predictive["users"], predictive["hit"]), (20, 1.0))
@@ -91,15 +84,13 @@ class MeasureTest(absltest.TestCase):
     self.assertEqual((measured["accepted_share"], measured["distinct_share"]), (0.8, 4 / 20))
 
   def test_no_lift_when_step_two_ignores_the_user(self):
-    genres = ["Comedy", "Drama"] * 10
-    prepared = _Prepared(["Comedy", "Drama"], targets=[1, 2] * 10)
+    prepared = prepared_with(["Comedy", "Drama"], targets=[1, 2] * 10)
     rows = rows_naming(["Comedy"] * 20)  # everyone gets the same guess
     predictive = quality.measure(rows, 20, prepared)["predictive"]
     self.assertAlmostEqual(predictive["lift"], 1.0)
     low, high = predictive["lift_interval"]
     self.assertLessEqual(low, 1.0)
     self.assertGreaterEqual(high, 1.0)
-    del genres
 
   def test_centered_cosine(self):
     rng = np.random.default_rng(0)

@@ -63,7 +63,7 @@ def build_model(cfg: RecConfig, num_items: int, table_multiple: int = 1, mode: s
   finetune = slim.finetune_encoder and mode in RATIONALE_MODES and mode not in UNTRAINED_MODES
   if finetune and encoder is None:
     raise ValueError("slim.finetune_encoder needs the encoder checkpoint (a MiniLM directory)")
-  return SLIM(mode, slim.checked(), num_items, cfg.spec.table_rows(num_items, table_multiple),
+  return SLIM(mode, slim, num_items, cfg.spec.table_rows(num_items, table_multiple),
               cfg.hidden, backbone, encoder.config if finetune else None,
               encoder.pooling if finetune else bert.Pooling())
 

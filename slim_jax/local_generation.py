@@ -1,11 +1,11 @@
 """Local generation of rationales, shared by the local teacher and the student.
 
 Apart from `rationales` (requests, cache, files) because only local models need it, and it
-brings the sampler and JAX with it. Prompts go in batches of similar length, each batch filled to
-the same shape; steps are guided ("Step 1:" opens the answer and each line end opens the next
-step; see `sampler.SamplingConfig`); candidates are sampled, best of k: a user whose candidate is
-rejected gets another, up to `candidates`, the retries with twice the token budget when the last
-one ran out of tokens.
+brings JAX with it. Every request goes through the serving engine (`engine`: continuous
+batching, the prompts' shared prefix prefilled once); steps are guided ("Step 1:" opens the
+answer and each line end opens the next step; see `sampler.SamplingConfig`); candidates are
+sampled, best of k: a user whose candidate is rejected gets another at once, up to
+`candidates`, with twice the token budget when the last one ran out of tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 from absl import logging
 
-from slim_jax import checks, parallel, progress, prompts, quality, rationales, sampler
+from slim_jax import checks, engine, parallel, progress, prompts, quality, rationales, sampler
 from slim_jax.prompts import PromptConfig
 from slim_jax.rationales import Request
 
@@ -66,10 +66,9 @@ def line_end_ids(tokenizer) -> tuple[int, ...]:
 
 
 def batch_rows(requests: int, batch_size: int) -> int:
-  """Rows per generation call for `requests` prompts: `batch_size` (rounded up to a multiple of
-  the mesh's batch devices, which split each batch), or for fewer prompts (a retry round) the
-  smallest power of two times those devices that holds them, so a handful of retries does not
-  pay for a whole batch and few shapes are ever compiled."""
+  """Engine slots for `requests` prompts: `batch_size` (rounded up to a multiple of the mesh's
+  batch devices, which split the rows), or for fewer prompts the smallest power of two times
+  those devices that holds them."""
   mesh = jax.sharding.get_abstract_mesh()
   multiple = 1 if mesh.empty else parallel.batch_size_multiple(mesh)
   return min(-(-batch_size // multiple) * multiple,
@@ -85,8 +84,6 @@ class _Pending:
   completion_tokens: int = 0
   seconds: float = 0.0
   rejections: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  last: str | None = None  # the last candidate's rejection
-  recorded: bool = False
 
 
 def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: PromptConfig, model,
@@ -96,59 +93,56 @@ def generate_local(requests: Sequence[Request], decoding: Decoding, pcfg: Prompt
   `decoding.candidates` rejected ones (with `keep_rejected`, the last of them instead, marked).
   Returns (generated tokens, seconds).
 
-  Each round draws one candidate for every request still pending, in batches of similar prompt
-  length; a short batch is filled with repeats of its last prompt so that every call has the
-  same shape (no recompilation), and the repeats are dropped. Greedy decoding draws one
-  candidate only: another would be the same.
+  The requests go through the serving engine (`engine.serve`), shortest prompts first, so that
+  neighbouring insertions share a length bucket; a rejected candidate's request goes back in the
+  queue at once, its next candidate with twice the token budget when this one ran out of tokens.
+  Candidate c of request i samples with fold_in(fold_in(key(seed), c), i). Greedy decoding
+  draws one candidate only: another would be the same.
   """
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  first = sampling_config(decoding, tokenizer, pcfg)
-  open_ = sorted((_Pending(r, rationales.chat_ids(tokenizer, r.messages, r.prefill))
-                  for r in requests), key=lambda p: len(p.prompt_ids))
-  rounds = decoding.candidates if decoding.temperature > 0 else 1
-  start, produced, written = time.monotonic(), 0, 0
-  for round_ in range(rounds):
-    longer = dataclasses.replace(first, max_new_tokens=2 * first.max_new_tokens)
-    for group, sampling in (([p for p in open_ if p.last == "truncated"], longer),
-                            ([p for p in open_ if p.last != "truncated"], first)):
-      if not group:
-        continue
-      rows = batch_rows(len(group), decoding.batch_size)
-      with progress.bar(len(group), f"{label}: round {round_ + 1} of {rounds}",
-                        "request") as bar:
-        for index in range(0, len(group), rows):
-          batch = group[index:index + rows]
-          filled = [p.prompt_ids for p in batch]
-          filled += [filled[-1]] * (rows - len(batch))
-          key = jax.random.fold_in(jax.random.fold_in(jax.random.key(decoding.seed), round_),
-                                   written + index)
-          batch_start = time.monotonic()
-          outputs = sampler.generate_ids(model, variables, filled, key, sampling,
-                                         [tokenizer.eos_token_id], pad_id)
-          seconds = (time.monotonic() - batch_start) / len(batch)
-          for pending_, ids in zip(batch, outputs):
-            text = pending_.request.prefill + tokenizer.decode(ids, skip_special_tokens=True)
-            truncated = len(ids) >= sampling.max_new_tokens
-            reason = quality.rejection(text, truncated, pending_.request.history_attributes, pcfg)
-            pending_.drawn += 1
-            pending_.completion_tokens += len(ids)
-            pending_.seconds += seconds
-            produced += len(ids)
-            if reason:
-              pending_.rejections[reason] += 1
-              pending_.last = reason
-            if not reason or pending_.drawn == rounds:
-              writer.append(_local_record(pending_, label, text.strip(), reason, keep_rejected))
-              pending_.recorded = True
-          bar.update(len(batch))
-      written += len(group)
-    open_ = [p for p in open_ if not p.recorded]
-    logging.info("%s: round %d of %d, %d requests still without an accepted rationale, "
-                 "%.1f generated tokens/s", label, round_ + 1, rounds, len(open_),
-                 produced / max(time.monotonic() - start, 1e-9))
-    if not open_:
-      break
-  return produced, time.monotonic() - start
+  sampling = sampling_config(decoding, tokenizer, pcfg)
+  candidates = decoding.candidates if decoding.temperature > 0 else 1
+  if candidates > 1:  # room for a retry's longer budget
+    sampling = dataclasses.replace(sampling, max_new_tokens=2 * decoding.max_tokens)
+  todo = sorted((_Pending(r, rationales.chat_ids(tokenizer, r.messages, r.prefill))
+                 for r in requests), key=lambda p: len(p.prompt_ids))
+  if not todo:
+    return 0, 0.0
+  seed = jax.random.key(decoding.seed)
+  job = lambda index, pending_, budget: engine.Job(
+      pending_.prompt_ids, jax.random.fold_in(jax.random.fold_in(seed, pending_.drawn), index),
+      budget, (index, pending_))
+  start, produced = time.monotonic(), 0
+  with progress.bar(len(todo), f"{label}: {candidates} candidate(s) at most", "request") as bar:
+
+    def on_done(job_: engine.Job, ids: list[int], seconds: float) -> list[engine.Job]:
+      nonlocal produced
+      index, pending_ = job_.tag
+      text = pending_.request.prefill + tokenizer.decode(ids, skip_special_tokens=True)
+      truncated = len(ids) >= job_.max_new_tokens
+      reason = quality.rejection(text, truncated, pending_.request.history_attributes, pcfg)
+      pending_.drawn += 1
+      pending_.completion_tokens += len(ids)
+      pending_.seconds += seconds
+      produced += len(ids)
+      if reason:
+        pending_.rejections[reason] += 1
+        if pending_.drawn < candidates:
+          budget = decoding.max_tokens * (2 if reason == "truncated" else 1)
+          return [job(index, pending_, budget)]
+      writer.append(_local_record(pending_, label, text.strip(), reason, keep_rejected))
+      bar.update(1)
+      return []
+
+    prompts_ = [p.prompt_ids for p in todo]
+    engine.serve(model, variables, [job(i, p, decoding.max_tokens) for i, p in enumerate(todo)],
+                 on_done, sampling=sampling, stop_ids=(tokenizer.eos_token_id,), pad_id=pad_id,
+                 slots=batch_rows(len(todo), decoding.batch_size),
+                 prefix=engine.common_prefix(prompts_), max_prompt_len=max(map(len, prompts_)))
+  seconds = time.monotonic() - start
+  logging.info("%s: %d requests, %d candidates, %.1f generated tokens/s", label, len(todo),
+               sum(p.drawn for p in todo), produced / max(seconds, 1e-9))
+  return produced, seconds
 
 
 def _local_record(pending_: _Pending, label: str, text: str, reason: str | None,

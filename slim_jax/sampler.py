@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from slim_jax import checkpoints, parallel
-from slim_jax.models.llama import Llama, init_cache
+from slim_jax.models.llama import Llama, init_cache, set_cache_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +48,16 @@ class SamplingConfig:
 
 
 def banned_by_ngrams(out, step, n: int):
-  """bool [B, T]: which of out's [B, T] positions hold a token that would, emitted at `step`,
-  repeat an n-gram of the row's first `step` tokens (their (n-1)-token prefix ends the row)."""
+  """bool [B, T]: which of out's [B, T] positions hold a token that would, emitted at each row's
+  `step` [B], repeat an n-gram of the row's first `step` tokens (their (n-1)-token prefix ends
+  the row)."""
   batch, length = out.shape
-  context = jax.vmap(lambda row: jax.lax.dynamic_slice_in_dim(row, step - (n - 1), n - 1))(out)
+  context = jax.vmap(lambda row, at: jax.lax.dynamic_slice_in_dim(row, at - (n - 1), n - 1))(
+      out, step)
   starts = jnp.arange(length)
   window = jnp.stack([jnp.roll(out, -k, axis=1) for k in range(n - 1)], axis=-1)  # [B, T, n-1]
-  matches = jnp.all(window == context[:, None, :], axis=-1) & (starts + n - 1 < step)
-  matches &= step >= n - 1
+  matches = jnp.all(window == context[:, None, :], axis=-1) & (starts + n - 1 < step[:, None])
+  matches &= (step >= n - 1)[:, None]
   return jnp.roll(matches, n - 1, axis=1)  # the position after each matching window
 
 
@@ -102,17 +104,26 @@ def sample(logits, key, sampling: SamplingConfig):
 
 
 class DecodeState(NamedTuple):
-  """The decode loop's carry. out [B, max_new_tokens] holds the tokens emitted so far (step of
-  them per row; pad_id after a row's first stop token), done [B] the rows that have stopped,
-  generated [B, V] (or [B, 0] without a repetition penalty) the tokens each row has emitted;
-  with guided steps, marker [B] the step marker a row is writing (-1: none) and forced [B] how
-  many of its tokens are out, steps [B] the steps it has opened after the first."""
-  step: jax.Array
+  """The decode loop's carry, one row per prompt (per slot of the serving engine, `engine`).
+
+  Each row feeds `last` [B], its newest token, at cache slot `pos` [B]; `out` [B, T] holds the
+  `step` [B] tokens it has emitted, pad_id after them; it stops at a stop token, a guided
+  finish or its token budget `limit` [B]. `done` [B] marks rows that have stopped (or hold no
+  prompt). Row r samples its step s with fold_in(keys[r], s), so its tokens depend on its prompt
+  and key alone, never on the rows beside it. `generated` [B, V] ([B, 0] without a repetition
+  penalty) marks the tokens a row has emitted; with guided steps, `marker` [B] is the step
+  marker a row is writing (-1: none), `forced` [B] how many of its tokens are out and `steps`
+  [B] how many steps it has opened after the first.
+  """
   cache: tuple
   mask: jax.Array
+  pos: jax.Array
+  last: jax.Array
   out: jax.Array
+  step: jax.Array
+  limit: jax.Array
   done: jax.Array
-  key: jax.Array
+  keys: jax.Array
   generated: jax.Array
   marker: jax.Array
   forced: jax.Array
@@ -146,63 +157,84 @@ def _guide(state: DecodeState, sampled, sampling: SamplingConfig):
 
 
 def _emit(state: DecodeState, logits, sampling: SamplingConfig, stops, pad_id: int):
-  key, sub = jax.random.split(state.key)
+  """Every live row's next token from its logits [B, 1, V]: recorded in out, fed next."""
+  live = ~state.done
   logits = penalize_repeats(logits[:, -1].astype(jnp.float32), state.generated,
                             sampling.repetition_penalty)
   logits = forbid_ngram_repeats(logits, state.out, state.step, sampling.no_repeat_ngram)
-  token, state, finished = _guide(state, sample(logits, sub, sampling), sampling)
-  token = jnp.where(state.done, pad_id, token)
-  out = jax.lax.dynamic_update_slice_in_dim(state.out, token[:, None], state.step, axis=1)
+  keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
+  sampled = jax.vmap(lambda row, key: sample(row[None], key, sampling)[0])(logits, keys)
+  token, state, finished = _guide(state, sampled, sampling)
+  token = jnp.where(live, token, pad_id)
+  writes = live[:, None] & (jnp.arange(state.out.shape[1]) == state.step[:, None])
   generated = state.generated
   if sampling.repetition_penalty != 1.0:
-    generated = generated.at[jnp.arange(len(token)), token].set(True)
-  done = state.done | jnp.isin(token, stops) | finished
-  return state._replace(step=state.step + 1, out=out, done=done, key=key, generated=generated)
+    rows = jnp.arange(len(token))
+    generated = generated.at[rows, token].set(generated[rows, token] | live)
+  step = state.step + live
+  done = state.done | (live & (jnp.isin(token, stops) | finished | (step >= state.limit)))
+  return state._replace(pos=state.pos + live, last=token, step=step, done=done,
+                        out=jnp.where(writes, token[:, None], state.out), generated=generated)
 
 
-def _prefill(model: Llama, variables, tokens, mask, key, sampling: SamplingConfig,
-             stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-  """Runs the prompts into a fresh cache of prompt + max_new_tokens slots; emits token 1."""
-  batch, prompt_len = tokens.shape
-  steps = sampling.max_new_tokens
-  cache = init_cache(model.config, batch, prompt_len + steps)
-  mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, steps), bool)], axis=1)
-  logits, cache = model.apply(variables, tokens, mask, cache, 0, last_only=True)
-  vocab = logits.shape[-1] if sampling.repetition_penalty != 1.0 else 0
-  state = DecodeState(jnp.int32(0), cache, mask, jnp.full((batch, steps), pad_id, jnp.int32),
-                      jnp.zeros(batch, bool), key, jnp.zeros((batch, vocab), bool),
-                      jnp.full(batch, -1, jnp.int32), jnp.zeros(batch, jnp.int32),
-                      jnp.zeros(batch, jnp.int32))
-  return _emit(state, logits, sampling, jnp.asarray(stop_ids, jnp.int32), pad_id)
+def decode_step(model: Llama, variables, state: DecodeState, sampling: SamplingConfig, stops,
+                pad_id: int) -> DecodeState:
+  """Feeds every row's last token at its own slot and emits the next: the one decode step of
+  the batched sampler and of the serving engine. Stopped rows go through it unchanged."""
+  rows = jnp.arange(len(state.pos))
+  mask = state.mask.at[rows, state.pos].set(True)
+  logits, cache = model.apply(variables, state.last[:, None], mask, state.cache, state.pos,
+                              last_only=True)
+  return _emit(state._replace(cache=cache, mask=mask), logits, sampling, stops, pad_id)
 
 
-def _decode(model: Llama, variables, state: DecodeState, sampling: SamplingConfig,
-            stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-  """Single-token decode steps until max_new_tokens are out or all rows are done."""
-  batch, steps = state.out.shape
-  prompt_len = state.mask.shape[1] - steps
-  stops = jnp.asarray(stop_ids, jnp.int32)
+def idle_state(config, rows: int, slots: int, sampling: SamplingConfig,
+               pad_id: int) -> DecodeState:
+  """`rows` stopped rows over an empty cache of `slots` slots, room for max_new_tokens each."""
+  vocab = config.vocab_size if sampling.repetition_penalty != 1.0 else 0
+  zeros = lambda: jnp.zeros(rows, jnp.int32)  # a buffer each: the engine donates the state
+  return DecodeState(
+      init_cache(config, rows, slots), jnp.zeros((rows, slots), bool), zeros(), zeros(),
+      jnp.full((rows, sampling.max_new_tokens), pad_id, jnp.int32), zeros(), zeros(),
+      jnp.ones(rows, bool), jax.random.split(jax.random.key(0), rows),
+      jnp.zeros((rows, vocab), bool), jnp.full(rows, -1, jnp.int32), zeros(), zeros())
 
-  def step(state):
-    slot = prompt_len + state.step - 1
-    mask = jax.lax.dynamic_update_slice_in_dim(state.mask, jnp.ones((batch, 1), bool), slot, 1)
-    previous = jax.lax.dynamic_slice_in_dim(state.out, state.step - 1, 1, axis=1)
-    logits, cache = model.apply(variables, previous, mask, state.cache, slot, last_only=True)
-    return _emit(state._replace(cache=cache, mask=mask), logits, sampling, stops, pad_id)
 
-  return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done), step, state)
+def start_rows(state: DecodeState, rows, cache, mask, pos, last, keys, limit,
+               pad_id: int) -> DecodeState:
+  """`state` with its rows `rows` [k] (out-of-range ones dropped) starting new prompts: `cache`
+  and `mask` [k, S] hold each prompt but its `last` token [k], fed next at slot `pos`; each row
+  samples with its `keys` [k] and stops after `limit` tokens at most."""
+  put = lambda full, new: full.at[rows].set(new, mode="drop")
+  return state._replace(
+      cache=set_cache_rows(state.cache, rows, cache), mask=put(state.mask, mask),
+      pos=put(state.pos, pos), last=put(state.last, last), out=put(state.out, pad_id),
+      step=put(state.step, 0), limit=put(state.limit, limit), done=put(state.done, False),
+      keys=put(state.keys, keys), generated=put(state.generated, False),
+      marker=put(state.marker, -1), forced=put(state.forced, 0), steps=put(state.steps, 0))
+
+
+def row_keys(key, rows: int):
+  """Row r's key, fold_in(key, r): the r-th prompt samples alike in any batch or engine slot."""
+  return jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(rows))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_ids", "pad_id"))
 def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: SamplingConfig,
                     stop_ids: tuple[int, ...], pad_id: int):
   """New tokens [B, max_new_tokens] after left-padded prompts `tokens`/`mask` [B, P], in one
-  compiled program (prefill and the whole decode loop).
-
-  Each row ends with its first stop token, followed by pad_id.
+  compiled program: the prompts but their last tokens prefilled, then decode steps until every
+  row has stopped. Each row ends with its first stop token, followed by pad_id.
   """
-  state = _prefill(model, variables, tokens, mask, key, sampling, stop_ids, pad_id)
-  return _decode(model, variables, state, sampling, stop_ids, pad_id).out
+  batch, length = tokens.shape
+  state = idle_state(model.config, batch, length + sampling.max_new_tokens, sampling, pad_id)
+  mask = jnp.zeros_like(state.mask).at[:, :length - 1].set(mask[:, :-1].astype(bool))
+  _, cache = model.apply(variables, tokens[:, :-1], mask, state.cache, 0, last_only=True)
+  state = start_rows(state, jnp.arange(batch), cache, mask, length - 1, tokens[:, -1],
+                     row_keys(key, batch), sampling.max_new_tokens, pad_id)
+  stops = jnp.asarray(stop_ids, jnp.int32)
+  step = lambda s: decode_step(model, variables, s, sampling, stops, pad_id)
+  return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state).out
 
 
 def bucket(length: int, minimum: int = 16) -> int:

@@ -99,7 +99,7 @@ class BestOfKTest(absltest.TestCase):
     with rationales.CacheWriter(cache) as writer, contextlib.redirect_stderr(log):
       local_generation.generate_local(requests, decoding, pcfg, Llama(self.config),
                                       {"params": self.params}, self.tokenizer, "smollm2", writer)
-    self.assertIn("smollm2: round 1 of 3: 8/8 request", log.getvalue())
+    self.assertIn("smollm2: 3 candidate(s) at most: 8/8 request", log.getvalue())
     records = rationales.read_cache(cache)
     by_user = {r["user_id"]: r for r in records}
     self.assertCountEqual([r["user_id"] for r in records], [q.user_id for q in requests])

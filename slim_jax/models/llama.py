@@ -174,6 +174,15 @@ def segment_positions(segment_ids):
   return steps - jax.lax.cummax(jnp.where(starts, steps, 0), axis=1)
 
 
+def write_slots(cache, new, index, axis: int):
+  """`cache` with `new` written from slot `index` on along `axis`: one index for every row, or
+  one per row ([B] int32: a serving engine's rows sit at different positions)."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis - 1))(
+      cache, new, index)
+
+
 @jax.custom_vjp
 def softmax(scores):
   """Softmax over the last axis, whose backward pass reads only the probabilities."""
@@ -251,8 +260,8 @@ class Attention(nn.Module):
     # D] became a slow transposed-operand dot: together a quarter of a batch-16 decode step.
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 3)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 2)
+      k = write_slots(cache["k"], k.astype(cache["k"].dtype), index, 3)
+      v = write_slots(cache["v"], v.astype(cache["v"].dtype), index, 2)
       cache = {"k": k, "v": v}
     groups = heads // kv_heads
     outs = []
@@ -335,13 +344,30 @@ def init_cache(config: LlamaConfig, batch: int, length: int):
                for _ in range(config.num_layers))
 
 
+def _batch_axis(cache) -> int:
+  return 1 if isinstance(cache, dict) else 0  # a scanned cache stacks its layers first
+
+
+def tile_cache(cache, rows: int):
+  """A one-row cache repeated to `rows` rows: a prompt prefix every new row starts from."""
+  axis = _batch_axis(cache)
+  return jax.tree.map(lambda c: jnp.repeat(c, rows, axis=axis), cache)
+
+
+def set_cache_rows(cache, rows, new):
+  """`cache` with its rows `rows` [k] replaced by the k rows of `new` (out-of-range rows are
+  dropped: a padded batch of new rows)."""
+  index = (slice(None),) * _batch_axis(cache) + (rows,)
+  return jax.tree.map(lambda full, part: full.at[index].set(part, mode="drop"), cache, new)
+
+
 class Llama(nn.Module):
   """LlamaForCausalLM. Apply with {"params": base} or {"params": base, "lora": adapters}.
 
   __call__(tokens [B, T], mask, cache, index) -> (fp32 logits [B, T, V], cache).
   Without a cache, `mask` [B, T] marks real tokens (default all). With a cache of S slots, the T
-  tokens are written at slots index..index+T-1 and `mask` [B, S] marks every real slot written so
-  far or now. `last_only` returns logits for the last position only (generation). LoRA dropout
+  tokens are written at slots index..index+T-1 (`index` an int, or [B] int32, a slot per row) and
+  `mask` [B, S] marks every real slot written so far or now. `last_only` returns logits for the last position only (generation). LoRA dropout
   is active exactly when a "dropout" rng is passed.
 
   Packed rows (training, no cache) pass `segment_ids` [B, T] instead of `mask`: 1, 2, ... per
@@ -368,10 +394,12 @@ class Llama(nn.Module):
         raise ValueError("segment_ids replace mask, and packed rows take no KV cache")
       positions = segment_positions(segment_ids) if positions is None else positions
       keys = (segment_ids[:, None, :] == segment_ids[:, :, None]) & (segment_ids[:, None, :] > 0)
-    sin, cos = rope_tables(jax.lax.dynamic_slice_in_dim(positions, index, length, 1), cfg)
-    causal = jnp.arange(slots)[None, :] <= index + jnp.arange(length)[:, None]
+    # [B or 1, T]: the slot of every token, from one index for all rows or one per row
+    written = jnp.reshape(index, (-1, 1)) + jnp.arange(length)
+    sin, cos = rope_tables(jnp.take_along_axis(positions, written, axis=1, mode="clip"), cfg)
+    causal = jnp.arange(slots) <= written[..., None]
     # additive, so that the backward pass has no select: 0 where allowed, fp32 min elsewhere
-    bias = jnp.where(causal[None] & keys, 0.0, jnp.finfo(jnp.float32).min)  # [B, T, S]
+    bias = jnp.where(causal & keys, 0.0, jnp.finfo(jnp.float32).min)  # [B, T, S]
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),

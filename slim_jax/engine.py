@@ -3,10 +3,11 @@
 `slots` rows decode together in one compiled loop (`sampler.decode_step`: sampling, repetition
 penalty, n-gram blocking and guided steps all on device). The loop returns to the host as soon as
 a row stops (a stop token, a guided finish, its token budget); the host hands the row's tokens
-to the caller, who may queue follow-up jobs (another candidate), and the freed slots take the
-next prompts at once, instead of a batch waiting for its longest row. The prompts' common token
+to the caller, who may queue follow-up jobs (another candidate: it restarts in the same slot,
+reusing its prompt's cache), and the freed slots take the next prompts at once, instead of a
+batch waiting for its longest row. The prompts' common token
 prefix (the system prompt, an exemplar turn) is prefilled once, and every new row starts from a
-copy of its KV cache; a row's own suffix is prefilled in a batch of a power-of-two size, its
+copy of its KV cache; the rows' own suffixes are prefilled in groups of a fixed size, their
 length padded to a `sampler.bucket`, so few programs are ever compiled. Every row writes its own
 cache slot, so rows of any length and age decode side by side.
 
@@ -74,26 +75,30 @@ def _insert(model: Llama, variables, state: DecodeState, prefix_cache, tokens, m
               .at[:, prefix_len:prefix_len + width - 1].set(mask[:, :-1]))
   cache = tile_cache(prefix_cache, count)
   _, cache = model.apply(variables, tokens[:, :-1], new_mask, cache, prefix_len, last_only=True)
-  return sampler.start_rows(state, rows, cache, new_mask, prefix_len + width - 1, tokens[:, -1],
-                            keys, limit, pad_id)
+  return sampler.start_rows(state, rows, new_mask, prefix_len + width - 1, tokens[:, -1], keys,
+                            limit, pad_id, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("state",))
+def _restart(state: DecodeState, rows, pos, last, keys, limit, *, pad_id: int) -> DecodeState:
+  """`state` with the slots `rows` [k] generating again after the prompt their cache already
+  holds, up to slot `pos` [k] where its `last` token [k] goes: a new candidate for the same
+  prompt costs no prefill."""
+  prompt = jnp.arange(state.mask.shape[1]) < pos[:, None]
+  return sampler.start_rows(state, rows, state.mask[rows] & prompt, pos, last, keys, limit,
+                            pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_ids", "pad_id"),
                    donate_argnames=("state",))
-def _decode(model: Llama, variables, state: DecodeState, *, sampling: SamplingConfig,
+def _decode(model: Llama, variables, state: DecodeState, until, *, sampling: SamplingConfig,
             stop_ids: tuple[int, ...], pad_id: int) -> DecodeState:
-  """Decode steps until a live row stops or none is live."""
+  """Decode steps until `until` of the live rows have stopped, or all of them."""
   stops = jnp.asarray(stop_ids, jnp.int32)
   live = ~state.done
+  until = jnp.minimum(until, jnp.sum(live))
   step = lambda s: sampler.decode_step(model, variables, s, sampling, stops, pad_id)
-  running = lambda s: jnp.any(live) & ~jnp.any(live & s.done)
-  return jax.lax.while_loop(running, step, state)
-
-
-def _insert_size(free: int, waiting: int, slots: int) -> int:
-  """Rows per insertion: a power of two (or all slots) that holds the jobs that can start."""
-  count = min(free, waiting)
-  return min(slots, 1 << max(0, count - 1).bit_length())
+  return jax.lax.while_loop(lambda s: jnp.sum(live & s.done) < until, step, state)
 
 
 def serve(model: Llama, variables, jobs: Iterable[Job], on_done: Callable[..., Iterable[Job]], *,
@@ -104,54 +109,108 @@ def serve(model: Llama, variables, jobs: Iterable[Job], on_done: Callable[..., I
   on_done(job, tokens, seconds) gets a job's tokens (up to and excluding its first stop token)
   and its share of the wall time, and returns follow-up jobs. Every prompt starts with `prefix`
   and is at most `max_prompt_len` tokens; sampling.max_new_tokens bounds every job's budget.
-  Under a mesh that spans processes every process runs the same jobs and gets every result.
+  New rows go in groups of an eighth of the slots, one compiled insertion per suffix `width`;
+  the loop returns to the host when a group's worth of rows has stopped, or any row once no job
+  waits (so that follow-ups start at once). A follow-up of the finished job's own prompt (the
+  next candidate) generates again in the same slot from the prompt's cache, with no prefill. Under a mesh that spans processes every process
+  runs the same jobs and gets every result.
   """
   queue = collections.deque(jobs)
-  width = sampler.bucket(max_prompt_len - len(prefix))
-  total = len(prefix) + width + sampling.max_new_tokens
-  mesh = jax.sharding.get_mesh()
-  to_device = ((lambda x, split=True: parallel.global_rows(np.asarray(x), mesh, split))
-               if not mesh.empty else lambda x, split=True: jnp.asarray(x))
-  prefix_cache = (_prefix_cache(model, variables, to_device(np.asarray([prefix], np.int32),
-                                                            False), slots=total)
-                  if prefix else init_cache(model.config, 1, total))
+  group = max(1, slots // 8)
+  total = len(prefix) + width(max_prompt_len - len(prefix)) + sampling.max_new_tokens
+  to_device = _to_device(jax.sharding.get_mesh())
+  prefix_cache = (_prefix_cache(model, variables, to_device(np.asarray([prefix], np.int32)),
+                                slots=total) if prefix else init_cache(model.config, 1, total))
   state = sampler.idle_state(model.config, slots, total, sampling, pad_id)
   running: list[Job | None] = [None] * slots
+  prompt_end = np.zeros(slots, np.int32)  # the slot of each row's last prompt token
   seconds = np.zeros(slots)
-  stop_ids = tuple(stop_ids)
   while queue or any(running):
     free = [row for row, job in enumerate(running) if job is None]
-    if queue and free:
+    while queue and free:
       start = time.monotonic()
-      count = _insert_size(len(free), len(queue), slots)
-      starting = [queue.popleft() for _ in range(min(count, len(free), len(queue)))]
-      rows = free[:len(starting)] + [slots] * (count - len(starting))  # slots: dropped
-      suffixes = [_suffix(job.prompt, prefix, max_prompt_len) for job in starting]
-      tokens, mask = sampler.left_pad(suffixes + [suffixes[-1]] * (count - len(starting)),
-                                      pad_id, sampler.bucket(max(map(len, suffixes))))
-      keys = jnp.stack([job.key for job in starting] + [starting[-1].key] *
-                       (count - len(starting)))
-      limits = [job.max_new_tokens for job in starting] + [0] * (count - len(starting))
-      state = _insert(model, variables, state, prefix_cache, to_device(tokens, False),
-                      to_device(mask, False), to_device(np.asarray(rows, np.int32), False),
-                      _device_keys(keys, to_device), to_device(np.asarray(limits, np.int32),
-                                                               False),
+      starting = [queue.popleft() for _ in range(min(group, len(free), len(queue)))]
+      rows, free = free[:len(starting)], free[len(starting):]
+      tokens, mask, *rest = _insertion(starting, rows, group, slots, prefix, max_prompt_len,
+                                       pad_id, to_device)
+      state = _insert(model, variables, state, prefix_cache, tokens, mask, *rest,
                       prefix_len=len(prefix), pad_id=pad_id)
       for row, job in zip(rows, starting):
         running[row] = job
-      seconds[rows[:len(starting)]] += (time.monotonic() - start) / len(starting)
+      prompt_end[rows] = len(prefix) + tokens.shape[1] - 1
+      seconds[rows] += (time.monotonic() - start) / len(starting)
     start = time.monotonic()
-    state = _decode(model, variables, state, sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)
+    state = _decode(model, variables, state, group if queue else 1, sampling=sampling,
+                    stop_ids=tuple(stop_ids), pad_id=pad_id)
     done, out = parallel.to_host(state.done), parallel.to_host(state.out)
     live = [row for row, job in enumerate(running) if job is not None]
     seconds[live] += (time.monotonic() - start) / len(live)
+    again = []  # (row, job): a follow-up of the same prompt, generated again in place
     for row in live:
       if done[row]:
         job, running[row] = running[row], None
         stop = np.flatnonzero(np.isin(out[row], stop_ids))
         tokens = out[row, :stop[0] if len(stop) else job.max_new_tokens].tolist()
-        queue.extend(on_done(job, tokens, float(seconds[row])))
+        follow_ups = list(on_done(job, tokens, float(seconds[row])))
         seconds[row] = 0.0
+        if follow_ups and list(follow_ups[0].prompt) == list(job.prompt):
+          again.append((row, follow_ups.pop(0)))
+          running[row] = again[-1][1]
+        queue.extend(follow_ups)
+    for index in range(0, len(again), group):
+      chunk = again[index:index + group]
+      rows, jobs_ = [row for row, _ in chunk], [job for _, job in chunk]
+      state = _restart(state, *_restarts(jobs_, rows, prompt_end, group, slots, to_device),
+                       pad_id=pad_id)
+
+
+def width(length: int) -> int:
+  """A suffix's padded length: rounded up to a quarter of its power of two (at least 16), so
+  groups of similar prompts share a few compiled insertions and pad an eighth on average."""
+  step = max(1, 1 << max(0, (length - 1).bit_length() - 3))
+  return max(16, -(-length // step) * step)
+
+
+def _padded(values: Sequence, count: int, fill) -> list:
+  return list(values) + [fill] * (count - len(values))
+
+
+def _row_keys(jobs: Sequence[Job], count: int, to_device):
+  keys = jnp.stack(_padded([job.key for job in jobs], count, jobs[-1].key))
+  return jax.random.wrap_key_data(to_device(np.asarray(jax.random.key_data(keys))),
+                                  impl=jax.random.key_impl(keys))
+
+
+def _insertion(jobs: Sequence[Job], rows: Sequence[int], group: int, slots: int,
+               prefix: Sequence[int], max_prompt_len: int, pad_id: int, to_device) -> tuple:
+  """_insert's arrays for `jobs` starting in `rows`, padded to `group` rows (the padding rows
+  point past the slots: dropped)."""
+  suffixes = [_suffix(job.prompt, prefix, max_prompt_len) for job in jobs]
+  tokens, mask = sampler.left_pad(_padded(suffixes, group, suffixes[-1]), pad_id,
+                                  width(max(map(len, suffixes))))
+  limits = _padded([job.max_new_tokens for job in jobs], group, 0)
+  return (to_device(tokens), to_device(mask), to_device(np.asarray(_padded(rows, group, slots),
+                                                                    np.int32)),
+          _row_keys(jobs, group, to_device), to_device(np.asarray(limits, np.int32)))
+
+
+def _restarts(jobs: Sequence[Job], rows: Sequence[int], prompt_end: np.ndarray, group: int,
+              slots: int, to_device) -> tuple:
+  """_restart's arrays for `jobs` generating again in `rows`, padded to `group` rows."""
+  pos = prompt_end[list(rows)]
+  last = [job.prompt[-1] for job in jobs]
+  limits = [job.max_new_tokens for job in jobs]
+  as_array = lambda values, fill: to_device(np.asarray(_padded(values, group, fill), np.int32))
+  return (as_array(rows, slots), as_array(pos, 0), as_array(last, 0),
+          _row_keys(jobs, group, to_device), as_array(limits, 0))
+
+
+def _to_device(mesh):
+  """Host arrays to the device, replicated over `mesh` when there is one (it may span
+  processes)."""
+  if mesh.empty:
+    return jnp.asarray
+  return lambda x: parallel.global_rows(x, mesh, split=False)
 
 
 def _suffix(prompt: Sequence[int], prefix: Sequence[int], max_prompt_len: int) -> list[int]:
@@ -160,7 +219,3 @@ def _suffix(prompt: Sequence[int], prefix: Sequence[int], max_prompt_len: int) -
                      "not start with the shared prefix")
   return list(prompt[len(prefix):])
 
-
-def _device_keys(keys, to_device):
-  data = to_device(np.asarray(jax.random.key_data(keys)), False)
-  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))

@@ -200,18 +200,20 @@ def idle_state(config, rows: int, slots: int, sampling: SamplingConfig,
       jnp.zeros((rows, vocab), bool), jnp.full(rows, -1, jnp.int32), zeros(), zeros())
 
 
-def start_rows(state: DecodeState, rows, cache, mask, pos, last, keys, limit,
-               pad_id: int) -> DecodeState:
-  """`state` with its rows `rows` [k] (out-of-range ones dropped) starting new prompts: `cache`
-  and `mask` [k, S] hold each prompt but its `last` token [k], fed next at slot `pos`; each row
-  samples with its `keys` [k] and stops after `limit` tokens at most."""
+def start_rows(state: DecodeState, rows, mask, pos, last, keys, limit, pad_id: int,
+               cache=None) -> DecodeState:
+  """`state` with its rows `rows` [k] (out-of-range ones dropped) starting to generate afresh:
+  `mask` [k, S] marks the prompt in their cache (`cache`'s k rows when given, else what they
+  hold) but for its `last` token [k], fed next at slot `pos`; each row samples with its `keys`
+  [k] and stops after `limit` tokens at most."""
   put = lambda full, new: full.at[rows].set(new, mode="drop")
   return state._replace(
-      cache=set_cache_rows(state.cache, rows, cache), mask=put(state.mask, mask),
-      pos=put(state.pos, pos), last=put(state.last, last), out=put(state.out, pad_id),
-      step=put(state.step, 0), limit=put(state.limit, limit), done=put(state.done, False),
-      keys=put(state.keys, keys), generated=put(state.generated, False),
-      marker=put(state.marker, -1), forced=put(state.forced, 0), steps=put(state.steps, 0))
+      cache=state.cache if cache is None else set_cache_rows(state.cache, rows, cache),
+      mask=put(state.mask, mask), pos=put(state.pos, pos), last=put(state.last, last),
+      out=put(state.out, pad_id), step=put(state.step, 0), limit=put(state.limit, limit),
+      done=put(state.done, False), keys=put(state.keys, keys),
+      generated=put(state.generated, False), marker=put(state.marker, -1),
+      forced=put(state.forced, 0), steps=put(state.steps, 0))
 
 
 def row_keys(key, rows: int):
@@ -230,8 +232,8 @@ def generate_tokens(model: Llama, variables, tokens, mask, key, *, sampling: Sam
   state = idle_state(model.config, batch, length + sampling.max_new_tokens, sampling, pad_id)
   mask = jnp.zeros_like(state.mask).at[:, :length - 1].set(mask[:, :-1].astype(bool))
   _, cache = model.apply(variables, tokens[:, :-1], mask, state.cache, 0, last_only=True)
-  state = start_rows(state, jnp.arange(batch), cache, mask, length - 1, tokens[:, -1],
-                     row_keys(key, batch), sampling.max_new_tokens, pad_id)
+  state = start_rows(state, jnp.arange(batch), mask, length - 1, tokens[:, -1],
+                     row_keys(key, batch), sampling.max_new_tokens, pad_id, cache)
   stops = jnp.asarray(stop_ids, jnp.int32)
   step = lambda s: decode_step(model, variables, s, sampling, stops, pad_id)
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state).out

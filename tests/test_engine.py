@@ -2,7 +2,10 @@
 writes, whatever rows share a batch, across slot reuse, follow-up jobs, sampling, guided steps
 and meshes."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -29,11 +32,10 @@ def _prompts(lengths=LENGTHS, prefix=24, seed=0):
 
 class EngineTest(parameterized.TestCase):
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.model = Llama(TINY)
-    cls.variables = {"params": ref.random_params(TINY)}
+  def setUp(self):
+    super().setUp()
+    self.model = Llama(TINY)
+    self.variables = {"params": ref.random_params(TINY)}
 
   def serve(self, prompts, slots, sampling=GREEDY, stop_ids=(-1,), key=0, order=None,
             variables=None):
@@ -72,7 +74,7 @@ class EngineTest(parameterized.TestCase):
     self.assertEqual(self.serve(prompts, slots=1),
                      [self.batched([prompt])[0] for prompt in prompts])
 
-  @parameterized.parameters(2, 3, 8)
+  @parameterized.parameters(2, 3, 8, 16)
   def test_reused_slots_write_what_the_mixed_length_batch_writes(self, slots):
     prompts = _prompts()
     stops = self.stops_midway(prompts)
@@ -116,14 +118,14 @@ class EngineTest(parameterized.TestCase):
       self.assertLen(tokens[i], 10)
       self.assertEqual(tokens[len(prompts) + i], tokens[i][:4])
 
-  def test_compiles_one_decode_loop_and_an_insertion_per_size_and_bucket(self):
+  def test_compiles_one_decode_loop_and_an_insertion_per_bucket(self):
     prompts = _prompts(prefix=25)  # a prefix length of its own: programs no other test compiled
     stops = self.stops_midway(prompts)
     decodes, inserts = engine._decode._cache_size(), engine._insert._cache_size()
     self.serve(prompts, 3, stop_ids=stops)
     self.assertEqual(engine._decode._cache_size(), decodes + 1)
-    # insertions of 1, 2 or 3 rows, suffixes of 1 to 20 tokens in the 16 or 24 bucket
-    self.assertLessEqual(engine._insert._cache_size(), inserts + 3 * 2)
+    # suffixes of 1 to 20 tokens: the 16 and the 24 bucket
+    self.assertLessEqual(engine._insert._cache_size(), inserts + 2)
     self.serve(_prompts(prefix=25, seed=1), 3, stop_ids=stops)
     self.assertEqual(engine._decode._cache_size(), decodes + 1)
 
@@ -133,6 +135,16 @@ class EngineTest(parameterized.TestCase):
       engine.serve(self.model, self.variables, [engine.Job([1, 2, 3], jax.random.key(0), 4)],
                    lambda *a: [], sampling=GREEDY, stop_ids=(-1,), pad_id=0, slots=2,
                    prefix=prompts[0][:5], max_prompt_len=32)
+
+  def test_scanned_layers_write_what_unrolled_ones_write(self):
+    prompts = _prompts()
+    params = self.variables["params"]
+    stacked = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    stacked["layers"] = jax.tree.map(lambda *x: jnp.stack(x), params["layers_0"],
+                                     params["layers_1"])
+    expected = self.serve(prompts, 3)
+    self.model = Llama(dataclasses.replace(TINY, scan_layers=True))  # a stacked cache
+    self.assertEqual(self.serve(prompts, 3, variables={"params": stacked}), expected)
 
   def test_sharded_engine_equals_unsharded(self):
     prompts = _prompts()

@@ -73,14 +73,15 @@ def random_tokens(config, rows: int, length: int, seed: int) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, config.vocab_size, (rows, length), np.int32)
 
 
-def lora_step(config, params, mesh):
-  """(the jitted distillation step, its first arguments (BATCH x LENGTH random tokens), a call
-  that runs it from the state the previous call left: the step donates its state)."""
-  _, state, _, step = distill.build_step(config, DISTILL, params, mesh)
+def lora_step(config, params, mesh, cfg: DistillConfig = DISTILL, length: int = LENGTH):
+  """(the jitted distillation step of `cfg`, its first arguments (cfg.batch_size x `length`
+  random tokens), a call that runs it from the state the previous call left: the step donates
+  its state)."""
+  _, state, _, step = distill.build_step(config, cfg, params, mesh)
   # empty prompts: the loss is on every token, as with labels=tokens in the PEFT loop
-  tokens = random_tokens(config, BATCH, LENGTH, seed=0)
+  tokens = random_tokens(config, cfg.batch_size, length, seed=0)
   batch = parallel.global_batch(loader.lm_batch(
-      list(tokens[:, :0]), list(tokens), (LENGTH,), pad_id=0), mesh)
+      list(tokens[:, :0]), list(tokens), (length,), pad_id=0), mesh)
   states = [state]
 
   def train():

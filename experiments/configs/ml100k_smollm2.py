@@ -35,9 +35,12 @@ def get_config(preset: str = "quick") -> Config:
       prompt=PromptConfig(domain="movies", max_prompt_tokens=760, student_max_prompt_tokens=500,
                           max_words=150),
       teacher=TeacherConfig(kind="local", max_tokens=256, batch_size=32),
+      # Scanned layers: XLA compiles one layer body, a quarter of the unrolled step's compile
+      # time, and the step runs as fast (docs/benchmarks.md, 2026-12-07).
       distill=DistillConfig(steps=300, batch_size=8, max_rationale_tokens=320,
                             buckets=(512, 768, 1024, 1280), dtype="float32",
-                            base_dtype="float32", eval_every=50, checkpoint_every=50),
+                            base_dtype="float32", eval_every=50, checkpoint_every=50,
+                            scan_layers=True),
       student=StudentConfig(max_tokens=256, batch_size=32, dtype="float32"),
       encoder=EncoderConfig(kind="minilm"),
       rec=RecConfig(backbone="sasrec"),

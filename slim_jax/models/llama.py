@@ -42,7 +42,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Architecture (Hugging Face field meanings) plus how to run it: dtypes, scan, remat."""
+  """Architecture (Hugging Face field meanings) plus how to run it: dtypes, scan, remat and the
+  attention kernel."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -351,6 +352,9 @@ def attend(q, k, v, mask: AttentionMask, index, config: LlamaConfig):
   v = v[:, :, :slots].astype(q.dtype)
   if kind == "pallas":
     return pallas_attention(q, k, v, mask.q_segments, mask.kv_segments[:, :slots])
+  # A boolean mask, not the chunks' additive fp32 bias: jax.nn turns it into the large negative
+  # bias cuDNN handles in bf16 (-2**41), where fp32's min would round to -inf and a fully masked
+  # padding row turn NaN.
   # is_causal lets cuDNN skip the blocks above the diagonal, which it must otherwise score and
   # mask; xla needs the mask alone (expressible_kind keeps cudnn to a static index of 0)
   return jax.nn.dot_product_attention(

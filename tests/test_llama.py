@@ -1,5 +1,5 @@
-"""The Flax LLaMA equals Hugging Face's LlamaForCausalLM and is invariant to padding, scan, remat
-and sharding."""
+"""The Flax LLaMA equals Hugging Face's LlamaForCausalLM and is invariant to padding, scan, remat,
+sharding and the attention kernel."""
 
 import dataclasses
 
@@ -13,6 +13,7 @@ from slim_jax import parallel
 from slim_jax.checkpoints import hf
 from slim_jax.models import llama
 from slim_jax.models.llama import Llama, RopeScaling
+from slim_jax.models.lora import LoraConfig
 from slim_jax.train import distill
 from tests import llama_reference as ref
 
@@ -142,6 +143,135 @@ class LlamaParityTest(parameterized.TestCase):
     config = dataclasses.replace(TINY, remat_policy="save_nothing_please")
     with self.assertRaisesRegex(ValueError, "save_nothing_please"):
       Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
+# the kinds that run on CPU: xla, and pallas in TPU interpret mode (rows of 128 tokens, its block)
+CPU_KINDS = ("xla", "pallas")
+PRESET_NAMES = ("tiny", "tiny_mha")  # GQA, MHA
+
+
+def _with_attention(preset: str, kind: str):
+  return dataclasses.replace(llama.PRESETS[preset], attention=kind)
+
+
+class AttentionKindsTest(parameterized.TestCase):
+  """Every attention kind that runs on CPU gives the chunked kind's logits and gradients."""
+
+  def assert_runs_as(self, kind, length, index=0):
+    """The case really runs `kind`, not expressible_kind's xla fallback."""
+    self.assertEqual(llama.expressible_kind(kind, "float32", length, index), kind)
+
+  @parameterized.product(kind=CPU_KINDS, preset=PRESET_NAMES)
+  def test_left_padded_batch_equals_chunked(self, kind, preset):
+    self.assert_runs_as(kind, 128)
+    params = ref.random_params(llama.PRESETS[preset])
+    tokens = _tokens(TINY, (2, 128))
+    mask = np.arange(128)[None] >= np.array([[37], [0]])
+    chunked = ref.jax_logits(_with_attention(preset, "chunked"), {"params": params}, tokens, mask)
+    ours = ref.jax_logits(_with_attention(preset, kind), {"params": params}, tokens, mask)
+    np.testing.assert_allclose(ours[mask], chunked[mask], atol=1e-5, rtol=0)
+
+  @parameterized.product(kind=CPU_KINDS, preset=PRESET_NAMES)
+  def test_packed_rows_equal_chunked(self, kind, preset):
+    self.assert_runs_as(kind, 128)
+    params = ref.random_params(llama.PRESETS[preset])
+    tokens = _tokens(TINY, (2, 128))
+    segments = np.array([[1] * 50 + [2] * 60 + [0] * 18, [1] * 128], np.int32)
+
+    def logits(kind):
+      model = Llama(_with_attention(preset, kind))
+      return np.asarray(jax.jit(lambda t: model.apply({"params": params}, t,
+                                                      segment_ids=segments)[0])(tokens))
+
+    real = segments > 0
+    np.testing.assert_allclose(logits(kind)[real], logits("chunked")[real], atol=1e-5, rtol=0)
+
+  @parameterized.product(kind=CPU_KINDS, preset=PRESET_NAMES)
+  def test_prefill_and_decode_equal_chunked(self, kind, preset):
+    self.assert_runs_as(kind, 128)  # the prefill; decoding (a traced index) runs xla
+    params = ref.random_params(llama.PRESETS[preset])
+    prompts, steps = _tokens(TINY, (2, 128)), 3
+    new_tokens = _tokens(TINY, (2, steps), seed=1)
+    mask = np.zeros((2, 128 + steps), bool)
+    mask[0, 37:128], mask[1, :128] = True, True
+
+    def logits(kind):
+      model = Llama(_with_attention(preset, kind))
+      variables = {"params": params}
+      prefill = jax.jit(lambda t, m, c: model.apply(variables, t, m, c, 0, last_only=True))
+      decode = jax.jit(lambda t, m, c, i: model.apply(variables, t, m, c, i, last_only=True))
+      out, cache = prefill(prompts, mask, llama.init_cache(model.config, 2, 128 + steps))
+      outs, step_mask = [out], mask.copy()
+      for step in range(steps):
+        step_mask[:, 128 + step] = True
+        out, cache = decode(new_tokens[:, step:step + 1], step_mask, cache, jnp.int32(128 + step))
+        outs.append(out)
+      return np.concatenate(outs, axis=1)
+
+    np.testing.assert_allclose(logits(kind), logits("chunked"), atol=1e-5, rtol=0)
+
+  @parameterized.product(kind=CPU_KINDS, packed=(False, True))
+  def test_lora_gradients_equal_chunked(self, kind, packed):
+    self.assert_runs_as(kind, 128)
+    params = ref.random_params(TINY)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj"))
+    adapters = jax.tree.map(  # B != 0, so that A has a gradient too
+        lambda x: 0.2 * jax.random.normal(jax.random.key(1), x.shape),
+        Llama(TINY, lora).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["lora"])
+    segments = np.array([[1] * 50 + [2] * 60 + [0] * 18, [0] * 28 + [1] * 100], np.int32)
+    positions = llama.segment_positions(segments)
+    # the loss is on every token but each example's first, which a padding query would predict
+    batch = {"tokens": _tokens(TINY, (2, 128)), "segment_ids": segments, "positions": positions,
+             "loss_mask": ((segments > 0) & (positions > 0)).astype(np.float32)}
+
+    def grads(kind):
+      model = Llama(dataclasses.replace(TINY, attention=kind), lora)
+      def loss(adapters):
+        total, count = distill.rationale_nll(model, {"params": params, "lora": adapters}, batch,
+                                             packed=packed)
+        return total / count
+      return jax.jit(jax.grad(loss))(adapters)
+
+    expected = grads("chunked")
+    self.assertGreater(np.abs(expected["layers_0"]["self_attn"]["k_proj"]["lora_a"]).max(), 1e-3)
+    jax.tree.map(lambda ours, theirs: np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0),
+                 grads(kind), expected)
+
+  def test_pallas_sharded_equals_unsharded_chunked(self):
+    config = _with_attention("tiny", "pallas")
+    params = ref.random_params(TINY)
+    tokens = _tokens(TINY, (8, 128))
+    expected = ref.jax_logits(TINY, {"params": params}, tokens)
+    # rows and heads both split; 4 devices, as JAX's TPU interpreter (jax 0.10.2) hangs on the
+    # 8-device fsdp 2 x tensor 4 mesh
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    sharded = parallel.shard_params(params, llama.partition_rules(config), mesh)
+    with jax.set_mesh(mesh):
+      batch = jax.device_put(tokens, parallel.batch_sharding(mesh, 2))
+      logits = jax.jit(Llama(config).apply)({"params": sharded}, batch)[0]
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
+
+  def test_auto_is_chunked_on_cpu(self):
+    self.assertEqual(TINY.attention, "auto")
+    self.assertEqual(llama.attention_kind(TINY), "chunked")
+    self.assertEqual(llama.attention_kind(_with_attention("tiny", "pallas")), "pallas")
+
+  def test_fused_kernels_fall_back_to_xla_where_they_cannot_express_the_call(self):
+    fallback = llama.expressible_kind
+    self.assertEqual(fallback("cudnn", "bfloat16", 100, 0), "cudnn")
+    self.assertEqual(fallback("cudnn", "float32", 100, 0), "xla")  # fp16/bf16 kernels only
+    self.assertEqual(fallback("pallas", "float32", 256, 0), "pallas")
+    self.assertEqual(fallback("pallas", "float32", 100, 0), "xla")  # 128-slot key blocks
+    for kind in ("cudnn", "pallas"):  # decoding (a traced index), or a later static one
+      self.assertEqual(fallback(kind, "bfloat16", 128, jnp.int32(0)), "xla")
+      self.assertEqual(fallback(kind, "bfloat16", 128, 128), "xla")
+    for kind in ("chunked", "xla"):
+      self.assertEqual(fallback(kind, "float32", 1, jnp.int32(7)), kind)
+
+  def test_unknown_attention_is_rejected(self):
+    with self.assertRaisesRegex(ValueError, r"LlamaConfig\.attention='flash': expected one of "
+                                r"\('auto', 'chunked', 'xla', 'cudnn', 'pallas'\)"):
+      dataclasses.replace(TINY, attention="flash")
 
 
 class ShardedLlamaTest(parameterized.TestCase):

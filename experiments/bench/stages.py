@@ -9,13 +9,17 @@ user), then, in the same process on the same machine, the kernels they are built
 LoRA step at the distillation's own shape (its LoRA, batch and largest bucket). Prints one JSON
 object: each stage's wall time and throughput, the kernels', and their ratios. A stage's
 throughput counts everything the stage pays for (compilation, prefill, rejected candidates,
-evaluation, checkpoints): the ratio is what the stage leaves of its kernel.
+evaluation, checkpoints): the ratio is what the stage leaves of its kernel. --repeats, --prompt
+and --new_tokens are experiments/bench/llama.py's flags (the decoding kernel's 128 prompt and 64
+new tokens by default); what the stages print goes to stderr, so stdout is the JSON alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -40,7 +44,8 @@ def run_stages(cfg, workdir: pathlib.Path) -> tuple[dict, dict]:
   walls, summaries = {}, {}
   for name in STAGES:
     start = time.perf_counter()
-    summaries[name] = pipeline.run_stage(name, cfg, workdir, resolved)
+    with contextlib.redirect_stdout(sys.stderr):
+      summaries[name] = pipeline.run_stage(name, cfg, workdir, resolved)
     walls[name] = time.perf_counter() - start
   return walls, summaries
 
@@ -52,7 +57,8 @@ def kernel_rates(cfg, repeats: int) -> dict:
   config, params, _ = checkpoints.load(cfg.distill.checkpoint, mesh)
   args, options = kernels.generation(config, params, DECODE_BATCH)
   decode = lambda: sampler.generate_tokens(*args, **options).block_until_ready()
-  decode_rate = DECODE_BATCH * kernels.NEW_TOKENS / kernels.best_seconds(decode, repeats)
+  decode_rate = (DECODE_BATCH * flags.FLAGS.new_tokens  # experiments.bench.llama's flags
+                 / kernels.best_seconds(decode, repeats))
   _, _, train = kernels.lora_step(config, params, mesh, cfg.distill, max(cfg.distill.buckets))
   with jax.set_mesh(mesh):
     step_seconds = kernels.best_seconds(lambda: jax.block_until_ready(train()), repeats)
@@ -87,7 +93,7 @@ def main(argv):
   cfg = config_lib.from_flags(CONFIG, _SET.value).checked()
   workdir = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="slim_jax_stages_"))
   walls, summaries = run_stages(cfg, workdir)
-  kernel = kernel_rates(cfg.resolved(workdir), flags.FLAGS.repeats)  # experiments.bench.llama's
+  kernel = kernel_rates(cfg.resolved(workdir), flags.FLAGS.repeats)
   print(json.dumps({"date": time.strftime("%Y-%m-%d"), "workdir": str(workdir),
                     "devices": str(jax.devices()), "preset": cfg.preset,
                     **report(walls, summaries, kernel)}, indent=2))

@@ -6,20 +6,26 @@ Positions come from the attention mask (cumsum - 1), so a left-padded row gives 
 logits of the unpadded sequence; in a packed row (several examples told apart by segment ids)
 each example gets the logits it has alone. Softmax and logits are computed in fp32 whatever the
 compute dtype. The optional KV cache is explicit data: `init_cache` makes it, `__call__` returns
-it updated.
+it updated. `LlamaConfig.attention` picks the attention kernel (`attend` dispatches): the query
+chunks written here, XLA's, cuDNN's fused kernel on GPU or a Pallas flash kernel on TPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu import flash_attention
 from jax.sharding import PartitionSpec as P
 
+from slim_jax import checks
 from slim_jax.models.lora import LoraConfig, kaiming_uniform, lora_delta
 from slim_jax.parallel import BATCH_AXES
 
@@ -36,7 +42,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Architecture (Hugging Face field meanings) plus how to run it: dtypes, scan, remat."""
+  """Architecture (Hugging Face field meanings) plus how to run it: dtypes, scan, remat and the
+  attention kernel."""
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -54,7 +61,16 @@ class LlamaConfig:
   scan_layers: bool = False  # one compiled layer body under nn.scan (params stacked on axis 0)
   remat_policy: str = ""  # "" = no remat; else a name in jax.checkpoint_policies
   attention_chunk: int = 128  # queries per causal attention chunk (see query_chunks); 0 = one
+  attention: str = "auto"  # chunked, xla, cudnn, pallas; auto = per backend (attention_kind)
 
+  def __post_init__(self):
+    checks.one_of("LlamaConfig.attention", self.attention, ATTENTION_KINDS)
+
+
+ATTENTION_KINDS = ("auto", "chunked", "xla", "cudnn", "pallas")
+# auto's choice per jax.default_backend(): the fused kernel each accelerator has; on CPU the
+# chunks, which skip the masked half of causal attention as no library kernel there does
+_BACKEND_ATTENTION = {"cpu": "chunked", "gpu": "cudnn", "tpu": "pallas"}
 
 _TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
@@ -102,11 +118,19 @@ def partition_rules(config: LlamaConfig):
   )
 
 
-def _constrain_batch(x):
-  """Keeps activations batch-sharded when running under a mesh (jax.set_mesh); no-op otherwise."""
+def _batch_axes(rows: int) -> tuple[str, ...]:
+  """The batch axes of the mesh in use (jax.set_mesh) when they split `rows` evenly, else ()."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+  if not axes or rows % math.prod(mesh.shape[a] for a in axes):
+    return ()
+  return axes
+
+
+def _constrain_batch(x):
+  """Keeps activations batch-sharded when running under a mesh (jax.set_mesh); no-op otherwise."""
+  axes = _batch_axes(x.shape[0])
+  if not axes:
     return x
   return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
@@ -201,6 +225,152 @@ def _softmax_backward(probs, grad):
 softmax.defvjp(_softmax_forward, _softmax_backward)
 
 
+class AttentionMask(NamedTuple):
+  """Which slots S each of the T queries attends, in the two forms the kernels take.
+
+  `allowed` [B, T, S] is the whole rule (causality, padding, segments): the chunks and jax.nn's
+  kernels read it. Pallas' flash kernel takes only causality and segment ids, `q_segments` [B, T]
+  and `kv_segments` [B, S], with padding as segment 0. The two agree on every real query; a
+  padding query, whose output nothing reads, attends other padding there instead of nothing.
+  """
+  allowed: jax.Array
+  q_segments: jax.Array
+  kv_segments: jax.Array
+
+
+def attention_kind(config: LlamaConfig) -> str:
+  """The attention kernel `config.attention` names, "auto" resolved by jax.default_backend():
+  chunked on CPU, cudnn on GPU, pallas on TPU, and xla, which runs anywhere, on any other."""
+  if config.attention != "auto":
+    return config.attention
+  return _BACKEND_ATTENTION.get(jax.default_backend(), "xla")
+
+
+def expressible_kind(kind: str, dtype: str, length: int, index) -> str:
+  """`kind`, or "xla" (which takes any call) where the fused kernel cannot express the call:
+
+  - cudnn and pallas, a write index other than a static 0: decoding, one query at a traced slot
+    of the cache. Both kernels align causality with the top-left corner of the score matrix
+    (query i sees slots up to i), and a single query has nothing to tile: a decode step is
+    bound by reading the cache.
+  - cudnn, compute in float32: cuDNN's fused attention takes fp16 and bf16 operands only.
+  - pallas, a query length (hence key length, see `attend`) that is not a multiple of 128: the
+    kernel's key blocks are 128 slots, the TPU lane width, and must tile the keys exactly.
+  """
+  if kind in ("chunked", "xla"):
+    return kind
+  if not (isinstance(index, int) and index == 0):
+    return "xla"
+  if kind == "cudnn" and dtype not in ("bfloat16", "float16"):
+    return "xla"
+  if kind == "pallas" and length % flash_attention.MIN_BLOCK_SIZE:
+    return "xla"
+  return kind
+
+
+def chunked_attention(q, k, v, allowed, index, chunk: int):
+  """Causal attention over the cache's own layouts in query chunks (`query_chunks`): queries
+  q [B, T, heads, D], keys k [B, kv_heads, D, S], values v [B, kv_heads, S, D], `allowed`
+  [B, T, S] -> [B, T, heads, D].
+
+  Queries go head-major too, [B, kv_heads, groups * T, D], so both attention matmuls are plain
+  batched matmuls over the cache in its layout. A [B, S, kv_heads, D] cache made XLA transpose
+  all of it in every layer and decode step, and an einsum straight to [B, T, heads, D] became a
+  slow transposed-operand dot: together a quarter of a batch-16 decode step on CPU.
+  """
+  batch, length, heads, dim = q.shape
+  kv_heads = k.shape[1]
+  groups = heads // kv_heads
+  outs = []
+  for start, stop, keys in query_chunks(length, k.shape[-1], index, chunk):
+    size = stop - start
+    qc = q[:, start:stop].reshape(batch, size, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkqd,bkds->bkqs", qc.reshape(batch, kv_heads, groups * size, dim),
+                        k[..., :keys].astype(q.dtype), preferred_element_type=jnp.float32)
+    # additive, so that the backward pass has no select: 0 where allowed, fp32 min elsewhere
+    bias = jnp.where(allowed[:, None, None, start:stop, :keys], 0.0, jnp.finfo(jnp.float32).min)
+    scores = scores.reshape(batch, kv_heads, groups, size, keys) * np.float32(dim ** -0.5) + bias
+    probs = softmax(scores).astype(q.dtype).reshape(batch, kv_heads, groups * size, keys)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys].astype(q.dtype))
+    outs.append(out.reshape(batch, kv_heads, groups, size, dim).transpose(0, 3, 1, 2, 4))
+  return jnp.concatenate(outs, axis=1).reshape(batch, length, heads, dim)
+
+
+def _interpreted(fn):
+  """`fn` with its Pallas calls in TPU interpret mode, its VJP's too: JAX traces a VJP after the
+  forward pass, outside any `with` block around the call."""
+  def interpret(f, *args):
+    with pltpu.force_tpu_interpret_mode():
+      return f(*args)
+
+  @jax.custom_vjp
+  def run(*args):
+    return interpret(fn, *args)
+
+  run.defvjp(lambda *args: interpret(functools.partial(jax.vjp, fn), *args),
+             lambda vjp, cotangent: interpret(vjp, cotangent))
+  return run
+
+
+def pallas_attention(q, k, v, q_segments, kv_segments):
+  """Pallas' TPU flash kernel, causal within segments: q [B, T, heads, D], k and v [B, kv_heads,
+  S, D], segment ids [B, T] and [B, S] -> [B, T, heads, D].
+
+  The kernel wants as many key heads as query heads, so each kv head is repeated for its group.
+  Under a mesh it runs per shard (shard_map over the batch axes, and over "tensor" for heads):
+  XLA cannot partition a Pallas call, and would gather whole operands onto every device. Off TPU
+  it runs in TPU interpret mode, a slow but faithful simulation of the kernel, for tests.
+  """
+  groups = q.shape[2] // k.shape[1]
+  q = q.transpose(0, 2, 1, 3)
+  k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+
+  def flash(q, k, v, q_segments, kv_segments):
+    return flash_attention.flash_attention(
+        q, k, v, segment_ids=flash_attention.SegmentIds(q_segments, kv_segments), causal=True,
+        sm_scale=q.shape[-1] ** -0.5)
+
+  if jax.default_backend() != "tpu":
+    flash = _interpreted(flash)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    rows = _batch_axes(q.shape[0]) or None
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and q.shape[1] % tensor == 0 else None
+    flash = jax.shard_map(flash, in_specs=(P(rows, heads),) * 3 + (P(rows),) * 2,
+                          out_specs=P(rows, heads), check_vma=False)
+  return flash(q, k, v, q_segments, kv_segments).transpose(0, 2, 1, 3)
+
+
+def attend(q, k, v, mask: AttentionMask, index, config: LlamaConfig):
+  """Causal attention of queries q [B, T, heads, D] over keys k [B, kv_heads, D, S] and values
+  v [B, kv_heads, S, D] (the cache's layouts) -> [B, T, heads, D], by the kernel that
+  `attention_kind` names, or xla where `expressible_kind` says that kernel cannot.
+
+  The one place that dispatches on the kind. Library kernels get transposed views in their own
+  layouts (GQA: jax.nn groups heads itself, Pallas repeats kv heads); the cache keeps its own.
+  With a static write index they see only the first index + T slots, all that causal queries
+  can attend. Scores and softmax are fp32 in every kind, whatever the compute dtype.
+  """
+  length = q.shape[1]
+  kind = expressible_kind(attention_kind(config), config.dtype, length, index)
+  if kind == "chunked":
+    return chunked_attention(q, k, v, mask.allowed, index, config.attention_chunk)
+  slots = index + length if isinstance(index, int) else k.shape[-1]
+  k = k[..., :slots].astype(q.dtype).swapaxes(2, 3)  # [B, kv_heads, S, D]
+  v = v[:, :, :slots].astype(q.dtype)
+  if kind == "pallas":
+    return pallas_attention(q, k, v, mask.q_segments, mask.kv_segments[:, :slots])
+  # A boolean mask, not the chunks' additive fp32 bias: jax.nn turns it into the large negative
+  # bias cuDNN handles in bf16 (-2**41), where fp32's min would round to -inf and a fully masked
+  # padding row turn NaN.
+  # is_causal lets cuDNN skip the blocks above the diagonal, which it must otherwise score and
+  # mask; xla needs the mask alone (expressible_kind keeps cudnn to a static index of 0)
+  return jax.nn.dot_product_attention(
+      q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask.allowed[:, None, :, :slots],
+      is_causal=kind == "cudnn", implementation=kind)
+
+
 class RMSNorm(nn.Module):
   eps: float
   param_dtype: str
@@ -244,7 +414,7 @@ class Attention(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x, cache, sin, cos, bias, index):
+  def __call__(self, x, cache, sin, cos, mask, index):
     cfg = self.config
     batch, length, _ = x.shape
     heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -253,29 +423,14 @@ class Attention(nn.Module):
     k = dense(kv_heads * dim, "k_proj")(x).reshape(batch, length, kv_heads, dim)
     v = dense(kv_heads * dim, "v_proj")(x).reshape(batch, length, kv_heads, dim)
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-    # Head-major layouts, keys [B, kv_heads, D, S] and values [B, kv_heads, S, D] as the cache
-    # stores them, queries [B, kv_heads, groups * T, D]: both attention matmuls are then plain
-    # batched matmuls over the cache in its own layout. A [B, S, kv_heads, D] cache made XLA
-    # transpose all of it in every layer and decode step, and an einsum straight to [B, T, heads,
-    # D] became a slow transposed-operand dot: together a quarter of a batch-16 decode step.
+    # head-major, keys [B, kv_heads, D, S] and values [B, kv_heads, S, D], as the cache stores
+    # them (init_cache, chunked_attention)
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     if cache is not None:
       k = write_slots(cache["k"], k.astype(cache["k"].dtype), index, 3)
       v = write_slots(cache["v"], v.astype(cache["v"].dtype), index, 2)
       cache = {"k": k, "v": v}
-    groups = heads // kv_heads
-    outs = []
-    for start, stop, keys in query_chunks(length, k.shape[-1], index, cfg.attention_chunk):
-      size = stop - start
-      qc = q[:, start:stop].reshape(batch, size, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
-      scores = jnp.einsum("bkqd,bkds->bkqs", qc.reshape(batch, kv_heads, groups * size, dim),
-                          k[..., :keys].astype(q.dtype), preferred_element_type=jnp.float32)
-      scores = (scores.reshape(batch, kv_heads, groups, size, keys) * np.float32(dim ** -0.5)
-                + bias[:, None, None, start:stop, :keys])
-      probs = softmax(scores).astype(cfg.dtype).reshape(batch, kv_heads, groups * size, keys)
-      out = jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys].astype(cfg.dtype))
-      outs.append(out.reshape(batch, kv_heads, groups, size, dim).transpose(0, 3, 1, 2, 4))
-    out = jnp.concatenate(outs, axis=1)
+    out = attend(q, k, v, mask, index, cfg)
     return dense(cfg.hidden_size, "o_proj")(out.reshape(batch, length, heads * dim)), cache
 
 
@@ -299,12 +454,12 @@ class Block(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x, cache, sin, cos, bias, index):
+  def __call__(self, x, cache, sin, cos, mask, index):
     cfg = self.config
     x = _constrain_batch(x)
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
     h, cache = Attention(cfg, self.lora, name="self_attn")(
-        norm("input_layernorm")(x), cache, sin, cos, bias, index)
+        norm("input_layernorm")(x), cache, sin, cos, mask, index)
     x = x + h
     x = x + MLP(cfg, self.lora, name="mlp")(norm("post_attention_layernorm")(x))
     return x, cache
@@ -389,17 +544,19 @@ class Llama(nn.Module):
       mask = jnp.ones((batch, slots), bool) if mask is None else mask.astype(bool)
       positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
       keys = mask[:, None, :]  # [B, 1, S]
+      segments = mask.astype(jnp.int32)
     else:
       if cache is not None or mask is not None:
         raise ValueError("segment_ids replace mask, and packed rows take no KV cache")
       positions = segment_positions(segment_ids) if positions is None else positions
       keys = (segment_ids[:, None, :] == segment_ids[:, :, None]) & (segment_ids[:, None, :] > 0)
+      segments = segment_ids.astype(jnp.int32)
     # [B or 1, T]: the slot of every token, from one index for all rows or one per row
     written = jnp.reshape(index, (-1, 1)) + jnp.arange(length)
-    sin, cos = rope_tables(jnp.take_along_axis(positions, written, axis=1, mode="clip"), cfg)
+    at_written = lambda x: jnp.take_along_axis(x, written, axis=1, mode="clip")
+    sin, cos = rope_tables(at_written(positions), cfg)
     causal = jnp.arange(slots) <= written[..., None]
-    # additive, so that the backward pass has no select: 0 where allowed, fp32 min elsewhere
-    bias = jnp.where(causal & keys, 0.0, jnp.finfo(jnp.float32).min)  # [B, T, S]
+    attention_mask = AttentionMask(causal & keys, at_written(segments), segments)
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, embedding_init=nn.initializers.normal(0.02),
@@ -411,12 +568,12 @@ class Llama(nn.Module):
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                        length=cfg.num_layers)
-      x, cache = layers(cfg, self.lora, name="layers")(x, cache, sin, cos, bias, index)
+      x, cache = layers(cfg, self.lora, name="layers")(x, cache, sin, cos, attention_mask, index)
     else:
       new_cache = []
       for i in range(cfg.num_layers):
         x, layer_cache = block(cfg, self.lora, name=f"layers_{i}")(
-            x, None if cache is None else cache[i], sin, cos, bias, index)
+            x, None if cache is None else cache[i], sin, cos, attention_mask, index)
         new_cache.append(layer_cache)
       cache = None if cache is None else tuple(new_cache)
     x = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="norm")(x)

@@ -18,7 +18,7 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from slim_jax import config as config_lib, multihost, pipeline
+from slim_jax import assets, config as config_lib, host, multihost, pipeline
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "ml100k_smollm2.py"
 
@@ -37,10 +37,15 @@ _COORDINATOR = flags.DEFINE_string(
     "--multiprocess; with --num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to N-1.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", str(assets.cache_dir() / "xla"), "Directory of compiled XLA programs "
+    "kept for the next run (JAX's persistent compilation cache); empty: none.")
 
 
 def main(argv):
   del argv
+  if _COMPILATION_CACHE.value:
+    host.cache_compilations(_COMPILATION_CACHE.value)
   if _MULTIPROCESS.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not multihost.is_writer():  # one log for the job: process 0's (progress bars too)

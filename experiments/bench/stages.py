@@ -27,11 +27,13 @@ import jax
 from absl import app, flags
 
 from experiments.bench import llama as kernels
-from slim_jax import checkpoints, config as config_lib, parallel, pipeline, sampler
+from slim_jax import checkpoints, config as config_lib, host, parallel, pipeline, sampler
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: a fresh temporary "
                                "one); its complete stages are not run again.")
 _SET = flags.DEFINE_multi_string("set", [], "Config override key.sub=value (as launch.py's).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "As launch.py's (default here: none, so compilation is measured).")
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "ml100k_smollm2.py"
 STAGES = ("fetch", "prepare", "convert", "teacher", "distill", "generate")
@@ -90,6 +92,8 @@ def report(walls: dict, summaries: dict, kernel: dict) -> dict:
 
 def main(argv):
   del argv
+  if _COMPILATION_CACHE.value:
+    host.cache_compilations(_COMPILATION_CACHE.value)
   cfg = config_lib.from_flags(CONFIG, _SET.value).checked()
   workdir = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="slim_jax_stages_"))
   walls, summaries = run_stages(cfg, workdir)

@@ -53,15 +53,21 @@ def run_stages(cfg, workdir: pathlib.Path) -> tuple[dict, dict]:
 
 
 def kernel_rates(cfg, repeats: int) -> dict:
-  """Batch-16 decoding tokens/s and the distillation's LoRA step in seconds, on the student's
-  base checkpoint."""
+  """Batch-16 decoding tokens/s (the student's dtype) and the distillation's LoRA step in
+  seconds, on the student's base checkpoint."""
   mesh = parallel.make_mesh(cfg.mesh.axes())
-  config, params, _ = checkpoints.load(cfg.distill.checkpoint, mesh)
+  config, params, _ = checkpoints.load(cfg.distill.checkpoint, mesh, dtype=cfg.student.dtype,
+                                       param_dtype=cfg.student.dtype)
   args, options = kernels.generation(config, params, DECODE_BATCH)
   decode = lambda: sampler.generate_tokens(*args, **options).block_until_ready()
   decode_rate = (DECODE_BATCH * flags.FLAGS.new_tokens  # experiments.bench.llama's flags
                  / kernels.best_seconds(decode, repeats))
-  _, _, train = kernels.lora_step(config, params, mesh, cfg.distill, max(cfg.distill.buckets))
+  distill = cfg.distill  # the step as the stage builds it: its dtypes, scan and remat
+  config, params, _ = checkpoints.load(distill.checkpoint, mesh, dtype=distill.dtype,
+                                       param_dtype=distill.base_dtype,
+                                       remat_policy=distill.remat_policy,
+                                       scan_layers=distill.scan_layers)
+  _, _, train = kernels.lora_step(config, params, mesh, distill, max(distill.buckets))
   with jax.set_mesh(mesh):
     step_seconds = kernels.best_seconds(lambda: jax.block_until_ready(train()), repeats)
   return {"decode_b16_tokens_per_s": decode_rate, "lora_step_seconds": step_seconds,

@@ -13,6 +13,7 @@ Elsewhere name the coordinator, the process count and each process's id:
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -38,8 +39,10 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to N-1.")
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", str(assets.cache_dir() / "xla"), "Directory of compiled XLA programs "
-    "kept for the next run (JAX's persistent compilation cache); empty: none.")
+    "compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        assets.cache_dir() / "xla"), "Directory of compiled XLA programs kept for the next run "
+    "(JAX's persistent compilation cache; default: $JAX_COMPILATION_CACHE_DIR, else under the "
+    "asset cache); empty: none.")
 
 
 def main(argv):

@@ -9,6 +9,9 @@ distributed runtime then initialises from the environment (TPU metadata, SLURM, 
 Elsewhere name the coordinator, the process count and each process's id:
 
   python launch.py --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0 ...
+
+A run prints its stages, progress and warnings; --verbosity=1 adds other libraries' INFO lines
+(orbax's checkpointing, JAX's backends) and everyone's DEBUG lines.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from slim_jax import config as config_lib, multihost, pipeline
+from slim_jax import config as config_lib, logs, multihost, pipeline
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "ml100k_smollm2.py"
 
@@ -41,6 +44,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 
 
 def main(argv):
   del argv
+  logs.hide_third_party_info(__file__)
   if _MULTIPROCESS.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not multihost.is_writer():  # one log for the job: process 0's (progress bars too)

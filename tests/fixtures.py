@@ -9,6 +9,7 @@ Every fixture is built from a seed, on the host, in well under a second.
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import tempfile
 
@@ -287,10 +288,20 @@ def encode_ours(model: bert.SentenceEncoder, texts, length=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The tiny pipeline of launch.py (test_pipeline, test_multiprocess).
+# The tiny pipeline of launch.py (test_pipeline, test_multiprocess), and what launch.py logs.
 
 ROOT = pathlib.Path(__file__).parent.parent  # the repository, where launch.py lives
 GENRES = ("Drama", "Comedy", "Action")
+# An absl log line at INFO (or DEBUG): "I1207 12:19:45.327948 140238750276480 pipeline.py:240] "
+_INFO_LINE = re.compile(r"^I\d{4} [\d:.]+ +\d+ ([^:\s]+):\d+\] ", re.MULTILINE)
+
+
+def third_party_info(log: str) -> list[str]:
+  """The files named by `log`'s INFO lines that are no file of ours (slim_jax's modules,
+  launch.py): what a run must not print below --verbosity=1. By file name, as absl's prefix
+  names them."""
+  ours = {path.name for path in (ROOT / "slim_jax").rglob("*.py")} | {"launch.py"}
+  return [name for name in _INFO_LINE.findall(log) if name not in ours]
 
 
 def write_recbole(directory: pathlib.Path, users: int = 16, items: int = 12) -> pathlib.Path:

@@ -21,7 +21,7 @@ from absl.testing import absltest
 from slim_jax import encode, pipeline, rationales
 from slim_jax.config import Config
 from slim_jax.data import preprocess
-from tests.fixtures import ROOT, TinyPipelineTest
+from tests.fixtures import ROOT, TinyPipelineTest, third_party_info
 
 
 class PipelineTest(TinyPipelineTest):
@@ -40,7 +40,10 @@ class PipelineTest(TinyPipelineTest):
 
   def test_whole_pipeline_and_resume_after_kill(self):
     whole = self.root / "whole"
-    self.launch(whole)
+    log = self.launch(whole).stderr
+    for stage in ("prepare", "teacher", "distill", "generate", "encode", "train", "report"):
+      self.assertIn(f"stage {stage}: running into {whole / stage}\n", log)
+    self.assertEqual(third_party_info(log), [])  # orbax checkpoints distill and train
     for artifact in ("teacher/rationales.jsonl", "distill/adapter/adapter_model.safetensors",
                      "generate/rationales.jsonl", "encode/item_vectors.npy",
                      "encode/rationales_student.npz", "encode/rationales_teacher.npz",

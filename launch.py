@@ -9,6 +9,9 @@ distributed runtime then initialises from the environment (TPU metadata, SLURM, 
 Elsewhere name the coordinator, the process count and each process's id:
 
   python launch.py --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0 ...
+
+A run prints its stages, progress and warnings; --verbosity=1 adds other libraries' INFO lines
+(orbax's checkpointing, JAX's backends) and everyone's DEBUG lines.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pathlib
 import jax
 from absl import app, flags, logging
 
-from slim_jax import assets, config as config_lib, host, multihost, pipeline
+from slim_jax import assets, config as config_lib, host, logs, multihost, pipeline
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "ml100k_smollm2.py"
 
@@ -47,6 +50,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 def main(argv):
   del argv
+  logs.hide_third_party_info(__file__)
   if _COMPILATION_CACHE.value:
     host.cache_compilations(_COMPILATION_CACHE.value)
   if _MULTIPROCESS.value or _COORDINATOR.value:

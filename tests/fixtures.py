@@ -3,19 +3,25 @@
 Tiny LLaMA weights and tokenizers; the distillation fixture (synthetic users, a teacher's
 rationales for them and a tiny random student on disk); the bigram teacher; prepared data from
 item sequences; tiny BERT and sentence-transformers directories; synthetic teacher requests.
-Every fixture is built from a seed, on the host, in well under a second.
+Every fixture is built from a seed, on the host, in well under a second, but one: the tiny
+pipeline's run through launch.py, which takes a minute and so runs once per test process.
 """
 
+import atexit
+import collections
 import dataclasses
+import functools
 import json
 import pathlib
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
 import numpy as np
 import safetensors.numpy
-import torch
 import transformers
 from absl.testing import absltest
 from flax import traverse_util
@@ -229,6 +235,7 @@ def cosine_distance(a, b):
 
 def tiny_torch_bert(hidden_act="gelu", vocab_size=99, seed=0):
   """A random BertModel whose weights are all O(0.1-1), so every parameter matters."""
+  import torch  # here: only the modules that build a torch model pay for importing it
   config = transformers.BertConfig(
       vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
       intermediate_size=37, max_position_embeddings=64, hidden_act=hidden_act,
@@ -287,10 +294,20 @@ def encode_ours(model: bert.SentenceEncoder, texts, length=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The tiny pipeline of launch.py (test_pipeline, test_multiprocess).
+# The tiny pipeline of launch.py (test_pipeline, test_multiprocess), and what launch.py logs.
 
 ROOT = pathlib.Path(__file__).parent.parent  # the repository, where launch.py lives
 GENRES = ("Drama", "Comedy", "Action")
+# An absl log line at INFO (or DEBUG): "I1207 12:19:45.327948 140238750276480 pipeline.py:240] "
+_INFO_LINE = re.compile(r"^I\d{4} [\d:.]+ +\d+ ([^:\s]+):\d+\] ", re.MULTILINE)
+
+
+def third_party_info(log: str) -> list[str]:
+  """The files named by `log`'s INFO lines that are no file of ours (slim_jax's modules,
+  launch.py): what a run must not print below --verbosity=1. By file name, as absl's prefix
+  names them."""
+  ours = {path.name for path in (ROOT / "slim_jax").rglob("*.py")} | {"launch.py"}
+  return [name for name in _INFO_LINE.findall(log) if name not in ours]
 
 
 def write_recbole(directory: pathlib.Path, users: int = 16, items: int = 12) -> pathlib.Path:
@@ -354,18 +371,52 @@ def tiny_pipeline(root: pathlib.Path, teacher_url: str) -> pathlib.Path:
   return config
 
 
+# Not fetch or convert: the tiny pipeline converts nothing, and its assets are fetched on demand.
+STAGES = ("prepare", "teacher", "distill", "generate", "encode", "train", "report")
+
+
+def launch_args(config: pathlib.Path, workdir: pathlib.Path, stages=STAGES,
+                *overrides) -> list[str]:
+  """The command line of launch.py running the tiny pipeline's `stages` into `workdir`."""
+  return [sys.executable, str(ROOT / "launch.py"), f"--config={config}", f"--workdir={workdir}",
+          f"--stages={','.join(stages)}", *overrides]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+  """The tiny pipeline, every stage run once through launch.py: `config` is its config file,
+  `server` the OpenAI-compatible teacher (no faults) that it calls, `workdir` its complete work
+  directory, `log` what it logged and `requests` the requests it sent, by prompt."""
+  config: pathlib.Path
+  server: fake_openai_server.FakeOpenAI
+  workdir: pathlib.Path
+  log: str
+  requests: collections.Counter
+
+
+@functools.cache
+def tiny_run() -> TinyRun:
+  """The tiny pipeline's run, once per test process: the modules that test it (test_pipeline,
+  test_multiprocess) start from it instead of running it again each. Its work directory is
+  theirs to read; a test that runs stages in a work directory copies it first."""
+  root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
+  server = fake_openai_server.FakeOpenAI(fault_rate=0.0).__enter__()
+  atexit.register(server.__exit__, None, None, None)
+  config = tiny_pipeline(root, server.url)
+  result = subprocess.run(launch_args(config, root / "whole"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+  if result.returncode:
+    raise RuntimeError(f"the tiny pipeline failed:\n{result.stderr[-4000:]}")
+  return TinyRun(config, server, root / "whole", result.stderr,
+                 collections.Counter(server.requests))
+
+
 class TinyPipelineTest(absltest.TestCase):
-  """Test cases over the tiny pipeline: `cls.config` is its config file, `cls.server` the
-  OpenAI-compatible teacher (no faults) that it calls, `cls.root` a fresh directory."""
+  """Test cases over the tiny pipeline: `cls.tiny` is its shared run (tiny_run), `cls.root` a
+  fresh directory for the work directories of the class's own runs."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
+    cls.tiny = tiny_run()
     cls.root = pathlib.Path(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()))
-    cls.server = fake_openai_server.FakeOpenAI(fault_rate=0.0).__enter__()
-    cls.config = tiny_pipeline(cls.root, cls.server.url)
-
-  @classmethod
-  def tearDownClass(cls):
-    cls.server.__exit__(None, None, None)
-    super().tearDownClass()

@@ -107,13 +107,16 @@ class CacheTest(absltest.TestCase):
     np.testing.assert_allclose(vectors[16:], self.expected[16:], atol=1e-6)
 
   def test_complete_is_skipped_and_changes_start_over(self):
-    directory = pathlib.Path(self.create_tempdir().full_path)
-    self.encode(directory)
+    directory = pathlib.Path(self.create_tempdir().full_path) / "cache"
+    with self.assertNoLogs("absl", "WARNING"):  # nothing was there to start over from
+      self.encode(directory)
     marker = np.zeros((20, 32), np.float32)
     np.save(directory / embed.EMBEDDINGS, marker)  # what a rerun must load, not recompute
     np.testing.assert_array_equal(self.encode(directory), marker)
     changed = self.texts[:-1] + ["another text"]
-    vectors = self.encode(directory, texts=changed)
+    with self.assertLogs("absl", "WARNING") as logged:
+      vectors = self.encode(directory, texts=changed)
+    self.assertIn("holds other texts", logged.output[0])
     np.testing.assert_allclose(vectors[:19], self.expected[:19], atol=1e-6)
     shorter = self.encode(directory, texts=changed, cfg=embed.EncoderConfig(
         checkpoint=self.cfg.checkpoint, batch_size=8, max_len=4))

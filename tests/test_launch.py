@@ -1,4 +1,5 @@
-"""launch.py end to end: stages, artifacts, skipping complete stages, override errors."""
+"""launch.py end to end: stages, artifacts, skipping complete stages, override errors, what a run
+logs."""
 
 import json
 import pathlib
@@ -7,7 +8,7 @@ import sys
 
 from absl.testing import absltest
 
-ROOT = pathlib.Path(__file__).parent.parent
+from tests.fixtures import ROOT, third_party_info
 
 
 def _launch(*args):
@@ -26,12 +27,16 @@ class LaunchTest(absltest.TestCase):
     self.assertIn('"interactions": 100000', result.stdout)
     config = json.loads((workdir / "config.json").read_text())
     self.assertEqual(config["data"]["name"], "ml-100k")
+    self.assertIn(f"stage prepare: running into {workdir / 'prepare'}\n", result.stderr)
+    self.assertNotRegex(result.stderr, r"(?m)^W\d{4} ")  # no warning on a fresh directory
+    self.assertEqual(third_party_info(result.stderr), [])
 
     done = workdir / "prepare" / "DONE"
     written = done.stat().st_mtime_ns
-    again = _launch("--stages=prepare", f"--workdir={workdir}")
+    again = _launch("--stages=prepare", f"--workdir={workdir}", "--verbosity=1")
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
     self.assertIn("complete", again.stderr)
+    self.assertIn("xla_bridge.py", third_party_info(again.stderr))  # JAX starting its backends
     self.assertEqual(done.stat().st_mtime_ns, written)
 
     changed = _launch("--stages=prepare", f"--workdir={workdir}", "--set", "data.user_core=30")

@@ -3,16 +3,17 @@ every stage's artifacts, the report, a run killed in the train stage that resume
 numbers of an uninterrupted one, and data prepared again with fewer users, whose rows shift,
 reading every rationale on its own user's row from the caches.
 
-The teacher is the fault-injecting OpenAI-compatible server (no faults here), since a random
-student never writes a complete rationale; everything else is the project's own code.
+The uninterrupted run is the one that the test modules share (fixtures.tiny_run). The teacher is
+the fault-injecting OpenAI-compatible server (no faults here), since a random student never
+writes a complete rationale; everything else is the project's own code.
 """
 
 import dataclasses
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,15 +22,13 @@ from absl.testing import absltest
 from slim_jax import encode, pipeline, rationales
 from slim_jax.config import Config
 from slim_jax.data import preprocess
-from tests.fixtures import ROOT, TinyPipelineTest
+from tests.fixtures import ROOT, STAGES, TinyPipelineTest, launch_args, third_party_info
 
 
 class PipelineTest(TinyPipelineTest):
 
-  def launch(self, workdir: pathlib.Path, wait: bool = True,
-             stages: str = "prepare,teacher,distill,generate,encode,train,report", *overrides):
-    args = [sys.executable, str(ROOT / "launch.py"), f"--config={self.config}",
-            f"--workdir={workdir}", f"--stages={stages}", *overrides]
+  def launch(self, workdir: pathlib.Path, wait: bool = True, stages=STAGES, *overrides):
+    args = launch_args(self.tiny.config, workdir, stages, *overrides)
     if not wait:  # output to a file: an unread pipe would fill up and block the process
       log = open(workdir.with_suffix(".log"), "w")
       self.addCleanup(log.close)
@@ -39,14 +38,16 @@ class PipelineTest(TinyPipelineTest):
     return result
 
   def test_whole_pipeline_and_resume_after_kill(self):
-    whole = self.root / "whole"
-    self.launch(whole)
+    whole = self.tiny.workdir
     for artifact in ("teacher/rationales.jsonl", "distill/adapter/adapter_model.safetensors",
                      "generate/rationales.jsonl", "encode/item_vectors.npy",
                      "encode/rationales_student.npz", "encode/rationales_teacher.npz",
                      "report/report.md",
                      "report/popularity.png", "report/sparsity.png"):
       self.assertTrue((whole / artifact).is_file(), artifact)
+    for stage in STAGES:
+      self.assertIn(f"stage {stage}: running into {whole / stage}\n", self.tiny.log)
+    self.assertEqual(third_party_info(self.tiny.log), [])  # orbax checkpoints distill and train
     self.assertLen((whole / "generate" / "rationales.jsonl").read_text().splitlines(), 16)
     trained = json.loads((whole / "train" / "metrics.json").read_text())
     self.assertEqual(list(trained), ["gru4rec_plain", "gru4rec_item_text", "gru4rec_id_based",
@@ -61,7 +62,10 @@ class PipelineTest(TinyPipelineTest):
     self.assertLessEqual(accuracy.count("|") - 1, 10)  # metrics only; the tests have a table
     self.assertIn("| gru4rec_id_based | gru4rec_shuffled | full ranking |", report)
 
+    # Killed in the train stage, from the shared run's stages before it, and run again.
     killed = self.root / "killed"
+    for stage in STAGES[:STAGES.index("train")]:
+      shutil.copytree(whole / stage, killed / stage)
     process = self.launch(killed, wait=False)
     checkpoints = killed / "train" / "gru4rec_id_based" / "checkpoints"
     deadline = time.monotonic() + 600
@@ -73,27 +77,28 @@ class PipelineTest(TinyPipelineTest):
     resumed = self.launch(killed)
     self.assertIn("stage distill: complete", resumed.stderr)
     self.assertEqual(json.loads((killed / "train" / "metrics.json").read_text()), trained)
-    self.assertEqual((killed / "generate" / "rationales.jsonl").read_text(),
-                     (whole / "generate" / "rationales.jsonl").read_text())
 
     # Prepared again with a filter that drops users: the kept users' rows shift, their prompts do
     # not. The caches answer every request, and every rationale stays its own user's.
     before = preprocess.load(whole / "prepare")
     vectors_before = encode.load_rationales(whole / "encode", "student")
-    requests = sum(self.server.requests.values())
-    self.launch(whole, True, "prepare,teacher,generate,encode", "--set", "data.user_core=8")
-    after = preprocess.load(whole / "prepare")
+    fewer = self.root / "fewer"
+    shutil.copytree(whole, fewer)  # the shared run stays as it was
+    requests = sum(self.tiny.server.requests.values())
+    self.launch(fewer, True, ("prepare", "teacher", "generate", "encode"), "--set",
+                "data.user_core=8")
+    after = preprocess.load(fewer / "prepare")
     self.assertLess(after.num_users, before.num_users)
     self.assertFalse(np.array_equal(after.user_ids, before.user_ids[:after.num_users]))
-    self.assertEqual(sum(self.server.requests.values()), requests)
-    self.assertEqual(json.loads((whole / "generate" / "DONE").read_text())["summary"]
+    self.assertEqual(sum(self.tiny.server.requests.values()), requests)
+    self.assertEqual(json.loads((fewer / "generate" / "DONE").read_text())["summary"]
                      ["generated"], 0)
     texts = lambda path: {(row["user_id"], row["split"]): row["text"]
                           for row in rationales.read_rationales(path)}
-    old, new = (texts(directory / "generate" / "rationales.jsonl") for directory in (killed, whole))
+    old, new = (texts(directory / "generate" / "rationales.jsonl") for directory in (whole, fewer))
     self.assertEqual({user for user, _ in new}, set(after.user_ids))
     self.assertEqual(new, {key: text for key, text in old.items() if key[0] in after.user_ids})
-    table, present = encode.load_encoded(whole / "encode", after).rationales["valid"]
+    table, present = encode.load_encoded(fewer / "encode", after).rationales["valid"]
     self.assertTrue(present.all())
     for row, user_id in enumerate(after.user_ids):
       (source,) = np.flatnonzero((vectors_before["user_ids"] == user_id)

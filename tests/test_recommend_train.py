@@ -168,14 +168,15 @@ class MovieLensTest(absltest.TestCase):
   def test_short_run_clearly_beats_popularity(self):
     prepared = preprocess.prepare(formats.read_dataset("recbole", assets.path("ml-100k")),
                                   config.DataConfig())
-    cfg = RecConfig(backbone="gru4rec", epochs=8, eval_every=8)
+    # 4 epochs: NDCG@10 2.5 times popularity's, HR@10 2.2 times (8 epochs: 2.7, 2.5).
+    cfg = RecConfig(backbone="gru4rec", epochs=4, eval_every=4)
     one_device = parallel.make_mesh({"data": 1}, jax.devices()[:1])  # 8 tiny shards cost more
     summary = recommend.train_recommender(cfg, prepared, self.create_tempdir().full_path,
                                           one_device)
     popularity = summary["popularity_test"]
     self.assertGreater(summary["test"]["ndcg@10"], 1.5 * popularity["ndcg@10"])
     self.assertGreater(summary["test"]["hr@10"], 1.5 * popularity["hr@10"])
-    self.assertEqual(summary["steps"], 8 * summary["steps_per_epoch"])
+    self.assertEqual(summary["steps"], 4 * summary["steps_per_epoch"])
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class StudentConfig:
   repetition_penalty: float = 1.0
   no_repeat_ngram: int = 4
   candidates: int = 3
-  batch_size: int = 8  # prompts per generation call; a multiple of the batch-axis devices
+  batch_size: int = 8  # rows the generation engine decodes together (slots)
   dtype: str = "bfloat16"  # merged weights and activations
   retry_failures: bool = False  # on a rerun, generate again for users without a rationale
   # A user whose every candidate is rejected keeps the last one (marked kept_rejected in the

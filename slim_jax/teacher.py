@@ -59,7 +59,7 @@ class TeacherConfig:
   # HF directory or .gguf; "" = the embedded SmolLM2-135M-Instruct as the convert stage writes
   # it (Config.resolved)
   checkpoint: str = ""
-  batch_size: int = 8
+  batch_size: int = 8  # local: rows the generation engine decodes together (slots)
   dtype: str = "float32"  # weights and activations
   seed: int = 0
 

@@ -5,11 +5,11 @@ penalty, n-gram blocking and guided steps all on device). The loop returns to th
 a row stops (a stop token, a guided finish, its token budget); the host hands the row's tokens
 to the caller, who may queue follow-up jobs (another candidate: it restarts in the same slot,
 reusing its prompt's cache), and the freed slots take the next prompts at once, instead of a
-batch waiting for its longest row. The prompts' common token
-prefix (the system prompt, an exemplar turn) is prefilled once, and every new row starts from a
-copy of its KV cache; the rows' own suffixes are prefilled in groups of a fixed size, their
-length padded to a `sampler.bucket`, so few programs are ever compiled. Every row writes its own
-cache slot, so rows of any length and age decode side by side.
+batch waiting for its longest row. The prompts' common token prefix (the system prompt, an
+exemplar turn) is prefilled once, and every new row starts from a copy of its KV cache; the
+rows' own suffixes are prefilled in groups of a fixed size, their length padded to a `width`, so
+few programs are ever compiled. Every row writes its own cache slot, so rows of any length and
+age decode side by side.
 
 A job's tokens depend only on its prompt, its key and its budget, never on the jobs beside it:
 with the same per-row keys they are those `sampler.generate_ids` writes for a batch.
@@ -112,8 +112,8 @@ def serve(model: Llama, variables, jobs: Iterable[Job], on_done: Callable[..., I
   New rows go in groups of an eighth of the slots, one compiled insertion per suffix `width`;
   the loop returns to the host when a group's worth of rows has stopped, or any row once no job
   waits (so that follow-ups start at once). A follow-up of the finished job's own prompt (the
-  next candidate) generates again in the same slot from the prompt's cache, with no prefill. Under a mesh that spans processes every process
-  runs the same jobs and gets every result.
+  next candidate) generates again in the same slot from the prompt's cache, with no prefill.
+  Under a mesh that spans processes every process runs the same jobs and gets every result.
   """
   queue = collections.deque(jobs)
   group = max(1, slots // 8)
@@ -175,6 +175,11 @@ def _padded(values: Sequence, count: int, fill) -> list:
   return list(values) + [fill] * (count - len(values))
 
 
+def _rows_array(values: Sequence[int], count: int, fill: int, to_device):
+  """int32 `values` padded to `count` rows with `fill`, on the device."""
+  return to_device(np.asarray(_padded(values, count, fill), np.int32))
+
+
 def _row_keys(jobs: Sequence[Job], count: int, to_device):
   keys = jnp.stack(_padded([job.key for job in jobs], count, jobs[-1].key))
   return jax.random.wrap_key_data(to_device(np.asarray(jax.random.key_data(keys))),
@@ -188,21 +193,18 @@ def _insertion(jobs: Sequence[Job], rows: Sequence[int], group: int, slots: int,
   suffixes = [_suffix(job.prompt, prefix, max_prompt_len) for job in jobs]
   tokens, mask = sampler.left_pad(_padded(suffixes, group, suffixes[-1]), pad_id,
                                   width(max(map(len, suffixes))))
-  limits = _padded([job.max_new_tokens for job in jobs], group, 0)
-  return (to_device(tokens), to_device(mask), to_device(np.asarray(_padded(rows, group, slots),
-                                                                    np.int32)),
-          _row_keys(jobs, group, to_device), to_device(np.asarray(limits, np.int32)))
+  return (to_device(tokens), to_device(mask), _rows_array(rows, group, slots, to_device),
+          _row_keys(jobs, group, to_device),
+          _rows_array([job.max_new_tokens for job in jobs], group, 0, to_device))
 
 
 def _restarts(jobs: Sequence[Job], rows: Sequence[int], prompt_end: np.ndarray, group: int,
               slots: int, to_device) -> tuple:
   """_restart's arrays for `jobs` generating again in `rows`, padded to `group` rows."""
-  pos = prompt_end[list(rows)]
-  last = [job.prompt[-1] for job in jobs]
-  limits = [job.max_new_tokens for job in jobs]
-  as_array = lambda values, fill: to_device(np.asarray(_padded(values, group, fill), np.int32))
-  return (as_array(rows, slots), as_array(pos, 0), as_array(last, 0),
-          _row_keys(jobs, group, to_device), as_array(limits, 0))
+  as_array = lambda values, fill: _rows_array(values, group, fill, to_device)
+  return (as_array(rows, slots), as_array(prompt_end[list(rows)], 0),
+          as_array([job.prompt[-1] for job in jobs], 0), _row_keys(jobs, group, to_device),
+          as_array([job.max_new_tokens for job in jobs], 0))
 
 
 def _to_device(mesh):

@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import pathlib
 
+import jax
+
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -31,9 +33,8 @@ def cache_compilations(directory: str | pathlib.Path) -> None:
   """Keep every compiled XLA program that took a second or more to compile in `directory`, for
   the next process with the same program (JAX's persistent compilation cache).
 
-  A stage compiles its model's programs (a LLaMA's decode loop, its LoRA step, a recommender's
-  step) in tens of seconds on a CPU, as long as it then runs them in a short run; a rerun, a
-  resumed run, a sweep over seeds or the other processes of a test suite load them instead.
+  Compiling a model's programs (a LLaMA's decode loop, its LoRA step, a recommender's step)
+  takes seconds to tens of seconds on a CPU, a large share of a short run; a rerun, a resumed
+  run, a sweep over seeds or the other processes of a test suite load them instead.
   """
-  import jax
   jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(directory).expanduser()))

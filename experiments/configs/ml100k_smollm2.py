@@ -35,12 +35,9 @@ def get_config(preset: str = "quick") -> Config:
       prompt=PromptConfig(domain="movies", max_prompt_tokens=760, student_max_prompt_tokens=500,
                           max_words=150),
       teacher=TeacherConfig(kind="local", max_tokens=256, batch_size=32),
-      # Scanned layers: XLA compiles one layer body, a quarter of the unrolled step's compile
-      # time, and the step runs as fast (docs/benchmarks.md, 2026-12-07).
       distill=DistillConfig(steps=300, batch_size=8, max_rationale_tokens=320,
                             buckets=(512, 768, 1024, 1280), dtype="float32",
-                            base_dtype="float32", eval_every=50, checkpoint_every=50,
-                            scan_layers=True),
+                            base_dtype="float32", eval_every=50, checkpoint_every=50),
       student=StudentConfig(max_tokens=256, batch_size=32, dtype="float32"),
       encoder=EncoderConfig(kind="minilm"),
       rec=RecConfig(backbone="sasrec"),
@@ -60,9 +57,12 @@ def get_config(preset: str = "quick") -> Config:
       # lr 1e-3: 10 steps at 2e-4 barely move the held-out perplexity; a fifth of the teacher's
       # rationales are held out, so that perplexity means something.
       # One 512 bucket: the student's 380-token prompts and a rationale of up to 128 tokens.
+      # Scanned layers: XLA compiles one layer body, ~30 s less than the unrolled step, which
+      # ten steps cannot repay although each is ~15% slower (docs/benchmarks.md, 2026-12-07).
       distill=dataclasses.replace(full.distill, steps=10, batch_size=4, max_rationale_tokens=128,
                                   buckets=(512,), eval_every=10, checkpoint_every=10,
-                                  warmup_steps=2, lr=1e-3, heldout_fraction=0.2),
+                                  warmup_steps=2, lr=1e-3, heldout_fraction=0.2,
+                                  scan_layers=True),
       student=dataclasses.replace(full.student, max_users=64, max_tokens=128, batch_size=32),
       # GRU4Rec: the fastest backbone here and the most accurate; 10 epochs for each of the
       # paper's main rows keep the train stage to a few minutes.

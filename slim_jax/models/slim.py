@@ -33,8 +33,14 @@ from slim_jax.models.backbone import Backbone
 MODES = {
     "plain": "the backbone alone",
     "item_text": "backbone+: the backbone with item text fused on the item side, no rationale",
+    "item_text_permuted": "item_text with the item texts permuted among items (a derangement): "
+                          "the text or the extra map?",
     "id_based": "SLIM ID-based: rationale fused on the user side, item text on the item side",
     "shuffled": "id_based with every user reading another user's rationale (a derangement)",
+    "constant_rationale": "id_based where every user reads one and the same rationale (the mean "
+                          "rationale vector): the fusion layer or the content?",
+    "history_text": "id_based whose user side reads, per row, the mean item-text vector of the "
+                    "last slim.history_text_items items before the row's target: no LLM",
     "teacher_rationales": "id_based where each user with a teacher rationale reads the teacher's",
     "id_agnostic": "one shared linear map of rationale and item-text vectors, dot product, no "
                    "item IDs",
@@ -59,6 +65,7 @@ def variant_name(backbone: str, mode: str) -> str:
 # g_l and g_f; concat = the same with a user-side g_f of its own; add = s_seq + g_l(s_text);
 # gate = a learned sigmoid mix of the two. The item side is the paper's in every fusion.
 FUSIONS = ("paper", "add", "concat", "gate")
+SCHEDULES = ("causal", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +77,21 @@ class SlimConfig:
   # Encoder ablation (b): the MiniLM runs inside the recommender's step on each row's rationale
   # tokens and trains with it, instead of reading frozen vectors (item texts stay frozen).
   finetune_encoder: bool = False
-  seed: int = 0  # of the shuffled mode's derangement
+  seed: int = 0  # of the derangements (shuffled, item_text_permuted), mixed with rec.seed
+  # Which rationale a training row reads (SCHEDULES): causal, the latest one written from a
+  # history that ends before the row's target; paper, the one written from seq[:-2] for every
+  # training row, whose history holds the row's own target (the leak the paper's reading has).
+  rationale_schedule: str = "causal"
+  history_text_items: int = 10  # history_text: the items before a row's target it averages
+  item_text_input: bool = False  # the fused item vectors also feed the sequence encoder's input
 
   def checked(self) -> SlimConfig:
     for mode in self.modes:
       checks.one_of("slim.modes", mode, MODES)
     checks.one_of("slim.fusion", self.fusion, FUSIONS)
+    checks.one_of("slim.rationale_schedule", self.rationale_schedule, SCHEDULES)
     checks.within(self, "slim", "[0, 1)", "rationale_dropout")
+    checks.within(self, "slim", "[1, inf)", "history_text_items")
     return self
 
 

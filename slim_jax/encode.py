@@ -180,20 +180,28 @@ def transformed(vectors: np.ndarray, present: np.ndarray,
   return np.where(present[:, None], (vectors - mean) @ matrix, 0.0).astype(np.float32)
 
 
+def fit_splits(rationales: Rationales) -> list[str]:
+  """The rationales training rows read: the cut-off ones (causal schedule) when written, else
+  the one from seq[:-2] (the paper's)."""
+  cutoffs = [split for split in rationales if split.startswith(prompts.CUTOFF)]
+  return cutoffs or [s for s in (prompts.TRAINING_RATIONALES,) if s in rationales]
+
+
 def postprocessed(encoded: Encoded, kind: str) -> Encoded:
   """`encoded` with item vectors `kind`-processed by statistics of the items that have text, and
-  every rationale (the teacher's too) by those of the rationales training rows read
-  (prompts.TRAINING_RATIONALES): never of what only validation or test read."""
+  every rationale (the teacher's too) by those of the rationales training rows read (`fit_split`):
+  never of what only validation or test read."""
   checks.one_of("encoder.postprocess", kind, embed.POSTPROCESS)
   if kind == "none":
     return encoded
   has_text = np.any(encoded.item_vectors != 0, axis=1)
   items = transformed(encoded.item_vectors, has_text,
                       postprocess_stats(encoded.item_vectors[has_text], kind))
-  if prompts.TRAINING_RATIONALES not in encoded.rationales:
+  fit = fit_splits(encoded.rationales)
+  if not fit:
     return dataclasses.replace(encoded, item_vectors=items)
-  vectors, present = encoded.rationales[prompts.TRAINING_RATIONALES]
-  stats = postprocess_stats(vectors[present], kind)
+  stats = postprocess_stats(np.concatenate([encoded.rationales[s][0][encoded.rationales[s][1]]
+                                            for s in fit]), kind)
   apply = lambda table: {split: (transformed(v, p, stats), p) for split, (v, p) in table.items()}
   return dataclasses.replace(encoded, item_vectors=items, rationales=apply(encoded.rationales),
                              teacher=apply(encoded.teacher))

@@ -55,20 +55,42 @@ def top_items(scores: jax.Array, k: int) -> jax.Array:
 
 
 def sample_candidates(keys: jax.Array, targets: jax.Array, num_items: int, n: int,
-                      popularity: jax.Array | None = None) -> jax.Array:
-  """n distinct negatives int32[B, n] per target, uniform or proportional to `popularity` [I+1].
+                      popularity: jax.Array | None = None,
+                      exclude: jax.Array | None = None) -> jax.Array:
+  """n distinct negatives int32[B, n] per target, uniform or proportional to `popularity` [I+1],
+  among the items not in `exclude` int32[B, N] (the user's own items, 0 = none).
 
   Sampling without replacement by Gumbel top-n with one key per row (e.g. folded from the user
   id, so a user's negatives do not depend on the batch it is in); the target and padding are
-  never drawn.
+  never drawn. A row needs n items it may draw (`check_negatives`).
   """
   if n >= num_items:
     raise ValueError(f"{n} sampled negatives need more than {n} items, have {num_items}")
   weights = jnp.ones(num_items + 1) if popularity is None else jnp.asarray(popularity, jnp.float32)
   ids = jnp.arange(num_items + 1)
-  logits = jnp.where((ids == 0) | (ids == targets[:, None]), -jnp.inf, jnp.log(weights))
+  blocked = (ids == 0) | (ids == targets[:, None])
+  if exclude is not None:
+    rows = jnp.arange(len(targets))[:, None]
+    blocked = blocked | jnp.zeros(blocked.shape, bool).at[rows, exclude].set(True)
+  logits = jnp.where(blocked, -jnp.inf, jnp.log(weights))
   noise = jax.vmap(lambda key: jax.random.gumbel(key, (num_items + 1,)))(keys)
   return jax.lax.top_k(logits + noise, n)[1].astype(jnp.int32)
+
+
+def check_negatives(sequences: np.ndarray, num_items: int, n: int) -> None:
+  """A clear error when some user has fewer than n items they never interacted with."""
+  unseen = num_items - np.array([len(np.unique(row[row > 0])) for row in sequences])
+  if unseen.min() < n:
+    user = int(unseen.argmin())
+    raise ValueError(f"rec.sampled_negatives={n}: user row {user} interacted with all but "
+                     f"{unseen[user]} of the {num_items} items, too few to draw negatives from")
+
+
+def seen_share(top: jax.Array, seen: jax.Array) -> jax.Array:
+  """float[B]: the share of each row's `top` items int32[B, K] that are among its `seen` items
+  int32[B, N] (0 = none): how much of a list recommends what the user already had."""
+  hit = (top[:, :, None] == seen[:, None, :]) & (seen[:, None, :] > 0)
+  return hit.any(-1).mean(-1)
 
 
 def sampled_ranks(scores: jax.Array, targets: jax.Array, negatives: jax.Array) -> jax.Array:

@@ -18,19 +18,46 @@ from slim_jax import checks
 
 STEPS = 3
 # Which split's visible history a rationale is written from. "valid" sees seq[:-2], the training
-# prefix; "test" sees seq[:-1]. A rationale never sees the item it helps to predict.
-HISTORIES = {"prefix": ("valid",), "per_split": ("valid", "test")}
-# The rationale the rows of each split read, the first one written: training rows and validation
-# read the one written from seq[:-2] ("valid"), whose history holds none of their targets; the
-# test reads its own (seq[:-1]) when one was written. The one place this rule is written.
+# prefix; "test" sees seq[:-1]; a cut-off split "cut<f>" sees the first f of the training prefix
+# (`history_end`). A rationale never sees the item it helps to predict. "causal" (the default)
+# writes, beside valid and test, one per `prompt.rationale_cutoffs`, so that training rows can
+# read a rationale as old as it would be in use (slim.rationale_schedule=causal); the teacher
+# writes the valid one only (what distillation trains on).
+HISTORIES = {"prefix": ("valid",), "per_split": ("valid", "test"), "causal": ("valid", "test")}
+CUTOFF = "cut"  # the prefix of a cut-off split's name
+# The paper's schedule (slim.rationale_schedule=paper): the rationale the rows of each split
+# read, the first one written. Training rows and validation read the one written from seq[:-2]
+# ("valid"), whose history holds every training target; the test its own (seq[:-1]) when one was
+# written.
 RATIONALE_OF_SPLIT = {"train": ("valid",), "valid": ("valid",), "test": ("test", "valid")}
 TRAINING_RATIONALES = RATIONALE_OF_SPLIT["train"][0]
+
+
+def cutoff_split(fraction: float) -> str:
+  """The split name of the rationale written from the first `fraction` of the training prefix."""
+  return f"{CUTOFF}{fraction:g}"
+
+
+def history_end(split: str, length: int) -> int:
+  """How many of a user's `length` items the history of `split`'s rationale holds (seq[:end])."""
+  if split == "valid":
+    return length - 2
+  if split == "test":
+    return length - 1
+  return int(float(split.removeprefix(CUTOFF)) * (length - 2))
+
+
+def slot_order(split: str) -> float:
+  """Sorts rationale splits by cut-off, which is the same order for every sequence length."""
+  return {"valid": 1.0, "test": 2.0}.get(split) or float(split.removeprefix(CUTOFF))
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
   domain: str = "movies"  # a key of DOMAINS
-  history: str = "prefix"  # prefix: one rationale per user from seq[:-2]; per_split: + seq[:-1]
+  # prefix: one rationale per user from seq[:-2]; per_split: + seq[:-1]; causal: + cut-offs
+  history: str = "causal"
+  rationale_cutoffs: tuple[float, ...] = (0.5, 0.75)  # causal: shares of the training prefix
   max_prompt_tokens: int = 1024  # whole prompt, counted by the tokenizer that reads it
   recommend: int = 3  # concrete items asked for in step 3 (the exemplars name three)
   max_words: int = 0  # asks for an answer under this many words (0 = no limit): small models ramble
@@ -51,6 +78,7 @@ class PromptConfig:
     """This config, or a clear error for a value that would fail (or mislead) a run."""
     domain(self)
     checks.one_of("prompt.history", self.history, HISTORIES)
+    checks.within(self, "prompt", "(0, 1)", "rationale_cutoffs")
     checks.within(self, "prompt", "[1, inf)", "max_prompt_tokens", "recommend")
     checks.within(self, "prompt", "[0, inf)", "max_words", "student_max_prompt_tokens")
     if self.instruction:
@@ -260,10 +288,28 @@ def student_prompt(item_texts: Sequence[str], cfg: PromptConfig,
                      cfg.max_prompt_tokens)
 
 
-def visible_histories(prepared, history: str) -> Iterator[tuple[int, str, np.ndarray]]:
-  """(user, split, item ids oldest first) for every rationale `history` asks for."""
-  checks.one_of("prompt.history", history, HISTORIES)
-  for split_name in HISTORIES[history]:
-    split = prepared.split(split_name)
-    for row, user in enumerate(split.users):
-      yield int(user), split_name, split.history(row)
+def history_splits(cfg: PromptConfig, writer: str = "student") -> tuple[str, ...]:
+  """The splits whose histories `writer` writes rationales from (see HISTORIES)."""
+  checks.one_of("prompt.history", cfg.history, HISTORIES)
+  if cfg.history != "causal":
+    return HISTORIES[cfg.history]
+  if writer == "teacher":
+    return HISTORIES["prefix"]
+  return (*HISTORIES["causal"], *(cutoff_split(f) for f in cfg.rationale_cutoffs))
+
+
+def visible_histories(prepared, splits: Sequence[str]) -> Iterator[tuple[int, str, np.ndarray]]:
+  """(user, split, item ids oldest first) for every rationale of `splits`; a cut-off that leaves
+  a user no item is skipped (`skipped_histories` counts them)."""
+  for split in splits:
+    for user in range(prepared.num_users):
+      sequence = prepared.sequence(user)
+      end = history_end(split, len(sequence))
+      if end >= 1:
+        yield user, split, sequence[:end]
+
+
+def skipped_histories(prepared, splits: Sequence[str]) -> int:
+  """How many (user, split) histories `visible_histories` skips for holding no item."""
+  lengths = np.diff(prepared.seq_offsets)
+  return int(sum((np.array([history_end(s, n) for n in lengths]) < 1).sum() for s in splits))

@@ -64,12 +64,14 @@ def request_key(request: Request, model: str) -> tuple[str, str, str]:
 
 
 def build_requests(prepared, pcfg: PromptConfig, count_tokens: Callable[[list[dict]], int],
-                   max_users: int = 0, local: bool = False) -> list[Request]:
-  """A request per rationale the prompt config asks for, truncated with `count_tokens`; a local
-  model's requests carry the guided answer's opening."""
+                   max_users: int = 0, local: bool = False,
+                   writer: str = "student") -> list[Request]:
+  """A request per rationale the prompt config asks `writer` for (`prompts.history_splits`),
+  truncated with `count_tokens`; a local model's requests carry the guided answer's opening."""
   prefill = prompts.prefill(pcfg) if local else ""
   requests = []
-  for user, split, items in prompts.visible_histories(prepared, pcfg.history):
+  for user, split, items in prompts.visible_histories(prepared,
+                                                      prompts.history_splits(pcfg, writer)):
     if max_users and user >= max_users:
       continue
     messages, kept = prompts.teacher_prompt(

@@ -19,8 +19,8 @@ import pathlib
 import jax
 from absl import logging
 
-from slim_jax import (checkpoints, checks, layout, local_generation, multihost, parallel, quality,
-                      rationales)
+from slim_jax import (checkpoints, checks, layout, local_generation, multihost, parallel, prompts,
+                      quality, rationales)
 from slim_jax.checkpoints import peft
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama
@@ -114,6 +114,7 @@ def run_student(cfg: StudentConfig, pcfg: PromptConfig, prepared, checkpoint, ou
   records = rationales.read_cache(cache)
   rows = rationales.write_rationales(out_dir / layout.RATIONALES, requests, records, label)
   return {**rationales.summarize(requests, records, label), "generated": len(todo),
+          "skipped_histories": prompts.skipped_histories(prepared, prompts.history_splits(pcfg)),
           "generated_tokens": produced, "generation_seconds": seconds,
           "tokens_per_s": produced / seconds if seconds else 0.0, "dtype": cfg.dtype,
           "quality": quality.measure(rows, len(requests), prepared, cfg.seed)}

@@ -84,7 +84,8 @@ def model_name(cfg: TeacherConfig) -> str:
 
 def estimate_cost(tcfg: TeacherConfig, pcfg: PromptConfig, prepared) -> dict:
   """Tokens and dollars for the whole run before anything is spent (the OpenAI dry run)."""
-  requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, tcfg.max_users)
+  requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, tcfg.max_users,
+                                        writer="teacher")
   output = tcfg.assumed_output_tokens or tcfg.max_tokens
   prompt_tokens = sum(r.prompt_tokens for r in requests)
   completion_tokens = output * len(requests)
@@ -123,7 +124,8 @@ def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh
   cache, model = out_dir / layout.CACHE, model_name(tcfg)
   throughput = {}
   if tcfg.kind == "openai":
-    requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, tcfg.max_users)
+    requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, tcfg.max_users,
+                                          writer="teacher")
     todo = rationales.pending(requests, rationales.read_cache(cache), model, tcfg.retry_failures)
     logging.info("teacher %s: %d of %d requests to do", model, len(todo), len(requests))
     chat_api.run_openai(todo, tcfg, pcfg, cache)
@@ -132,7 +134,7 @@ def run_teacher(tcfg: TeacherConfig, pcfg: PromptConfig, prepared, out_dir, mesh
                                                  dtype=tcfg.dtype, param_dtype=tcfg.dtype)
     requests = rationales.build_requests(
         prepared, pcfg, lambda m: len(rationales.chat_ids(tokenizer, m)), tcfg.max_users,
-        local=True)
+        local=True, writer="teacher")
     todo = rationales.pending(requests, rationales.read_cache(cache), model, tcfg.retry_failures)
     multihost.barrier("teacher cache read")  # before process 0 appends to it
     logging.info("teacher %s: %d of %d requests to do", model, len(todo), len(requests))

@@ -150,7 +150,8 @@ def make_fixture(directory: pathlib.Path) -> tuple[pathlib.Path, preprocess.Prep
   model_dir = hf.save_hf(directory / "tiny", TINY_LLAMA, random_params(TINY_LLAMA), tokenizer)
   path = directory / "rationales.jsonl"
   with path.open("w") as f:
-    for user, split, items in prompts.visible_histories(prepared, PROMPT.history):
+    for user, split, items in prompts.visible_histories(
+        prepared, prompts.history_splits(PROMPT, "teacher")):
       last = int(prepared.item_ids[items[-1]][1:])
       f.write(json.dumps({"user_id": str(prepared.user_ids[user]), "split": split,
                           "prompt_hash": "-", "model": "synthetic", "history_len": len(items),
@@ -176,15 +177,15 @@ def one_device():
 
 
 def prepared_from_sequences(seqs, num_items: int) -> preprocess.Prepared:
-  """Prepared data of equal-length item sequences (ids 1..num_items), one per user."""
-  length = len(seqs[0])
+  """Prepared data of item sequences (ids 1..num_items), one per user."""
   return preprocess.Prepared(
       user_ids=np.array([f"u{u}" for u in range(len(seqs))]),
       item_ids=np.array([""] + [f"i{i}" for i in range(1, num_items + 1)]),
       item_text=("",) + tuple(f"item {i}" for i in range(1, num_items + 1)),
       item_meta=(ItemMeta(),) * (num_items + 1),
       seq_items=np.concatenate(seqs).astype(np.int32),
-      seq_offsets=np.arange(len(seqs) + 1, dtype=np.int64) * length, stats={})
+      seq_offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
+      stats={})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,13 +107,13 @@ class VisibleHistoryTest(absltest.TestCase):
     self.prepared = preprocess.prepare(raw, DataConfig())
 
   def test_prefix_never_sees_validation_or_test_items(self):
-    histories = list(prompts.visible_histories(self.prepared, "prefix"))
+    histories = list(prompts.visible_histories(self.prepared, prompts.HISTORIES["prefix"]))
     self.assertEqual([(u, s) for u, s, _ in histories], [(0, "valid"), (1, "valid")])
     for user, _, items in histories:
       np.testing.assert_array_equal(items, self.prepared.sequence(user)[:-2])
 
   def test_per_split_adds_the_test_history(self):
-    histories = list(prompts.visible_histories(self.prepared, "per_split"))
+    histories = list(prompts.visible_histories(self.prepared, prompts.HISTORIES["per_split"]))
     test = [(u, items) for u, s, items in histories if s == "test"]
     self.assertLen(histories, 4)
     for user, items in test:
@@ -121,7 +121,7 @@ class VisibleHistoryTest(absltest.TestCase):
 
   def test_unknown_history_is_rejected(self):
     with self.assertRaisesRegex(ValueError, "prompt.history='all'"):
-      list(prompts.visible_histories(self.prepared, "all"))
+      prompts.history_splits(PromptConfig(history="all"))
 
 
 FORMATS = {

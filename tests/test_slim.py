@@ -11,6 +11,7 @@ from slim_jax import assets, embed, encode, parallel
 from slim_jax.data import loader
 from slim_jax.data.side_inputs import derangement, shuffled_sources, side_inputs, teacher_users
 from slim_jax.models import bert, slim
+from slim_jax.models.backbone import last_column
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
 from slim_jax.train import recommend
@@ -21,6 +22,10 @@ INPUTS = jnp.array([[0, 0, 3, 7, 3, 9], [4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 21],
                     [0, 0, 0, 1, 2, 3]], jnp.int32)
 USERS = jnp.array([0, 1, 2, -1], jnp.int32)  # -1: a padding row of an evaluation batch
 CFG = RecConfig(backbone="sasrec", hidden=16, max_len=6, inner=32).resolved()
+# One sequence per user, of different lengths: the causal schedule's cut-offs depend on them.
+PREPARED = prepared_from_sequences([np.arange(1, 1 + n) + u for u, n in enumerate((8, 11, 5, 14,
+                                                                                   9))], NUM_ITEMS)
+PAPER = {"rationale_schedule": "paper"}
 
 
 def _encoded(seed: int = 0, present=(True, True, False, True, True)):
@@ -31,14 +36,21 @@ def _encoded(seed: int = 0, present=(True, True, False, True, True)):
 
 
 def _model(mode, backbone="sasrec", encoded=None, **slim_fields):
+  """A model of `mode` with its training side inputs (the paper's schedule unless asked)."""
   cfg = dataclasses.replace(CFG, backbone=backbone)
-  slim_cfg = SlimConfig(**slim_fields)
+  slim_cfg = SlimConfig(**{**PAPER, **slim_fields})
   model = recommend.build_model(cfg, NUM_ITEMS, mode=mode, slim=slim_cfg)
-  popularity = np.arange(NUM_ITEMS + 1, dtype=np.float32) % 7
-  side = side_inputs(encoded or _encoded(), model.rows, slim_cfg, mode, popularity)
+  side = side_inputs(encoded or _encoded(), PREPARED, model.rows, slim_cfg, mode)
   side = jax.tree.map(jnp.asarray, side["train"])
   params = model.init(jax.random.key(0), INPUTS, USERS, side)
   return model, params, side
+
+
+def _read(model, params, side, users=USERS, inputs=INPUTS, positions=None, train=False,
+          **apply):
+  """The raw text vectors [B, D] each row's last column reads (identity projection)."""
+  return model.apply(params, inputs, users, side, train, last_column(inputs), positions,
+                     lambda x: x, method="user_text", **apply)[:, 0]
 
 
 def _param_paths(params) -> set[str]:
@@ -74,7 +86,7 @@ class FusionTest(parameterized.TestCase):
     seq_state, id_table = backbone.apply({"params": p["backbone"]}, INPUTS, method="predict")
     g_l = lambda x: _dense(p["text_proj"], x)
     g_f = lambda text, ids: _dense(p["fuse_proj"], jnp.concatenate([text, ids], -1))
-    rationale = model.apply(params, USERS, side, False, method="rationale")
+    rationale = _read(model, params, side)
     state, table = model.apply(params, INPUTS, USERS, side, method="predict")
     np.testing.assert_allclose(table, g_f(g_l(side["item_text"]), id_table), atol=1e-5)
     np.testing.assert_allclose(state, g_f(g_l(rationale), seq_state), atol=1e-5)
@@ -101,11 +113,11 @@ class FusionTest(parameterized.TestCase):
                      {"text_proj/kernel", "text_proj/bias", "fuse_proj/kernel", "fuse_proj/bias"})
     scores = lambda side: np.asarray(jnp.einsum("bh,rh->br", *model.apply(
         params, INPUTS, USERS, side, method="predict")))
-    other = side_inputs(_encoded(present=(False,) * NUM_USERS), model.rows, SlimConfig(),
-                        "item_text")["train"]
+    other = side_inputs(_encoded(present=(False,) * NUM_USERS), PREPARED, model.rows,
+                        SlimConfig(), "item_text")["train"]
     np.testing.assert_array_equal(scores(side), scores(jax.tree.map(jnp.asarray, other)))
-    id_based = jax.tree.map(jnp.asarray, side_inputs(_encoded(), model.rows, SlimConfig(),
-                                                     "id_based")["train"])
+    id_based = jax.tree.map(jnp.asarray, side_inputs(_encoded(), PREPARED, model.rows,
+                                                     SlimConfig(**PAPER), "id_based")["train"])
     np.testing.assert_array_equal(scores(side), scores(id_based))  # extra keys are never read
     plain_state, plain_table = recommend.build_backbone(CFG, NUM_ITEMS).apply(
         {"params": params["params"]["backbone"]}, INPUTS, method="predict")
@@ -115,10 +127,10 @@ class FusionTest(parameterized.TestCase):
 
   def test_users_without_a_rationale_read_zeros(self):
     model, params, side = _model("id_based")
-    vectors = model.apply(params, USERS, side, False, method="rationale")
+    vectors = _read(model, params, side)
     np.testing.assert_array_equal(vectors[2], 0.0)  # user 2 has none
     np.testing.assert_array_equal(vectors[3], 0.0)  # padding row
-    np.testing.assert_array_equal(vectors[0], side["rationale"][0])
+    np.testing.assert_array_equal(vectors[0], side["rationale"][0, 0])
 
   def test_plain_is_the_backbone_and_ignores_side_inputs(self):
     model, params, side = _model("plain")
@@ -134,13 +146,13 @@ class FusionTest(parameterized.TestCase):
     state, table = model.apply(params, INPUTS, USERS, side, method="predict")
     g_t = lambda x: _dense(params["params"]["text_proj"], x)
     np.testing.assert_allclose(table, g_t(side["item_text"]), atol=1e-6)
-    np.testing.assert_allclose(state[:2], g_t(side["rationale"][:2]), atol=1e-6)
+    np.testing.assert_allclose(state[:2], g_t(side["rationale"][:2, 0]), atol=1e-6)
     np.testing.assert_allclose(state[2], g_t(jnp.zeros(DIM)), atol=1e-6)  # user 2: no rationale
 
   def test_zero_shot_scores_are_the_raw_vectors(self):
     model, params, side = _model("zero_shot")
     state, table = model.apply(params, INPUTS, USERS, side, method="predict")
-    np.testing.assert_array_equal(state[:2], side["rationale"][:2])
+    np.testing.assert_array_equal(state[:2], side["rationale"][:2, 0])
     np.testing.assert_array_equal(table, side["item_text"])
     self.assertEmpty(jax.tree.leaves(params))
 
@@ -148,26 +160,29 @@ class FusionTest(parameterized.TestCase):
     model, params, side = _model("popularity")
     state, table = model.apply(params, INPUTS, USERS, side, method="predict")
     np.testing.assert_array_equal((state @ table.T)[0, :NUM_ITEMS + 1],
-                                  np.arange(NUM_ITEMS + 1) % 7)
+                                  PREPARED.item_popularity())
     self.assertEmpty(jax.tree.leaves(params))
 
   def test_modes_that_need_rationales_say_which_stage_to_run(self):
     no_rationales = encode.Encoded(np.ones((NUM_ITEMS + 1, DIM), np.float32), {})
-    for mode in ("id_based", "shuffled", "id_agnostic", "zero_shot"):
+    for mode in ("id_based", "shuffled", "constant_rationale", "id_agnostic", "zero_shot"):
       with self.assertRaisesRegex(ValueError, "--stages=generate,encode"):
-        side_inputs(no_rationales, 32, SlimConfig(), mode)
+        side_inputs(no_rationales, PREPARED, 32, SlimConfig(), mode)
     with self.assertRaisesRegex(ValueError, "--stages=teacher,encode"):
-      side_inputs(_encoded(), 32, SlimConfig(), "teacher_rationales")
+      side_inputs(_encoded(), PREPARED, 32, SlimConfig(), "teacher_rationales")
     with self.assertRaisesRegex(ValueError, "--stages=encode"):
-      side_inputs(None, 32, SlimConfig(), "item_text")
-    self.assertEqual(set(side_inputs(no_rationales, 32, SlimConfig(), "item_text")["test"]),
-                     {"item_text"})
+      side_inputs(None, PREPARED, 32, SlimConfig(), "item_text")
+    self.assertEqual(set(side_inputs(no_rationales, PREPARED, 32, SlimConfig(),
+                                     "item_text")["test"]), {"item_text"})
+    # The causal schedule names the stage and the settings when cut-off rationales are missing.
+    with self.assertRaisesRegex(ValueError, "generate,encode with prompt.history=causal"):
+      side_inputs(_encoded(), PREPARED, 32, SlimConfig(), "id_based")
 
   def test_rationale_dropout_zeroes_some_training_rows(self):
     model, params, side = _model("id_based", rationale_dropout=0.5)
     users = jnp.zeros(256, jnp.int32)
-    vectors = model.apply(params, users, side, True, method="rationale",
-                          rngs={"dropout": jax.random.key(1)})
+    vectors = _read(model, params, side, users, jnp.ones((256, 6), jnp.int32), train=True,
+                    rngs={"dropout": jax.random.key(1)})
     dropped = np.asarray((vectors == 0).all(-1)).mean()
     self.assertBetween(dropped, 0.35, 0.65)
 
@@ -192,21 +207,24 @@ class SideInputsTest(absltest.TestCase):
   def test_side_inputs_per_split(self):
     vectors, present = np.eye(3, dtype=np.float32), np.ones(3, bool)
     test_vectors = 2 * vectors
+    prepared = prepared_from_sequences([np.array([1, 2, 3, 4])] * 3, 4)
     sides = side_inputs(encode.Encoded(np.ones((5, 3), np.float32), {
-        "valid": (vectors, present), "test": (test_vectors, present)}), 7, SlimConfig(),
-        "id_based")
-    np.testing.assert_array_equal(sides["train"]["rationale"], vectors)
-    np.testing.assert_array_equal(sides["test"]["rationale"], test_vectors)
+        "valid": (vectors, present), "test": (test_vectors, present)}), prepared, 7,
+        SlimConfig(**PAPER), "id_based")
+    np.testing.assert_array_equal(sides["train"]["rationale"][:, 0], vectors)
+    np.testing.assert_array_equal(sides["test"]["rationale"][:, 0], test_vectors)
+    np.testing.assert_array_equal(sides["train"]["rationale_cutoff"], 0)  # every row reads it
     self.assertEqual(sides["valid"]["item_text"].shape, (7, 3))
     np.testing.assert_array_equal(sides["valid"]["item_text"][5:], 0.0)
     tokens = (np.arange(3)[:, None] * np.ones((1, 4), np.int32), np.full(3, 4, np.int32))
     shuffled = side_inputs(
         encode.Encoded(np.ones((5, 3), np.float32), {"valid": (vectors, present)},
-                       {"valid": tokens}), 7, SlimConfig(finetune_encoder=True), "shuffled")
-    self.assertFalse((shuffled["test"]["rationale"] == vectors).all(1).any())
+                       {"valid": tokens}), prepared, 7,
+        SlimConfig(finetune_encoder=True, **PAPER), "shuffled")["test"]
+    self.assertFalse((shuffled["rationale"][:, 0] == vectors).all(1).any())
     # the token ids move with the vectors: user u reads the tokens of the user whose vector it has
-    np.testing.assert_array_equal(shuffled["test"]["rationale_ids"][:, 0],
-                                  shuffled["test"]["rationale"].argmax(1))
+    np.testing.assert_array_equal(shuffled["rationale_ids"][:, 0, 0],
+                                  shuffled["rationale"][:, 0].argmax(1))
 
 
   def test_teacher_rationales_replace_the_students_where_the_teacher_wrote_one(self):
@@ -216,15 +234,16 @@ class SideInputsTest(absltest.TestCase):
     encoded = encode.Encoded(np.ones((5, 4), np.float32), {"valid": (student, has_student)},
                              {"valid": tokens(student)}, {"valid": (teacher, has_teacher)},
                              {"valid": tokens(teacher)})
-    side = side_inputs(encoded, 7, SlimConfig(finetune_encoder=True),
+    prepared = prepared_from_sequences([np.array([1, 2, 3, 4])] * 4, 4)
+    side = side_inputs(encoded, prepared, 7, SlimConfig(finetune_encoder=True, **PAPER),
                        "teacher_rationales")["train"]
-    np.testing.assert_array_equal(side["rationale"], [student[0], teacher[1], teacher[2],
-                                                      student[3]])
-    np.testing.assert_array_equal(side["has_rationale"], True)
+    np.testing.assert_array_equal(side["rationale"][:, 0], [student[0], teacher[1], teacher[2],
+                                                            student[3]])
+    np.testing.assert_array_equal(side["rationale_cutoff"], 0)  # every user has one
     np.testing.assert_array_equal(side["rationale_ids"], side["rationale"])
     self.assertEqual(teacher_users(encoded), {"valid": 2})
-    own = side_inputs(encoded, 7, SlimConfig(), "id_based")["train"]
-    np.testing.assert_array_equal(own["rationale"], student)
+    own = side_inputs(encoded, prepared, 7, SlimConfig(**PAPER), "id_based")["train"]
+    np.testing.assert_array_equal(own["rationale"][:, 0], student)
 
 
 def genre_prepared(num_users=60, num_items=80, genres=4, length=12, seed=0):
@@ -251,8 +270,8 @@ class IdAgnosticTrainingTest(parameterized.TestCase):
                     eval_batch=64, lr=1e-2, epochs=6, eval_every=3, sampled_negatives=20,
                     exclude_history=True)
     summary = recommend.train_recommender(cfg, prepared, self.create_tempdir().full_path,
-                                          parallel.make_mesh({"data": -1}), mode, SlimConfig(),
-                                          encoded)
+                                          parallel.make_mesh({"data": -1}), mode,
+                                          SlimConfig(**PAPER), encoded)
     # Nine unseen genre-mates are left at test time: a genre-aware ranker's HR@10 approaches 1.
     self.assertGreater(summary["test"]["hr@10"], summary["popularity_test"]["hr@10"] + 0.3)
     self.assertEqual(summary["mode"], mode)
@@ -297,14 +316,14 @@ class FinetunedEncoderTest(absltest.TestCase):
     cls.encoded = encode.Encoded(item_vectors, rationales, tokens)
     cls.cfg = RecConfig(backbone="gru4rec", hidden=16, max_len=10, gru_hidden=16,
                         batch=16).resolved()
-    cls.slim = SlimConfig(finetune_encoder=True)
+    cls.slim = SlimConfig(finetune_encoder=True, **PAPER)
 
   def build(self):
     model = recommend.build_model(self.cfg, self.prepared.num_items, mode="id_based",
                                   slim=self.slim, encoder=self.minilm)
     mesh = parallel.make_mesh({"data": -1})
-    sides = recommend.device_sides(side_inputs(self.encoded, model.rows, self.slim, "id_based"),
-                                   mesh)
+    sides = recommend.device_sides(
+        side_inputs(self.encoded, self.prepared, model.rows, self.slim, "id_based"), mesh)
     tx = recommend.optimizer(self.cfg, 10)
     state, shardings = recommend.init_state(model, tx, self.cfg, mesh, sides["train"],
                                             self.minilm.params)
@@ -313,7 +332,7 @@ class FinetunedEncoderTest(absltest.TestCase):
   def test_starts_as_the_frozen_encoder_and_trains(self):
     model, mesh, sides, tx, state, shardings = self.build()
     users = jnp.arange(8, dtype=jnp.int32)
-    vectors = model.apply(state.params, users, sides["train"], False, method="rationale")
+    vectors = _read(model, state.params, sides["train"], users, jnp.ones((8, 10), jnp.int32))
     np.testing.assert_allclose(vectors, self.vectors[:8], atol=1e-5)
 
     step = recommend.make_train_step(model, tx, self.cfg, shardings, mesh)

@@ -9,7 +9,9 @@ dict (grain's), saved with the model so a resumed run sees the same next batch. 
 when a training pipeline is built, not with this module, which every trainer and so every config
 section beside one imports.
 
-Item sequences are LEFT-padded with 0: the most recent item is always the last column.
+Item sequences are LEFT-padded with 0: the most recent item is always the last column. Every
+next-item batch also says where its rows are: "users" and "positions", the position of the last
+column's target in its user's sequence (what SLIM's causal schedule reads rationales by).
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ class Sequences:
     return cls(np.asarray(items), np.asarray(offsets[:-1]), np.asarray(offsets[1:]))
 
 
+def padded_sequences(prepared) -> np.ndarray:
+  """int32[U, N]: every user's whole sequence, oldest first, right-padded with 0."""
+  lengths = np.diff(prepared.seq_offsets)
+  positions = np.arange(lengths.max())
+  inside = positions < lengths[:, None]
+  index = np.minimum(prepared.seq_offsets[:-1, None] + positions, len(prepared.seq_items) - 1)
+  return np.where(inside, prepared.seq_items[index], 0).astype(np.int32)
+
+
 def training_part(prepared) -> Sequences:
   """Each user's sequence less its last two items (the valid and test targets); row = user."""
   whole = Sequences.from_offsets(prepared.seq_items, prepared.seq_offsets)
@@ -86,7 +97,8 @@ def per_position_examples(train: Sequences, stride: int) -> tuple[np.ndarray, np
 def last_position_batch(train: Sequences, rows: np.ndarray, targets: np.ndarray,
                         max_len: int) -> Batch:
   return {"inputs": gather_left_padded(train.items, train.starts[rows], targets, max_len),
-          "targets": train.items[targets].astype(np.int32), "users": rows.astype(np.int32)}
+          "targets": train.items[targets].astype(np.int32), "users": rows.astype(np.int32),
+          "positions": (targets - train.starts[rows]).astype(np.int32)}
 
 
 def per_position_batch(train: Sequences, rows: np.ndarray, ends: np.ndarray, max_len: int,
@@ -98,7 +110,7 @@ def per_position_batch(train: Sequences, rows: np.ndarray, ends: np.ndarray, max
   owned = np.arange(max_len) >= max_len - (stride or max_len)
   return {"inputs": gather_left_padded(train.items, starts, ends - 1, max_len),
           "targets": np.where(owned, targets, 0).astype(np.int32),
-          "users": rows.astype(np.int32)}
+          "users": rows.astype(np.int32), "positions": (ends - 1 - starts).astype(np.int32)}
 
 
 def eval_batch(history: Sequences, targets: np.ndarray, users: np.ndarray, rows: np.ndarray,
@@ -110,7 +122,8 @@ def eval_batch(history: Sequences, targets: np.ndarray, users: np.ndarray, rows:
   return {"inputs": np.where(valid[:, None], inputs, 0),
           "targets": np.where(valid, targets[safe], 0).astype(np.int32),
           "users": np.where(valid, users[safe], -1).astype(np.int32),
-          "valid": valid}
+          "positions": np.where(valid, history.ends[safe] - history.starts[safe], 0)
+          .astype(np.int32), "valid": valid}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,17 +4,23 @@ of the paper's tables.
 
 Rationale and item-text vectors are *side inputs*, not parameters: a dict of arrays passed to
 every call beside the item sequence (`data/side_inputs.py` builds it per mode), so the encoder
-that made them, the shuffled and teacher controls and the split they come from are all swapped
-without touching the model. A mode's side holds only what it reads (`item_text` has no
+that made them, the controls and the schedule that says which rationale a row reads are all
+swapped without touching the model. A mode's side holds only what it reads (`item_text` has no
 rationale key):
 
-  side = {"rationale": float[U, D], "has_rationale": bool[U], "item_text": float[R, D]}
-  (+ "rationale_ids": int32[U, T], "rationale_lengths": int32[U] to fine-tune the encoder;
+  side = {"rationale": float[U, S, D], "rationale_cutoff": int32[U, S], "item_text": float[R, D]}
+  (+ "rationale_ids": int32[U, S, T], "rationale_lengths": int32[U, S] to fine-tune the encoder;
    "popularity": float[R] alone for the popularity ranking)
 
-`SLIM.__call__(inputs, users, side, train)` and `SLIM.predict(inputs, users, side)` keep the
-backbone interface (`models/backbone.py`) with the users of the rows added; in mode "plain"
-they are exactly the backbone's, so one trainer serves every variant.
+Each user has S rationale slots, ascending by cut-off: slot s was written from seq[:cutoff]
+(NEVER where the user has none). A row reads, per column, the latest slot whose history ends at
+or before the column's target, so no row reads a rationale written from a history that holds its
+target (`rationale_slot`); the paper's schedule is one slot of cut-off 0 that every row reads.
+
+`SLIM.__call__(inputs, users, side, train, columns, positions)` and `SLIM.predict(inputs, users,
+side, positions)` keep the backbone interface (`models/backbone.py`) with the users of the rows
+and the position of the last column's target added; in mode "plain" they are exactly the
+backbone's, so one trainer serves every variant.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slim_jax import checks
 from slim_jax.models import bert
-from slim_jax.models.backbone import Backbone
+from slim_jax.models.backbone import Backbone, last_column
 
 # The variants of the paper's Tables 1-2, by the names every table, JSON file and plot uses.
 MODES = {
@@ -50,9 +57,13 @@ MODES = {
 BACKBONE_FREE_MODES = ("id_agnostic", "zero_shot", "popularity")  # no backbone, no item IDs
 UNTRAINED_MODES = ("zero_shot", "popularity")  # ranked as they are
 TEXT_FREE_MODES = ("plain", "popularity")  # read no encoded vectors
-ID_BASED_MODES = ("id_based", "shuffled", "teacher_rationales")  # both sides fused
-FUSED_MODES = ("item_text", *ID_BASED_MODES)  # the item side fused with item text
-RATIONALE_MODES = (*ID_BASED_MODES, "id_agnostic", "zero_shot")
+ITEM_SIDE_MODES = ("item_text", "item_text_permuted")  # item text fused, nothing on the user side
+# Both sides fused: the user side reads a rationale, or (history_text) its history's item text.
+ID_BASED_MODES = ("id_based", "shuffled", "teacher_rationales", "constant_rationale",
+                  "history_text")
+FUSED_MODES = (*ITEM_SIDE_MODES, *ID_BASED_MODES)  # the item side fused with item text
+RATIONALE_MODES = ("id_based", "shuffled", "teacher_rationales", "constant_rationale",
+                   "id_agnostic", "zero_shot")  # read the student's (or teacher's) rationales
 
 
 def variant_name(backbone: str, mode: str) -> str:
@@ -127,29 +138,45 @@ class SLIM(nn.Module):
     if self.mode in ID_BASED_MODES and self.cfg.fusion == "gate":
       self.gate_proj = nn.Dense(self.hidden)
 
-  def rationale(self, users, side, train: bool) -> jax.Array:
-    """[B, D] rationale vectors of `users` (rows < 0 are padding), zero where a user has none."""
+  def rationale_slots(self, users, side) -> jax.Array:
+    """[B, S, D] every rationale slot of `users` (rows < 0 are padding)."""
     safe = jnp.maximum(users, 0)
-    keep = side["has_rationale"][safe] & (users >= 0)
     if self.encoder is None:
-      vectors = side["rationale"][safe]
+      return side["rationale"][safe]
+    ids = side["rationale_ids"][safe]  # [B, S, T]
+    lengths = side["rationale_lengths"][safe]
+    flat = ids.reshape(-1, ids.shape[-1])
+    mask = (jnp.arange(flat.shape[1]) < lengths.reshape(-1)[:, None]).astype(jnp.int32)
+    vectors = bert.pool(self.rationale_encoder(flat, mask), mask, self.pooling)
+    return vectors.reshape(*ids.shape[:2], -1)
+
+  def user_text(self, inputs, users, side, train: bool, columns, positions, project):
+    """[B, T, ·] the text each column's user side reads, a zero vector where it reads none,
+    then `project`ed (text_proj, or identity): under the causal schedule the latest rationale
+    written from a history that ends before the column's target (`rationale_slot`), and for
+    history_text the summary of the inputs up to the column (`history_summary`)."""
+    if self.mode == "history_text" and self.cfg.rationale_schedule == "causal":
+      vectors, keep = history_summary(inputs, side["item_text"], self.num_items,
+                                      self.cfg.history_text_items)
+      vectors = jnp.take_along_axis(vectors, columns[..., None], 1)
+      keep = jnp.take_along_axis(keep, columns, 1)
     else:
-      ids = side["rationale_ids"][safe]
-      mask = (jnp.arange(ids.shape[1]) < side["rationale_lengths"][safe][:, None]).astype(jnp.int32)
-      vectors = bert.pool(self.rationale_encoder(ids, mask), mask, self.pooling)
+      slot, keep = rationale_slot(side["rationale_cutoff"][jnp.maximum(users, 0)],
+                                  target_positions(inputs, columns, positions))
+      vectors = jnp.take_along_axis(self.rationale_slots(users, side),
+                                    jnp.maximum(slot, 0)[..., None], 1)
+    keep = keep & (users >= 0)[:, None]
     if train and self.cfg.rationale_dropout:
-      drop = jax.random.bernoulli(self.make_rng("dropout"), self.cfg.rationale_dropout,
-                                  keep.shape)
-      keep = keep & ~drop
-    return jnp.where(keep[:, None], vectors, 0.0)
+      keep = keep & ~jax.random.bernoulli(self.make_rng("dropout"), self.cfg.rationale_dropout,
+                                          keep.shape)
+    return project(jnp.where(keep[..., None], vectors, 0.0))
 
   def fuse(self, text, ids) -> jax.Array:
     """g_f([text; ids]): projected text [..., H] (broadcast to ids' shape) with ID-side vectors."""
     return self.fuse_proj(jnp.concatenate([jnp.broadcast_to(text, ids.shape), ids], -1))
 
   def fuse_user(self, states, text) -> jax.Array:
-    """States [B, T, H] fused with the projected rationale [B, H] by `cfg.fusion`."""
-    text = jnp.broadcast_to(text[:, None], states.shape)
+    """States [B, T, H] fused with the projected text [B, T, H] by `cfg.fusion`."""
     if self.cfg.fusion == "paper":
       return self.fuse(text, states)
     if self.cfg.fusion == "add":
@@ -160,37 +187,93 @@ class SLIM(nn.Module):
     gate = jax.nn.sigmoid(self.gate_proj(both))
     return gate * states + (1.0 - gate) * text
 
-  def backbone_free(self, users, side, train: bool):
-    """(state [B, D], table [R, D]) of the rankers without a backbone."""
+  def backbone_free(self, inputs, users, side, train: bool, columns, positions):
+    """(states [B, T, D], table [R, D]) of the rankers without a backbone."""
     if self.mode == "popularity":
-      return jnp.ones((users.shape[0], 1)), side["popularity"][:, None]
-    rationale = self.rationale(users, side, train)
+      return jnp.ones((*columns.shape, 1)), side["popularity"][:, None]
     if self.mode == "zero_shot":
-      return rationale, side["item_text"]
-    return self.text_proj(rationale), self.text_proj(side["item_text"])
+      return (self.user_text(inputs, users, side, train, columns, positions, lambda x: x),
+              side["item_text"])
+    return (self.user_text(inputs, users, side, train, columns, positions, self.text_proj),
+            self.text_proj(side["item_text"]))
 
-  def __call__(self, inputs, users, side, train: bool = False, columns=None):
-    """(states [B, T, H], table [R, H]) as the backbone's, SLIM-fused; the backbone-free modes
-    broadcast their one state over the columns asked for (default: every input column)."""
+  def __call__(self, inputs, users, side, train: bool = False, columns=None, positions=None):
+    """(states [B, T, H], table [R, H]) as the backbone's, SLIM-fused, for the `columns` asked
+    for (default: every input column); `positions` int32[B] is the position of the last
+    column's target in its user's sequence (default: past every rationale's history)."""
     if self.backbone is None:
-      state, table = self.backbone_free(users, side, train)
-      shape = inputs.shape if columns is None else columns.shape
-      return jnp.broadcast_to(state[:, None], (*shape, state.shape[-1])), table
+      return self.backbone_free(inputs, users, side, train, newest_columns(inputs, columns),
+                                positions)
     states, table = self.backbone(inputs, train=train, columns=columns)
-    return self.combine(states, table, users, side, train)
+    # A backbone asked for no columns gives its newest ones (all of them, or SRGNN's last).
+    columns = newest_columns(inputs, columns, states.shape[1])
+    return self.combine(inputs, states, table, users, side, train, columns, positions)
 
-  def predict(self, inputs, users, side):
-    """(state [B, H], table) predicting the item after the last column."""
+  def predict(self, inputs, users, side, positions=None):
+    """(state [B, H], table) predicting the item after the last column, at `positions`."""
+    columns = last_column(inputs)
     if self.backbone is None:
-      return self.backbone_free(users, side, False)
-    state, table = self.backbone.predict(inputs)
-    states, table = self.combine(state[:, None], table, users, side, False)
+      states, table = self.backbone_free(inputs, users, side, False, columns, positions)
+    else:
+      state, table = self.backbone.predict(inputs)
+      states, table = self.combine(inputs, state[:, None], table, users, side, False, columns,
+                                   positions)
     return states[:, 0], table
 
-  def combine(self, states, table, users, side, train: bool):
+  def combine(self, inputs, states, table, users, side, train: bool, columns, positions):
     if self.mode == "plain":
       return states, table
     table = self.fuse(self.text_proj(side["item_text"]), table)
-    if self.mode == "item_text":
+    if self.mode in ITEM_SIDE_MODES:
       return states, table
-    return self.fuse_user(states, self.text_proj(self.rationale(users, side, train))), table
+    text = self.user_text(inputs, users, side, train, columns, positions, self.text_proj)
+    return self.fuse_user(states, text), table
+
+
+# The cut-off of a rationale slot no row reads (a user without that rationale).
+NEVER = np.iinfo(np.int32).max
+
+
+def newest_columns(inputs, columns=None, count: int | None = None) -> jax.Array:
+  """int32[B, T]: `columns`, or else the newest `count` (default: every) input columns."""
+  if columns is not None:
+    return columns
+  length = inputs.shape[1]
+  return jnp.broadcast_to(jnp.arange(length - (count or length), length), (inputs.shape[0],
+                                                                           count or length))
+
+
+def target_positions(inputs, columns, positions) -> jax.Array:
+  """int32[B, T]: the position in its user's sequence of each column's target, from the last
+  column's (`positions` [B]; None: later than any history)."""
+  if positions is None:
+    return jnp.full(columns.shape, NEVER - 1, jnp.int32)
+  return positions[:, None] - (inputs.shape[1] - 1 - columns)
+
+
+def rationale_slot(cutoffs, targets) -> tuple[jax.Array, jax.Array]:
+  """(slot int32[B, T], whether there is one bool[B, T]): of each user's rationale slots
+  (cut-offs int32[B, S]: the slot's history is seq[:cutoff]; NEVER: absent), the latest whose
+  history ends at or before the target position, i.e. holds none of seq[target:]; of equal
+  cut-offs the later slot."""
+  eligible = cutoffs[:, None, :] <= targets[..., None]
+  order = jnp.where(eligible, cutoffs[:, None, :].astype(jnp.float32) * cutoffs.shape[1]
+                    + jnp.arange(cutoffs.shape[1]), -1.0)
+  return jnp.argmax(order, -1).astype(jnp.int32), eligible.any(-1)
+
+
+def history_summary(inputs, item_text, num_items: int, items: int) -> tuple[jax.Array, ...]:
+  """([B, L, D] per column, the L2-normalised mean item-text vector of its last `items` inputs
+  up to and including it, i.e. of the items before its target; bool[B, L] whether it has any).
+
+  Causal by construction: column j reads inputs[:, j - items + 1 : j + 1] only. Window sums are
+  differences of running sums, so the whole table costs two cumulative sums."""
+  real = ((inputs > 0) & (inputs <= num_items)).astype(item_text.dtype)
+  sums = jnp.cumsum(item_text[inputs] * real[..., None], 1)
+  counts = jnp.cumsum(real, 1)
+  if items < inputs.shape[1]:
+    shift = lambda x: jnp.pad(x, [(0, 0), (items, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-items]
+    sums, counts = sums - shift(sums), counts - shift(counts)
+  mean = sums / jnp.maximum(counts, 1.0)[..., None]
+  norm = jnp.linalg.norm(mean, axis=-1, keepdims=True)
+  return mean / jnp.maximum(norm, 1e-12), counts > 0

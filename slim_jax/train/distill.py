@@ -125,8 +125,8 @@ def training_examples(records: Sequence[Mapping], prepared, pcfg: PromptConfig, 
   exactly what the teacher saw, in its own chat template and token budget. EOS is learnt too:
   the student must learn where a rationale ends.
   """
-  histories = {(user, split): items
-               for user, split, items in prompts.visible_histories(prepared, "per_split")}
+  histories = {(user, split): items for user, split, items in
+               prompts.visible_histories(prepared, prompts.HISTORIES["per_split"])}
   index = {str(user_id): user for user, user_id in enumerate(prepared.user_ids)}
   render = functools.partial(rationales.chat_ids, tokenizer)
   users, prompt_ids, rationale_ids = [], [], []

@@ -117,7 +117,8 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
     def loss_of(params, inputs, targets):
       columns, scored = recommender.scored_columns(inputs, targets, targets_per_row)
       states, table = model.apply(params, inputs, batch["users"], side, train=True,
-                                  columns=columns, rngs={"dropout": dropout_rng})
+                                  columns=columns, positions=batch["positions"],
+                                  rngs={"dropout": dropout_rng})
       return recommender.loss(states.reshape(-1, states.shape[-1]), table, scored.reshape(-1),
                               negative_rng, cfg, model.num_items)
 
@@ -135,19 +136,23 @@ def make_train_step(model: SLIM, tx: optax.GradientTransformation, cfg: RecConfi
   batch_shardings = {"inputs": parallel.batch_sharding(mesh, 2),
                      "targets": parallel.batch_sharding(mesh, 2 if cfg.train_mode ==
                                                         "per_position" else 1),
-                     "users": parallel.batch_sharding(mesh, 1)}
+                     "users": parallel.batch_sharding(mesh, 1),
+                     "positions": parallel.batch_sharding(mesh, 1)}
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings, parallel.replicated(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)))
 
 
-def make_eval_step(model: SLIM, cfg: RecConfig,
-                   popularity: np.ndarray | None = None) -> Callable:
+def make_eval_step(model: SLIM, cfg: RecConfig, popularity: np.ndarray | None = None,
+                   sequences: np.ndarray | None = None) -> Callable:
   """The jitted `eval_step(params, batch, side) -> {"ranks": int32[B], ...}`: full-ranking ranks.
 
   Full ranking over the catalogue (padding excluded; the visible history too when
-  `rec.exclude_history`). Given the training `popularity` it also returns each user's "top" 20
-  items and "sampled_ranks", the rank among `rec.sampled_negatives` sampled negatives. `cfg` is
-  resolved.
+  `rec.exclude_history`). Given the training `popularity` and every user's whole sequence
+  (`sequences` int32[U, N], right-padded with 0) it also returns each user's "top" 20 items, the
+  share of their top 10 that the user already interacted with before the target
+  ("history_share"), and "sampled_ranks", the rank among `rec.sampled_negatives` "negatives"
+  drawn from the items the user never interacted with (the protocol's), fixed per (seed, user)
+  so that every variant of a seed ranks the same ones. `cfg` is resolved.
   """
   key = jax.random.key(cfg.seed + 1)
   weights = jnp.asarray(popularity) if cfg.sampled_eval == "popularity" else None
@@ -155,17 +160,22 @@ def make_eval_step(model: SLIM, cfg: RecConfig,
 
   @jax.jit
   def eval_step(params, batch, side):
-    inputs, targets = batch["inputs"], batch["targets"]
-    state, table = model.apply(params, inputs, batch["users"], side, method="predict")
+    inputs, targets, users = batch["inputs"], batch["targets"], batch["users"]
+    state, table = model.apply(params, inputs, users, side, batch["positions"], method="predict")
+    sequence = None if sequences is None else jnp.asarray(sequences)[jnp.maximum(users, 0)]
+    seen = (inputs if sequence is None else  # the items before the target
+            jnp.where(jnp.arange(sequence.shape[1]) < batch["positions"][:, None], sequence, 0))
     scores = metrics.rankable(state @ table.T, model.num_items, targets,
-                              inputs if cfg.exclude_history else None)
+                              seen if cfg.exclude_history else None)
     out = {"ranks": metrics.target_ranks(scores, targets)}
     if popularity is None:
       return out
-    keys = jax.vmap(lambda user: jax.random.fold_in(key, user))(batch["users"])
+    keys = jax.vmap(lambda user: jax.random.fold_in(key, user))(users)
     negatives = metrics.sample_candidates(keys, targets, model.num_items, cfg.sampled_negatives,
-                                          weights)
-    return {**out, "top": metrics.top_items(scores, k),
+                                          weights, exclude=sequence)
+    top = metrics.top_items(scores, k)
+    return {**out, "top": top, "history_share": metrics.seen_share(top[:, :10], seen),
+            "negatives": negatives,
             "sampled_ranks": metrics.sampled_ranks(scores, targets, negatives)}
 
   return eval_step
@@ -189,6 +199,7 @@ def report(ranked: dict[str, np.ndarray], popularity: np.ndarray, history_length
   out = metrics.ranking_metrics(ranked["ranks"])
   for k in (10, TOP_K):
     out.update(metrics.popularity_bias(ranked["top"], popularity, k))
+  out["history_share@10"] = float(ranked["history_share"].mean())
   sampled = f"sampled{cfg.sampled_negatives}_{cfg.sampled_eval}"
   return {**out,
           "groups": metrics.grouped_metrics(ranked["ranks"], history_lengths[ranked["users"]]),
@@ -216,7 +227,7 @@ def popularity_ranks(popularity: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def device_sides(sides: dict | None, mesh: jax.sharding.Mesh) -> dict[str, dict]:
   """Each split's side inputs (`side_inputs.side_inputs`) replicated on `mesh` (None: the plain
   backbone's, {} per split)."""
-  sides = sides or side_inputs.side_inputs(None, 0, SlimConfig(), "plain")
+  sides = sides or {split: {} for split in side_inputs.SPLITS}
   return jax.device_put(sides, parallel.replicated(mesh))
 
 
@@ -255,8 +266,8 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
   model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg, encoder)
   popularity = prepared.item_popularity()
-  sides = device_sides(side_inputs.side_inputs(encoded, model.rows, slim_cfg, mode,
-                                                  popularity), mesh)
+  sides = device_sides(side_inputs.side_inputs(encoded, prepared, model.rows, slim_cfg, mode,
+                                               cfg.seed), mesh)
   training_data = lambda phase: loader.next_item_training(
       prepared, max_len=cfg.max_len, batch_size=phase.batch, seed=cfg.seed, mesh=mesh,
       per_position=phase.train_mode == "per_position", stride=phase.stride)
@@ -303,7 +314,9 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
       chosen, steps_per_epoch, result = index, phase_steps, phase_result
   train_seconds = time.perf_counter() - start
   results = {}
-  analyse = make_eval_step(model, cfg, popularity)
+  sequences = loader.padded_sequences(prepared)
+  metrics.check_negatives(sequences, prepared.num_items, cfg.sampled_negatives)
+  analyse = make_eval_step(model, cfg, popularity, sequences)
   for split in ("valid", "test"):
     data = prepared.split(split)
     ranked = rank_users(analyse, result.state.eval_params, sides[split], batches(split))
@@ -312,7 +325,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
         popularity_ranks(popularity, data.targets))
   multihost.write(workdir / layout.RANKED_TEST, lambda staged: np.savez(
       staged, users=ranked["users"], ranks=ranked["ranks"],
-      sampled_ranks=ranked["sampled_ranks"], top=ranked["top"]))
+      sampled_ranks=ranked["sampled_ranks"], negatives=ranked["negatives"], top=ranked["top"]))
   teacher = ({"users_with_teacher_rationale": side_inputs.teacher_users(encoded)}
              if mode == "teacher_rationales" else {})
   summary = {"backbone": cfg.backbone, "mode": mode, "config": dataclasses.asdict(cfg),

@@ -1,11 +1,12 @@
 """report.md: what SLIM bought on this dataset, from the artifacts the earlier stages wrote.
 
-Sections: (i) accuracy of each trained variant, metrics only; (ii) the paired tests, one row per
-contrast (against plain and against shuffled, both protocols); (iii) popularity bias (table and
-popularity.png); (iv) user-sparsity groups (table and sparsity.png); (v) rationale quality;
-(vi) cost: teacher tokens and dollars against student throughput and hardware; (vii) example
-users: history, the student's rationale, the top-10 list and the true next item.
-Everything is read from what the earlier stages left: their summaries and files
+Sections: (i) accuracy of each trained variant, metrics only; (ii) the paired tests, both
+protocols: the primary contrasts (`stats.PRIMARY_CONTRASTS`, Holm-corrected, with the effect each
+could detect), then the controls (against plain and shuffled, `stats.CONTROL_CONTRASTS`); (iii)
+popularity bias (table and popularity.png); (iv) user-sparsity groups (table and sparsity.png);
+(v) rationale quality; (vi) cost: teacher tokens and dollars against student throughput and
+hardware; (vii) example users: history, the student's rationale, the top-10 list and the true
+next item. Everything is read from what the earlier stages left: their summaries and files
 (train/*/metrics.json, ranked_test.npz, the encode stage's vectors, the student's
 rationales.jsonl for the examples), which the pipeline hands over, so a report can be rewritten
 without retraining or encoding anything.

@@ -7,12 +7,13 @@ import pathlib
 from unittest import mock
 
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, flagsaver
 
 from experiments.analysis import ablate
 from slim_jax import config as config_lib
 from slim_jax import layout, stats
 from slim_jax.models import slim
+from tests import fixtures
 
 NONE = ablate.NONE
 MAIN = ablate.main_settings(["minilm"], ["paper"], ["causal"], ["false"])
@@ -399,6 +400,33 @@ class TableOnlyTest(absltest.TestCase):
                   "gru4rec_shuffled_paper_minilm_read-causal_s2. Seeds complete for every run: "
                   "0, 1.", text)
     self.assertTrue((root / "quintiles.png").is_file())
+
+  def test_main_tables_the_runs_of_this_config_and_trains_nothing(self):
+    """--table_only end to end: each run is looked up by its config hash; a run directory from
+    before config hashes is stale, so its run counts as missing."""
+    workdir = pathlib.Path(self.create_tempdir().full_path)
+    rng = np.random.default_rng(2)
+    prepared = fixtures.prepared_from_sequences([rng.integers(1, 40, 8) for _ in range(60)], 40)
+    cfg = config_lib.from_flags(ablate._CONFIG.default, ["rec.epochs=3"])
+    runs = ablate.plan(["gru4rec"], ["minilm"], ["paper"], [0, 1], ["plain", "item_text"])
+    stale = runs[3]  # item_text, seed 1
+    for run in runs:
+      digest = ablate.config_hash(ablate.run_config(run, cfg), run.mode)
+      directory = ablate.run_directory(workdir / "ablations" / "runs", run.name, digest)
+      _write_run(directory, _result(0.1), rng.integers(0, 20, 60))
+      if run != stale:
+        (directory / ablate.CONFIG_HASH).write_text(digest + "\n")
+    with flagsaver.flagsaver(workdir=str(workdir), backbones=["gru4rec"], seeds=["0", "1"],
+                             variants=["plain", "item_text"], set=["rec.epochs=3"],
+                             table_only=True), \
+        mock.patch.object(ablate.pipeline, "load_prepared", return_value=prepared), \
+        mock.patch.object(ablate.recommend, "train_recommender") as train:
+      ablate.main([])
+    train.assert_not_called()
+    saved = json.loads((workdir / "ablations" / "table.json").read_text())
+    self.assertEqual([(row["variant"], row["seeds"]) for row in saved["rows"]], [("plain", 2)])
+    self.assertEqual(saved["missing"], [stale.name])
+    self.assertEqual(saved["complete_seeds"], [0])
 
   def test_complete_groups_and_seeds(self):
     runs = ablate.plan(["gru4rec"], ["minilm"], ["paper"], [0, 1], ["plain", "item_text"])

@@ -24,13 +24,14 @@ teacher stage too for teacher_rationales), e.g.
 
 What runs (`plan`): per backbone and seed, every variant of --variants (`slim.MODES`) that has a
 backbone, per encoder. id_based runs for every --fusions x --schedules, history_text for every
-schedule, the controls (shuffled, constant_rationale, teacher_rationales) with the first fusion
-and schedule; item_text and id_based for every --item_text_inputs, the other fused variants with
-the first. Per encoder and seed the ID-agnostic ranker; zero_shot and popularity, deterministic,
-once. The first value of each list is the sweep's main setting: the primary contrasts are taken
-there. --encoders names an encoder kind and, after "_center" or "_whiten", the postprocessing of
-its vectors (`encoder.postprocess`; none without a suffix): minilm, minilm_center,
-minilm_whiten, llm_pooled, minilm_finetuned (MiniLM trained with the recommender).
+schedule with the first fusion, the controls (shuffled, constant_rationale, teacher_rationales)
+with the first fusion and schedule; item_text and id_based for every --item_text_inputs, the
+other fused variants with the first. Per encoder and seed the ID-agnostic ranker; zero_shot and
+popularity, deterministic, once. The first value of each list is the sweep's main setting: the
+primary contrasts are taken there. --encoders names an encoder kind and, after "_center" or
+"_whiten", the postprocessing of its vectors (`encoder.postprocess`; none without a suffix):
+minilm, minilm_center, minilm_whiten, llm_pooled, minilm_finetuned (MiniLM trained with the
+recommender).
 
 In what order (--order): seed, every run of seed 0 before seed 1 and so on, so an interrupted
 sweep holds complete seeds; group, every seed of a variant before the next variant. Either way the
@@ -49,11 +50,11 @@ the primary contrasts (`stats.PRIMARY_CONTRASTS`) per backbone and protocol: the
 mean NDCG@10, the mean per-user difference with its 95% interval, the minimum effect that
 interval could detect, the p over seeds (paired t) and over users (Wilcoxon), Holm-corrected
 within the backbone's family; (iii) the controls: each variant against plain and shuffled, the
-`stats.CONTROL_CONTRASTS`, each run under another schedule or item-text input against the same
-under the main one, Benjamini-Hochberg adjusted; (iv) the NDCG@10 gain over plain per quintile
-of user history length with its 95% interval, also plotted in quintiles.png; (v) the runs not
-in the table: a group enters it only when its run exists for every seed. table.json holds the
-same rows.
+primary contrasts at the other settings, the `stats.CONTROL_CONTRASTS`, each run under another
+schedule or item-text input against the same under the main one, Benjamini-Hochberg adjusted;
+(iv) the NDCG@10 gain over plain per quintile of user history length with its 95% interval,
+also plotted in quintiles.png; (v) the runs not in the table: a group enters it only when its
+run exists for every seed. table.json holds the same rows.
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def run_config(run: Run, cfg: config_lib.Config) -> config_lib.Config:
   given = lambda value, default: default if value == NONE else value
   rec = dataclasses.replace(cfg.rec, backbone=given(run.backbone, cfg.rec.backbone), seed=run.seed)
   slim_cfg = dataclasses.replace(
-      cfg.slim, modes=(run.mode,), finetune_encoder=finetune, fusion=given(run.fusion, cfg.slim.fusion),
+      cfg.slim, modes=(run.mode,), finetune_encoder=finetune,
+      fusion=given(run.fusion, cfg.slim.fusion),
       rationale_schedule=given(run.schedule, cfg.slim.rationale_schedule),
       item_text_input=given(run.item_text_input, str(cfg.slim.item_text_input).lower()) == "true")
   encoder = dataclasses.replace(cfg.encoder, kind=kind, postprocess=postprocess)

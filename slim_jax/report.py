@@ -1,11 +1,12 @@
 """report.md: what SLIM bought on this dataset, from the artifacts the earlier stages wrote.
 
-Sections: (i) accuracy of each trained variant, metrics only; (ii) the paired tests, one row per
-contrast (against plain and against shuffled, both protocols); (iii) popularity bias (table and
-popularity.png); (iv) user-sparsity groups (table and sparsity.png); (v) rationale quality;
-(vi) cost: teacher tokens and dollars against student throughput and hardware; (vii) example
-users: history, the student's rationale, the top-10 list and the true next item.
-Everything is read from what the earlier stages left: their summaries and files
+Sections: (i) accuracy of each trained variant, metrics only; (ii) the paired tests, both
+protocols: the primary contrasts (`stats.PRIMARY_CONTRASTS`, Holm-corrected, with the effect each
+could detect), then the controls (against plain and shuffled, `stats.CONTROL_CONTRASTS`); (iii)
+popularity bias (table and popularity.png); (iv) user-sparsity groups (table and sparsity.png);
+(v) rationale quality; (vi) cost: teacher tokens and dollars against student throughput and
+hardware; (vii) example users: history, the student's rationale, the top-10 list and the true
+next item. Everything is read from what the earlier stages left: their summaries and files
 (train/*/metrics.json, ranked_test.npz, the encode stage's vectors, the student's
 rationales.jsonl for the examples), which the pipeline hands over, so a report can be rewritten
 without retraining or encoding anything.
@@ -46,10 +47,6 @@ def label(variant: Mapping) -> str:
   return variant_name(variant["backbone"], variant["mode"])
 
 
-def relative(value: float, base: float | None) -> str:
-  return "" if base in (None, 0.0) else f"{100 * (value / base - 1):+.1f}%"
-
-
 def load_variants(train_dir: pathlib.Path) -> dict[str, dict]:
   """Each variant's full metrics.json, by directory name, in the order the stage trained them."""
   index = json.loads((train_dir / layout.METRICS).read_text())
@@ -75,47 +72,59 @@ def accuracy_section(variants: Mapping[str, dict]) -> str:
 
 
 def contrasts(variants: Mapping[str, dict], train_dir: pathlib.Path) -> list[dict]:
-  """Every variant against plain and against shuffled, per protocol: the change of NDCG@10, the
-  mean per-user difference with its 95% bootstrap interval, Wilcoxon's p over users, and that p
-  adjusted for all the contrasts of the report (Benjamini-Hochberg)."""
+  """The report's contrasts on its one seed (`stats.contrast_pairs`, `stats.contrasts`), per
+  protocol: the stats.PRIMARY_CONTRASTS of each backbone, Holm-corrected within its family; as
+  controls every variant against plain and against shuffled and the stats.CONTROL_CONTRASTS,
+  Benjamini-Hochberg adjusted together. Each holds the change of NDCG@10, the mean per-user
+  difference with its 95% bootstrap interval and minimum detectable effect, and Wilcoxon's p
+  over users ("variant" and "against": the two variants' names)."""
   users = {name: {protocol: stats.user_metric(np.load(train_dir / name / layout.RANKED_TEST),
                                               protocol) for protocol in stats.PROTOCOLS}
            for name in variants}
-  first = lambda mode: next((n for n, v in variants.items() if v["mode"] == mode), None)
+  rows = [{"name": name, "backbone": v["backbone"], "variant": v["mode"]}
+          for name, v in variants.items()]
+
+  def reference(row: Mapping, variant: str) -> Mapping | None:
+    """The first `variant` of the row's backbone, else of any."""
+    candidates = [r for r in rows if r["variant"] == variant]
+    return next((r for r in candidates if r["backbone"] == row["backbone"]),
+                next(iter(candidates), None))
+
+  pairs = stats.contrast_pairs(rows, reference, lambda row: True)
   out = []
-  for base in filter(None, (first("plain"), first("shuffled"))):
-    for name in variants:
-      if name == base:
-        continue
-      for protocol in stats.PROTOCOLS:
-        metric = lambda n: recommend.protocol_metrics(variants[n]["test"], protocol)["ndcg@10"]
-        _, a, b = stats.paired_users(users[name][protocol], users[base][protocol])
-        _, low, high = stats.mean_interval(a - b)
-        out.append({"variant": name, "against": base, "protocol": protocol,
-                    "change": relative(metric(name), metric(base)),
-                    "difference": float(np.mean(a - b)), "low": low, "high": high,
-                    "p_users": stats.p_over_users(a, b)})
-  for contrast, adjusted in zip(out, stats.adjusted([c["p_users"] for c in out])):
-    contrast["p_adjusted"] = adjusted
+  for contrast in stats.contrasts(pairs, lambda row: {0: users[row["name"]]}):
+    row, base = contrast.pop("row"), contrast.pop("base")
+    out.append({"variant": row["name"], "against": base["name"], **contrast})
   return out
 
 
 def tests_section(variants: Mapping[str, dict], train_dir: pathlib.Path) -> str:
-  """The paired tests of `contrasts`, one row per contrast."""
+  """The paired tests of `contrasts`: the primary ones, then the controls, a row per contrast."""
   negatives = next(iter(variants.values()))["config"]["sampled_negatives"]
   protocols = {"full": "full ranking", "sampled": f"{negatives} negatives"}
-  rows = [[label(variants[c["variant"]]), label(variants[c["against"]]), protocols[c["protocol"]],
-           c["change"], f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]",
-           stats.describe_p(c["p_users"]), stats.describe_p(c["p_adjusted"])]
-          for c in contrasts(variants, train_dir)]
-  if not rows:
+  compared = contrasts(variants, train_dir)
+  if not compared:
     return "No plain or shuffled variant to compare with."
-  header = ["variant", "against", "protocol", "NDCG@10 change", "per-user difference [95% CI]",
-            "p over users", "p adjusted"]
-  return (markdown_table(header, rows) + "\n\nOne seed: p is Wilcoxon's signed-rank test over "
-          f"users, two-sided; adjusted: Benjamini-Hochberg over the {len(rows)} rows. "
-          f"p >= {stats.ALPHA} reads \"{stats.NO_DIFFERENCE}\". Tests over seeds: "
-          "experiments/analysis/ablate.py.")
+  cells = lambda c: [label(variants[c["variant"]]), label(variants[c["against"]]),
+                     protocols[c["protocol"]], stats.describe_change(c["change"]),
+                     stats.describe_interval(c)]
+  primary = [[*cells(c), stats.describe_mde(c), stats.describe_p(c["p_users"]),
+              stats.describe_p(c["p_users_adjusted"])] for c in compared if c["primary"]]
+  controls = [[*cells(c), stats.describe_p(c["p_users"]), stats.describe_p(c["p_users_adjusted"])]
+              for c in compared if not c["primary"]]
+  header = ["variant", "against", "protocol", "NDCG@10 change", "per-user difference [95% CI]"]
+  parts = []
+  if primary:
+    parts += [f"Primary contrasts: {stats.PRIMARY_LEGEND}",
+              markdown_table([*header, "MDE", "p over users", "p (Holm)"], primary)]
+  if controls:
+    parts += ["Controls (adjusted: Benjamini-Hochberg over the "
+              f"{len(controls)} rows of this table):",
+              markdown_table([*header, "p over users", "p adjusted"], controls)]
+  parts.append("One seed: p is Wilcoxon's signed-rank test over users, two-sided. "
+               f"p >= {stats.ALPHA} reads \"{stats.NO_DIFFERENCE}\". Tests over seeds: "
+               "experiments/analysis/ablate.py.")
+  return "\n\n".join(parts)
 
 
 def popularity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:

@@ -78,6 +78,17 @@ def _normalized(text: str) -> str:
   return " ".join(_WORD.findall(text.lower()))
 
 
+_ARTICLE = re.compile(r"^(.*), (the|a|an)$", re.IGNORECASE)
+
+
+def names_title(text: str, title: str) -> bool:
+  """Whether `text` names `title` as whole words: MovieLens' "Usual Suspects, The (1995)" is
+  matched as "the usual suspects"; a title without a word never matches."""
+  title = _ARTICLE.sub(r"\2 \1", re.sub(r"\s*\([^)]*\)", "", title).strip())
+  title = _normalized(title)
+  return bool(title) and f" {title} " in f" {_normalized(text)} "
+
+
 def repeats(steps: Sequence[str], min_words: int = 4) -> bool:
   """Whether two steps are the same text, or a clause of `min_words` or more words recurs."""
   normalized = [_normalized(step) for step in steps]

@@ -4,7 +4,8 @@ Sections: (i) accuracy of each trained variant, metrics only; (ii) the paired te
 protocols: the primary contrasts (`stats.PRIMARY_CONTRASTS`, Holm-corrected, with the effect each
 could detect), then the controls (against plain and shuffled, `stats.CONTROL_CONTRASTS`); (iii)
 popularity bias (table and popularity.png); (iv) user-sparsity groups (table and sparsity.png);
-(v) rationale quality; (vi) cost: teacher tokens and dollars against student throughput and
+(v) rationale quality, and the leak audit: how many training rows read a rationale that names
+their own target under each `slim.rationale_schedule`; (vi) cost: teacher tokens and dollars against student throughput and
 hardware; (vii) example users: history, the student's rationale, the top-10 list and the true
 next item. Everything is read from what the earlier stages left: their summaries and files
 (train/*/metrics.json, ranked_test.npz, the encode stage's vectors, the student's
@@ -25,6 +26,8 @@ import numpy as np
 from slim_jax import (answers, encode, layout, multihost, prompts, quality, rationales, stats,
                       teacher)
 from slim_jax.config import Config
+from slim_jax.data import loader, side_inputs
+from slim_jax.models import slim
 from slim_jax.models.slim import MODES, variant_name
 from slim_jax.train import recommend
 
@@ -272,6 +275,56 @@ def examples_section(prepared, directories: Mapping[str, pathlib.Path],
   return "\n\n".join(parts)
 
 
+def leak_audit(prepared, encoded: encode.Encoded,
+               texts: Mapping[tuple[int, str], str]) -> list[dict]:
+  """Per schedule the student's rationales allow: how many training rows (every prefix target of
+  seq[:-2]) read a rationale, and how many of those read one that names the row's own target
+  (`quality.names_title`), by the rule the model reads them with (`slim.rationale_slot`). Under
+  the paper's schedule such a row reads its answer; under the causal one the rationale was
+  written before the target and named it as a step-3 guess that came true: the difference is
+  how often the paper's leak is literal."""
+  train = loader.training_part(prepared)
+  users, targets = loader.last_position_examples(train)
+  positions = (targets - train.starts[users])[:, None]
+  rows = []
+  for schedule in slim.SCHEDULES:
+    cfg = slim.SlimConfig(rationale_schedule=schedule)
+    try:
+      side = side_inputs.side_inputs(encoded, prepared, len(encoded.item_vectors), cfg,
+                                     "id_based")["train"]
+    except ValueError:  # no cut-off rationales: the causal schedule has nothing to read
+      continue
+    splits = (side_inputs.causal_splits(encoded) if schedule == "causal"
+              else [side_inputs.paper_split(encoded, "train")])
+    slot, keep = (np.asarray(a)[:, 0] for a in slim.rationale_slot(
+        side["rationale_cutoff"][users], positions))
+    naming = sum(quality.names_title(texts[user, splits[s]], prepared.item_meta[item].title)
+                 for user, s, item in zip(users[keep], slot[keep], train.items[targets[keep]]))
+    rows.append({"schedule": schedule, "training_rows": len(users), "reading": int(keep.sum()),
+                 "naming_target": int(naming)})
+  return rows
+
+
+def leak_section(prepared, directories: Mapping[str, pathlib.Path]) -> str:
+  path = directories[layout.GENERATE] / layout.RATIONALES
+  encoded_dir = directories[layout.ENCODE]
+  if not path.is_file() or not encode.rationales_file(encoded_dir, "student").is_file():
+    return "No student rationales were encoded."
+  written = rationales.read_rationales(path)
+  users = prepared.rows_of([row["user_id"] for row in written])
+  texts = {(int(user), row["split"]): row["text"] for user, row in zip(users, written)
+           if user >= 0}
+  audit = leak_audit(prepared, encode.load_encoded(encoded_dir, prepared), texts)
+  table = markdown_table(
+      ["schedule", "training rows", "reading a rationale", "whose rationale names the target",
+       "share"],
+      [[r["schedule"], r["training_rows"], r["reading"], r["naming_target"],
+        _share(r["naming_target"], r["reading"])] for r in audit])
+  return (table + "\n\nEvery prefix target of each user's training sequence; `paper`: every row "
+          "reads the rationale written from seq[:-2], which holds the row's target; `causal` "
+          "(slim.rationale_schedule): the latest written from a history that ends before it.")
+
+
 def write_report(cfg: Config, prepared, directories: Mapping[str, pathlib.Path],
                  summaries: Mapping[str, dict], out: pathlib.Path) -> pathlib.Path:
   """Writes out/report.md and its PNG plots; returns the report's path. `directories` holds every
@@ -289,6 +342,7 @@ def write_report(cfg: Config, prepared, directories: Mapping[str, pathlib.Path],
       "## Popularity bias (test)", popularity_section(variants, out),
       "## User sparsity groups (test)", sparsity_section(variants, out),
       "## Rationale quality", quality_section(directories, summaries),
+      "## Leak audit (training rows)", leak_section(prepared, directories),
       "## Cost", cost_section(cfg, summaries, prepared),
       "## Example users", examples_section(prepared, directories, variants),
   ]

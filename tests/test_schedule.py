@@ -2,12 +2,15 @@
 the row's target), the paper's schedule as it was, history_text, the controls and the negatives
 of the sampled protocol."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from slim_jax import encode, parallel, prompts
+from slim_jax import encode, parallel, prompts, report
+from slim_jax.data.formats import ItemMeta
 from slim_jax.data import loader
 from slim_jax.data.side_inputs import side_inputs
 from slim_jax.models import slim
@@ -168,6 +171,31 @@ class CausalScheduleTest(absltest.TestCase):
     self.assertEqual(ends[1, "valid"], 4)
     self.assertEqual(ends[1, "test"], 5)
     self.assertEqual(prompts.history_splits(prompts.PromptConfig(), "teacher"), ("valid",))
+
+
+class LeakAuditTest(absltest.TestCase):
+
+  def test_the_paper_schedule_reads_rationales_naming_the_target_and_causal_never(self):
+    """Rationales that name every item of their own history: under the paper's schedule every
+    training row's target is among them, under the causal schedule none is."""
+    prepared = distinct_prepared()
+    prepared = dataclasses.replace(prepared, item_meta=tuple(
+        ItemMeta(title=f"Film {i}, The" if i else "") for i in range(prepared.num_items + 1)))
+    encoded = labelled_rationales(prepared, absent=((3, "valid"), (7, "cut0.5")))
+    texts = {}
+    for split in SPLITS:
+      for user in range(prepared.num_users):
+        sequence = prepared.sequence(user)
+        end = prompts.history_end(split, len(sequence))
+        texts[user, split] = "Next: " + ", ".join(f"the film {i}" for i in sequence[:end])
+    audit = {row["schedule"]: row for row in report.leak_audit(prepared, encoded, texts)}
+    lengths = np.diff(prepared.seq_offsets)
+    rows = int(np.maximum(lengths - 3, 0).sum())
+    self.assertEqual(audit["paper"]["training_rows"], rows)
+    self.assertEqual(audit["paper"]["reading"], rows - max(lengths[3] - 3, 0))  # 3 has none
+    self.assertEqual(audit["paper"]["naming_target"], audit["paper"]["reading"])
+    self.assertBetween(audit["causal"]["reading"], 1, rows - 1)
+    self.assertEqual(audit["causal"]["naming_target"], 0)
 
 
 class PaperScheduleTest(absltest.TestCase):

@@ -170,14 +170,16 @@ def predictive_lift(named: Sequence[set[str]], next_attributes: Sequence[set[str
 
 
 def next_items(prepared, rows: Iterable[Mapping]) -> list[int]:
-  """The held-out item each rationale row is meant to help predict: the target of the split
-  whose visible history it was written from."""
+  """The item each rationale row is meant to help predict: the one right after the history it
+  was written from (`prompts.history_end`: a split's target, or the item after a cut-off)."""
   rows = list(rows)
   users = prepared.rows_of([row["user_id"] for row in rows])
   if (users < 0).any():
     unknown = rows[int(np.argmax(users < 0))]["user_id"]
     raise ValueError(f"a rationale of user_id={unknown!r} names no user of the prepared data")
-  return [int(prepared.split(row["split"]).targets[user]) for row, user in zip(rows, users)]
+  sequences = [prepared.sequence(user) for user in users]
+  return [int(sequence[prompts.history_end(row["split"], len(sequence))])
+          for row, sequence in zip(rows, sequences)]
 
 
 def measure(rows: Sequence[Mapping], requests: int, prepared, seed: int = 0) -> dict:

@@ -2,16 +2,19 @@
 registers one.
 
 A backbone is a linen module over item sequences LEFT-padded with 0 (most recent item in the
-last column) whose `__call__(inputs int32[B, L], train, columns) -> (states [B, T, H],
+last column) whose `__call__(inputs int32[B, L], train, columns, table_fn) -> (states [B, T, H],
 table [R, H])` returns the sequence states and the item-embedding table they are scored against
-(`scores = states @ table.T`). Causal backbones (SASRec, GRU4Rec) return one state per position
-(T = L), so a whole window trains on every next item in one pass; session-level ones (SRGNN,
-T = 1) and bidirectional ones (BERT4Rec) do not. Given `columns` int32[B, k], a backbone returns
-only those columns' states (T = k): the ones the loss scores, or the last one to predict; the
-transformers then compute nothing else in their last block. `predict(inputs) -> (state
-float[B, H], table)` is the state that predicts the item after the last column. Row 0 of the
-table is padding; rows past `num_items` (BERT4Rec's mask token, rows padding the table to a
-shardable size) never score.
+(`scores = states @ table.T`). Given `table_fn` ([R, H] -> [R, H]), the item table is
+`table_fn(item_emb)` for both: the inputs are embedded with it and it is the table returned
+(SLIM's `slim.item_text_input`, item text fused into the inputs); None, the raw item_emb.
+Causal backbones (SASRec, GRU4Rec) return one state per position (T = L), so a whole window
+trains on every next item in one pass; session-level ones (SRGNN, T = 1) and bidirectional ones
+(BERT4Rec) do not. Given `columns` int32[B, k], a backbone returns only those columns' states
+(T = k): the ones the loss scores, or the last one to predict; the transformers then compute
+nothing else in their last block. `predict(inputs, table_fn) -> (state float[B, H], table)` is
+the state that predicts the item after the last column. Row 0 of the table is padding; rows
+past `num_items` (BERT4Rec's mask token, rows padding the table to a shardable size) never
+score.
 
 Each backbone's file declares a `BackboneSpec` beside its module: everything the config and the
 trainer need to know of it (defaults, construction, training task, sharding), so neither names a
@@ -33,6 +36,9 @@ from jax.sharding import PartitionSpec as P
 from slim_jax import parallel
 
 
+TableFn = Callable[[jax.Array], jax.Array]  # the item table [R, H] -> the one the backbone uses
+
+
 class Backbone(nn.Module):
   """Fields and the default `predict` shared by every backbone."""
   num_items: int
@@ -40,9 +46,26 @@ class Backbone(nn.Module):
   hidden: int = 64
   max_len: int = 50
 
-  def predict(self, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    states, table = self(inputs, train=False, columns=last_column(inputs))
+  def predict(self, inputs: jax.Array, table_fn: TableFn | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    states, table = self(inputs, train=False, columns=last_column(inputs), table_fn=table_fn)
     return states[:, -1], table
+
+
+def item_table(embed: nn.Embed, table_fn: TableFn | None = None) -> jax.Array:
+  """[R, H] the table a backbone embeds its inputs with and returns: `embed`'s, or
+  `table_fn` of it."""
+  return embed.embedding if table_fn is None else table_fn(embed.embedding)
+
+
+def embed_items(embed: nn.Embed, inputs: jax.Array, table_fn: TableFn | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """(the inputs' item vectors [B, L, H], the table [R, H] they come from): `embed`'s own
+  lookup, or rows of `table_fn` of its table."""
+  if table_fn is None:
+    return embed(inputs), embed.embedding
+  table = table_fn(embed.embedding)
+  return jnp.take(table, inputs, axis=0), table
 
 
 def last_column(inputs: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.backbone import Backbone, BackboneSpec, Task
+from slim_jax.models.backbone import Backbone, BackboneSpec, TableFn, Task
 from slim_jax.models.sasrec import INIT, TransformerEncoder, transformer_fields
 
 
@@ -50,17 +50,17 @@ class BERT4Rec(Backbone):
     self.out_dense = nn.Dense(self.hidden, kernel_init=INIT)
     self.out_ln = nn.LayerNorm(1e-12)
 
-  def __call__(self, inputs, train: bool = False, columns=None):
+  def __call__(self, inputs, train: bool = False, columns=None, table_fn: TableFn | None = None):
     batch, length = inputs.shape
     mask = jnp.broadcast_to((inputs > 0)[:, None, None, :], (batch, 1, length, length))
-    x = self.encoder(inputs, mask, train, columns)
+    x, table = self.encoder(inputs, mask, train, columns, table_fn)
     states = self.out_ln(nn.gelu(self.out_dense(x), approximate=False))
-    return states, self.encoder.item_emb.embedding
+    return states, table
 
-  def predict(self, inputs):
+  def predict(self, inputs, table_fn: TableFn | None = None):
     """The state of a mask token appended after the history (the oldest column drops out)."""
     token = jnp.full((inputs.shape[0], 1), mask_token_id(self.num_items), inputs.dtype)
-    return super().predict(jnp.concatenate([inputs[:, 1:], token], 1))
+    return super().predict(jnp.concatenate([inputs[:, 1:], token], 1), table_fn)
 
 
 def masked_gradient(loss_gradient, batch, rng: jax.Array, cfg, num_items: int):

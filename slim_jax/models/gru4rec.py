@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.backbone import Backbone, BackboneSpec
+from slim_jax.models.backbone import Backbone, BackboneSpec, TableFn, embed_items
 
 
 class MaskedGRU(nn.Module):
@@ -39,15 +39,16 @@ class GRU4Rec(Backbone):
   dropout: float = 0.3
 
   @nn.compact
-  def __call__(self, inputs, train: bool = False, columns=None):
+  def __call__(self, inputs, train: bool = False, columns=None, table_fn: TableFn | None = None):
     emb = nn.Embed(self.rows, self.hidden, embedding_init=nn.initializers.xavier_normal(),
                    name="item_emb")
-    x = nn.Dropout(self.dropout)(emb(inputs), not train)
+    items, table = embed_items(emb, inputs, table_fn)
+    x = nn.Dropout(self.dropout)(items, not train)
     for i in range(self.layers):
       x = MaskedGRU(self.gru_hidden, name=f"gru_{i}")(x, inputs > 0)
     if columns is not None:
       x = jnp.take_along_axis(x, columns[..., None], 1)
-    return nn.Dense(self.hidden, name="proj")(x), emb.embedding
+    return nn.Dense(self.hidden, name="proj")(x), table
 
 
 SPEC = BackboneSpec(

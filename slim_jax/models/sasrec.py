@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.backbone import Backbone, BackboneSpec
+from slim_jax.models.backbone import Backbone, BackboneSpec, TableFn, embed_items
 
 INIT = nn.initializers.normal(0.02)
 
@@ -66,14 +66,16 @@ class TransformerEncoder(nn.Module):
     self.blocks = [TransformerBlock(self.heads, self.inner, self.dropout, self.attn_dropout)
                    for _ in range(self.layers)]
 
-  def __call__(self, inputs, mask, train: bool, columns=None):
-    """States [B, L, H], or [B, k, H] of `columns` int32[B, k] only (the last block computes
-    nothing else: the columns the loss scores, or the last one for prediction)."""
-    x = self.item_emb(inputs) + self.pos_emb(positions(inputs))
+  def __call__(self, inputs, mask, train: bool, columns=None, table_fn: TableFn | None = None):
+    """(states [B, L, H], or [B, k, H] of `columns` int32[B, k] only (the last block computes
+    nothing else: the columns the loss scores, or the last one for prediction); the item table
+    [R, H] the inputs were embedded with: item_emb's, or `table_fn` of it)."""
+    items, table = embed_items(self.item_emb, inputs, table_fn)
+    x = items + self.pos_emb(positions(inputs))
     x = self.drop(self.ln(x), not train)
     for i, block in enumerate(self.blocks):
       x = block(x, mask, train, columns if i == len(self.blocks) - 1 else None)
-    return x
+    return x, table
 
 
 class SASRec(Backbone):
@@ -87,11 +89,11 @@ class SASRec(Backbone):
     self.encoder = TransformerEncoder(self.rows, self.hidden, self.max_len, self.layers,
                                       self.heads, self.inner, self.dropout, self.attn_dropout)
 
-  def __call__(self, inputs, train: bool = False, columns=None):
+  def __call__(self, inputs, train: bool = False, columns=None, table_fn: TableFn | None = None):
     length = inputs.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = causal[None, None] & (inputs > 0)[:, None, None, :]
-    return self.encoder(inputs, mask, train, columns), self.encoder.item_emb.embedding
+    return self.encoder(inputs, mask, train, columns, table_fn)
 
 
 def transformer_fields(cfg) -> dict:

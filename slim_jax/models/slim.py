@@ -20,7 +20,9 @@ target (`rationale_slot`); the paper's schedule is one slot of cut-off 0 that ev
 `SLIM.__call__(inputs, users, side, train, columns, positions)` and `SLIM.predict(inputs, users,
 side, positions)` keep the backbone interface (`models/backbone.py`) with the users of the rows
 and the position of the last column's target added; in mode "plain" they are exactly the
-backbone's, so one trainer serves every variant.
+backbone's, so one trainer serves every variant. The fused modes score against the fused item
+table; with `slim.item_text_input` the backbone also embeds its input items with it (its
+`table_fn`), else with its own item_emb.
 """
 
 from __future__ import annotations
@@ -204,7 +206,8 @@ class SLIM(nn.Module):
     if self.backbone is None:
       return self.backbone_free(inputs, users, side, train, newest_columns(inputs, columns),
                                 positions)
-    states, table = self.backbone(inputs, train=train, columns=columns)
+    states, table = self.backbone(inputs, train=train, columns=columns,
+                                  table_fn=self.input_table_fn(side))
     # A backbone asked for no columns gives its newest ones (all of them, or SRGNN's last).
     columns = newest_columns(inputs, columns, states.shape[1])
     return self.combine(inputs, states, table, users, side, train, columns, positions)
@@ -215,15 +218,35 @@ class SLIM(nn.Module):
     if self.backbone is None:
       states, table = self.backbone_free(inputs, users, side, False, columns, positions)
     else:
-      state, table = self.backbone.predict(inputs)
+      state, table = self.backbone.predict(inputs, self.input_table_fn(side))
       states, table = self.combine(inputs, state[:, None], table, users, side, False, columns,
                                    positions)
     return states[:, 0], table
 
+  @property
+  def text_input(self) -> bool:
+    """Whether the backbone embeds its input items with the fused item table
+    (`slim.item_text_input`, in the fused modes), rather than its raw item_emb."""
+    return self.cfg.item_text_input and self.mode in FUSED_MODES
+
+  def item_table(self, side, table) -> jax.Array:
+    """[R, H] the fused item table z_i = g_f([g_l(z_text_i); z_id_i]) of the ID table [R, H]
+    (item_text is zero-padded to R rows, so the rows past the items are fused too)."""
+    return self.fuse(self.text_proj(side["item_text"]), table)
+
+  def input_table_fn(self, side):
+    """The backbone's `table_fn`: the item-side fusion when the fused table also feeds the
+    backbone's inputs (`text_input`), else None (the inputs read item_emb as it is)."""
+    return (lambda table: self.item_table(side, table)) if self.text_input else None
+
   def combine(self, inputs, states, table, users, side, train: bool, columns, positions):
+    """(states, table) of the backbone, SLIM-fused: the table by `item_table` (unless the
+    backbone already used and returned the fused one, `text_input`), the states on the user
+    side in the ID-based modes."""
     if self.mode == "plain":
       return states, table
-    table = self.fuse(self.text_proj(side["item_text"]), table)
+    if not self.text_input:
+      table = self.item_table(side, table)
     if self.mode in ITEM_SIDE_MODES:
       return states, table
     text = self.user_text(inputs, users, side, train, columns, positions, self.text_proj)

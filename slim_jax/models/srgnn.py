@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slim_jax.models.backbone import Backbone, BackboneSpec
+from slim_jax.models.backbone import Backbone, BackboneSpec, TableFn, item_table
 
 
 def session_graph(inputs: jax.Array):
@@ -115,17 +115,19 @@ class SRGNN(Backbone):
   steps: int = 1
 
   @nn.compact
-  def __call__(self, inputs, train: bool = False, columns=None):
+  def __call__(self, inputs, train: bool = False, columns=None, table_fn: TableFn | None = None):
     """The session state [B, 1, H]: one state per sequence, from its whole graph (so `columns`,
-    which can only ask for the last one, changes nothing)."""
+    which can only ask for the last one, changes nothing); the graph's nodes start from the
+    item table (item_emb's, or `table_fn` of it), which is also the table returned."""
     del train, columns  # SRGNN has no dropout
     init = uniform_init(self.hidden)
     dense = lambda n, name, bias=True: nn.Dense(n, use_bias=bias, kernel_init=init, bias_init=init,
                                                 name=name)
     emb = nn.Embed(self.rows, self.hidden, embedding_init=init, name="item_emb")
+    table = item_table(emb, table_fn)
     graph = session_graph(inputs)
     step = GatedGraphStep(self.hidden, name="gnn")
-    seq = step(emb.embedding, inputs, graph)  # [B, L, H], each column's node state
+    seq = step(table, inputs, graph)  # [B, L, H], each column's node state
     for _ in range(self.steps - 1):
       seq = step(seq, None, graph)
     last = seq[:, -1]
@@ -133,7 +135,7 @@ class SRGNN(Backbone):
     alpha = dense(1, "attn_out", bias=False)(jax.nn.sigmoid(gate))
     preference = (alpha * seq * (inputs > 0)[..., None]).sum(1)
     state = dense(self.hidden, "combine")(jnp.concatenate([preference, last], -1))
-    return state[:, None], emb.embedding
+    return state[:, None], table
 
 
 SPEC = BackboneSpec(

@@ -116,7 +116,7 @@ def bigram_fixture(directory: pathlib.Path):
 # ---------------------------------------------------------------------------------------------
 # Distillation: synthetic users, their teacher rationales and a tiny random student.
 
-PROMPT = PromptConfig(domain="generic", max_prompt_tokens=192)
+PROMPT = PromptConfig(domain="generic", max_prompt_tokens=192, history="prefix")
 STUDENT_PROMPT = prompts.student_config(PROMPT)  # what distillation and the student read
 ITEMS = 12
 

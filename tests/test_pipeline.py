@@ -19,9 +19,10 @@ import time
 import numpy as np
 from absl.testing import absltest
 
-from slim_jax import encode, pipeline, rationales
+from slim_jax import encode, pipeline, prompts, rationales
 from slim_jax.config import Config
 from slim_jax.data import preprocess
+from slim_jax.prompts import PromptConfig
 from tests.fixtures import ROOT, STAGES, TinyPipelineTest, launch_args, third_party_info
 
 
@@ -48,7 +49,11 @@ class PipelineTest(TinyPipelineTest):
     for stage in STAGES:
       self.assertIn(f"stage {stage}: running into {whole / stage}\n", self.tiny.log)
     self.assertEqual(third_party_info(self.tiny.log), [])  # orbax checkpoints distill and train
-    self.assertLen((whole / "generate" / "rationales.jsonl").read_text().splitlines(), 16)
+    # One per history of the causal schedule: cut-offs, seq[:-2] and seq[:-1] of 16 users.
+    histories = prompts.visible_histories(pipeline.load_prepared(whole),
+                                          prompts.history_splits(PromptConfig()))
+    self.assertLen((whole / "generate" / "rationales.jsonl").read_text().splitlines(),
+                   len(list(histories)))
     trained = json.loads((whole / "train" / "metrics.json").read_text())
     self.assertEqual(list(trained), ["gru4rec_plain", "gru4rec_item_text", "gru4rec_id_based",
                                      "gru4rec_shuffled", "gru4rec_teacher_rationales",

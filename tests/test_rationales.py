@@ -40,7 +40,7 @@ class SharedPathTest(absltest.TestCase):
   def test_teacher_and_student_write_the_same_records(self):
     directory = pathlib.Path(self.create_tempdir().full_path)
     prepared, _ = bigram_fixture(directory)
-    pcfg = PromptConfig(max_prompt_tokens=680, domain="generic", exemplar=False)
+    pcfg = PromptConfig(max_prompt_tokens=680, domain="generic", exemplar=False, history="prefix")
     decoding = dict(max_tokens=6, temperature=0.7, candidates=2, batch_size=4, seed=3)
     mesh = parallel.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
     teacher.run_teacher(TeacherConfig(kind="local", checkpoint=str(directory / "bigram"),
@@ -88,7 +88,7 @@ class BestOfKTest(absltest.TestCase):
     cls.config, cls.params, cls.tokenizer = checkpoints.load(assets.path("smollm2"))
 
   def test_keeps_the_first_accepted_candidate_and_counts_the_rejected(self):
-    pcfg = PromptConfig(max_prompt_tokens=256, exemplar=False, max_words=60)
+    pcfg = PromptConfig(max_prompt_tokens=256, exemplar=False, max_words=60, history="prefix")
     decoding = local_generation.Decoding(max_tokens=48, temperature=0.9, top_p=0.9,
                                          repetition_penalty=1.0, no_repeat_ngram=4, candidates=3,
                                          batch_size=8, seed=0)

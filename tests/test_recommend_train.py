@@ -29,7 +29,7 @@ def synthetic_prepared(num_users=64, num_items=40, length=24, seed=0) -> Prepare
 
 
 TINY = RecConfig(hidden=16, max_len=10, inner=32, gru_hidden=32, batch=16, eval_batch=64,
-                 lr=5e-3, patience=100, eval_every=2, sampled_negatives=20, seed=3)
+                 lr=5e-3, patience=100, eval_every=2, sampled_negatives=10, seed=3)
 
 
 class RecommenderTrainingTest(parameterized.TestCase):

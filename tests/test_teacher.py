@@ -276,7 +276,8 @@ class DryRunTest(absltest.TestCase):
     self.assertEqual(estimate["completion_tokens"], 943 * tcfg.max_tokens)
     self.assertAlmostEqual(estimate["cost_usd"], (estimate["prompt_tokens"] * 0.0015
                                                   + estimate["completion_tokens"] * 0.002) / 1000)
-    requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, max_users=10)
+    requests = rationales.build_requests(prepared, pcfg, chat_api.chat_tokens, max_users=10,
+                                         writer="teacher")
     self.assertLen(requests, 10)
     self.assertLessEqual(max(r.prompt_tokens for r in requests), 1024)
     lengths = np.diff(prepared.seq_offsets)[:10] - 2

@@ -81,20 +81,29 @@ class ExportTest(parameterized.TestCase):
                      self.tokenizer.apply_chat_template([{"role": "user", "content": TEXT}],
                                                         tokenize=False))
     summary = self.summaries["f32"]
-    self.assertEqual((summary["tensors"], summary["adapted_tensors"]), (20, 8))
+    self.assertEqual((summary["tensors"], summary["adapted_tensors"]), (21, 8))
     # The adapter moved the logits: an export of the base alone would not pass the bound above.
     base = ref.jax_logits(CONFIG, {"params": hf.load_params(self.base)}, self.ids)
     self.assertGreater(np.abs(base - self.logits).max(), 1.0)
 
-  # Measured: f16 2.3e-3, q8_0 4.4e-2 from the merged fp32 logits (which span about ±9); a Q or K
-  # permutation left out, or the adapter's scale, moves them by more than 1.
-  @parameterized.parameters(("f16", gguf.GGMLQuantizationType.F16, 1e-2),
-                            ("q8_0", gguf.GGMLQuantizationType.Q8_0, 1.5e-1))
-  def test_smaller_types_stay_close_to_the_merged_logits(self, dtype, kind, atol):
+  # The file holds the merged weights rounded through its type, and nothing else: the logits of
+  # the merged model with every matrix so rounded here agree to 1e-5. From the merged fp32 logits
+  # (about ±4 on this random model, which amplifies weight noise) they stand 0.036 (f16) and 0.81
+  # (q8_0) apart; on the distilled SmolLM2-135M, 0.0033 and 0.15 over logits of ±38.
+  @parameterized.parameters(("f16", gguf.GGMLQuantizationType.F16, 0.1),
+                            ("q8_0", gguf.GGMLQuantizationType.Q8_0, 1.5))
+  def test_smaller_types_hold_the_merged_weights_rounded(self, dtype, kind, atol):
     config, params, _ = checkpoints.load(self.files[dtype])
     ours = ref.jax_logits(config, {"params": params}, self.ids)
+    tensors = hf.params_to_hf(self.merged["params"], CONFIG)
+    for name, weight in tensors.items():
+      if weight.ndim == 2:  # blocks of 32 along each row [out, in]
+        tensors[name] = (weight.astype(np.float16).astype(np.float32) if dtype == "f16" else
+                         gguf.quants.dequantize(gguf.quants.quantize(weight, kind), kind))
+    rounded = hf.params_from_reader(lambda name, index: tensors[name][index], CONFIG)
+    np.testing.assert_allclose(ours, ref.jax_logits(CONFIG, {"params": rounded}, self.ids),
+                               atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours, self.logits, atol=atol, rtol=0)
-    self.assertTrue((ours.argmax(-1) == self.logits.argmax(-1)).mean() > 0.9)
     reader = gguf.GGUFReader(self.files[dtype])
     types = {t.name: t.tensor_type for t in reader.tensors}
     self.assertEqual(types["blk.0.attn_norm.weight"], gguf.GGMLQuantizationType.F32)
@@ -136,8 +145,9 @@ class ExportTest(parameterized.TestCase):
     written = {**gguf_io.llama_metadata(config, "x", "f16"),
                **gguf_fields(load_tokenizer(assets.path("smollm2")), config.vocab_size, "x")}
     mine = {"general.name", "general.file_type", "tokenizer.ggml.add_eos_token"}
-    for key in written.keys() - mine:
-      self.assertEqual(written[key], embedded[key], key)
+    for key in written.keys() - mine:  # reals as the file holds them: float32
+      value = np.float32(written[key]) if isinstance(written[key], float) else written[key]
+      self.assertEqual(value, embedded[key], key)
     self.assertEqual(written["tokenizer.ggml.pre"], "smollm")
     self.assertFalse(written["tokenizer.ggml.add_eos_token"])
 
@@ -192,7 +202,7 @@ class RefusalTest(absltest.TestCase):
     raw = json.loads((adapter / peft_io.CONFIG).read_text())
     (adapter / peft_io.CONFIG).write_text(json.dumps({**raw, "r": 8}))
     self.assert_refused(adapter, r"adapter_model.safetensors: layers_0.mlp.down_proj has LoRA "
-                                 r"factors .*'lora_a': \(64, 4\).* at r=8 needs")
+                                 r"factors .*'lora_a': \(128, 4\).* at r=8 needs")
 
   def test_an_adapter_whose_targets_are_not_its_weights(self):
     _, adapter = write_student(self.root)

@@ -89,6 +89,8 @@ def export_gguf(checkpoint, path, dtype: str = "f16", name: str = "") -> dict:
       return np.asarray(lora_lib.merged_kernel(weight.T, *adapters[tensor], lora_config)).T
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in multihost.leftover_temporaries(path):  # a killed export's (gigabytes)
+      leftover.unlink()
     multihost.write(path, lambda staged: gguf_io.write_gguf(staged, config, metadata, shapes,
                                                            merged, dtype))
   summary = {"gguf": str(path), "dtype": dtype, "bytes": os.path.getsize(path),

@@ -242,6 +242,14 @@ class RefusalTest(absltest.TestCase):
     self.assertLen(written, 2)
     self.assertEqual(list(self.out.parent.iterdir()), [])
 
+  def test_a_killed_exports_temporary_file_goes_with_the_next_export(self):
+    base, _ = write_student(self.root)
+    self.out.parent.mkdir(parents=True)
+    leftover = self.out.with_name(".student.p0.1234.tmp.gguf")  # multihost.temporary's name
+    leftover.write_bytes(b"GGUF, cut short by SIGKILL")  # what a killed process leaves
+    export.export_gguf(base, self.out, "f32")
+    self.assertEqual(list(self.out.parent.iterdir()), [self.out])
+
   def test_q8_0_rows_that_are_not_whole_blocks_fall_back_to_f16(self):
     self.assertEqual(gguf_io.tensor_type((64, 48), "q8_0"), gguf.GGMLQuantizationType.F16)
     self.assertEqual(gguf_io.tensor_type((48, 64), "q8_0"), gguf.GGMLQuantizationType.Q8_0)

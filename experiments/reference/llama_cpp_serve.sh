@@ -11,7 +11,8 @@
 # Environment: LLAMA_CPP_VENV (default ~/.cache/slim_jax/llamacpp-venv: created and installed
 # from requirements-llamacpp.txt when absent, a source build of llama.cpp, minutes), PORT
 # (8765), USERS (20), MAX_TOKENS (128), THREADS (the CPU count), EXPORT_DTYPE (f32),
-# OUT (WORKDIR/llama_cpp_compare). The server's log is OUT/server.log; it is stopped on exit.
+# BATCH_SIZE (the JAX engine's rows, 8), OUT (WORKDIR/llama_cpp_compare). The server's log is
+# OUT/server.log; it is stopped on exit.
 set -euo pipefail
 
 workdir="${1:?usage: llama_cpp_serve.sh WORKDIR [--config=... --set key=value ...]}"
@@ -59,4 +60,5 @@ done
 
 python -m experiments.reference.llama_cpp_compare --workdir="$workdir" \
     --base_url="http://127.0.0.1:$port/v1" --users="${USERS:-20}" \
-    --max_tokens="${MAX_TOKENS:-128}" --out="$out" "${overrides[@]}"
+    --max_tokens="${MAX_TOKENS:-128}" --batch_size="${BATCH_SIZE:-8}" --out="$out" \
+    "${overrides[@]}"

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from slim_jax import checkpoints, checks, multihost, student
+from slim_jax import checks, multihost, student
 from slim_jax.checkpoints import gguf as gguf_io
 from slim_jax.checkpoints import hf, peft
 from slim_jax.models import lora as lora_lib
@@ -72,9 +72,11 @@ def export_gguf(checkpoint, path, dtype: str = "f16", name: str = "") -> dict:
   start = time.monotonic()
   checkpoint, path = pathlib.Path(checkpoint), pathlib.Path(path)
   base = student.base_checkpoint(checkpoint) if student.is_adapter(checkpoint) else checkpoint
+  if not (base / hf.CONFIG).is_file():
+    raise FileNotFoundError(f"{base}: the export reads a Hugging Face LLaMA directory (a .gguf "
+                            "base converts to one with checkpoints.convert_gguf_to_hf)")
   config = hf.load_config(base)  # refuses an architecture other than LLaMA, naming config.json
   tokenizer = load_tokenizer(base)
-  checkpoints.check_vocabulary(tokenizer, config.vocab_size, base)
   metadata = {**gguf_io.llama_metadata(config, name or base.name, dtype),
               **gguf_fields(tokenizer, config.vocab_size, str(base))}
   adapters, lora_config = _adapters(checkpoint, config)

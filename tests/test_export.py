@@ -20,14 +20,13 @@ import torch
 import transformers
 from absl.testing import absltest, parameterized
 
-from slim_jax import assets, checkpoints, export, layout, multihost, pipeline, rationales, sampler
-from slim_jax import student
+from slim_jax import (assets, checkpoints, export, layout, multihost, pipeline, rationales,
+                      sampler, student)
 from slim_jax.checkpoints import gguf as gguf_io
 from slim_jax.checkpoints import hf
 from slim_jax.checkpoints import peft as peft_io
 from slim_jax.checkpoints.tokenizer import gguf_fields, load_tokenizer
 from slim_jax.config import Config, apply_overrides
-from slim_jax.export import ExportConfig
 from slim_jax.models import lora as lora_lib
 from slim_jax.models.llama import Llama, RopeScaling
 from slim_jax.models.lora import LoraConfig
@@ -188,6 +187,12 @@ class RefusalTest(absltest.TestCase):
     (base / hf.CONFIG).write_text(json.dumps({**raw, "model_type": "mistral"}))
     self.assert_refused(adapter, r"base/config.json: model_type='mistral', expected 'llama'")
 
+  def test_a_base_that_is_no_hugging_face_directory(self):
+    with self.assertRaisesRegex(FileNotFoundError, r"Q4_1.gguf: the export reads a Hugging Face "
+                                                   r"LLaMA directory"):
+      export.export_gguf(assets.path("smollm2"), self.out)
+    self.assertFalse(self.out.parent.exists())
+
   def test_rope_scaling_without_gguf_keys(self):
     config = dataclasses.replace(CONFIG, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 256))
     base, _ = write_student(self.root, config)
@@ -266,7 +271,7 @@ class ExportStageTest(absltest.TestCase):
     with self.assertRaisesRegex(FileNotFoundError, r"distill is not complete: run "
                                                    r"--stages=distill first"):
       pipeline.run_stage(layout.EXPORT, cfg, workdir)
-    base, _ = write_student(workdir / layout.DISTILL)  # distill/adapter, beside its base
+    write_student(workdir / layout.DISTILL)  # distill/adapter, beside its base
     (workdir / layout.DISTILL / layout.DONE).write_text(json.dumps({"config": {}, "summary": {}}))
     summary = pipeline.run_stage(layout.EXPORT, cfg, workdir)
     path = workdir / layout.EXPORT / "tiny.gguf"
@@ -276,7 +281,6 @@ class ExportStageTest(absltest.TestCase):
     metadata = gguf_io.read_metadata(path)
     self.assertEqual(metadata["general.name"], "tiny")
     self.assertEqual(metadata["general.file_type"], gguf.LlamaFileType.MOSTLY_Q8_0)
-    del base
 
   def test_export_dtype_is_checked(self):
     with self.assertRaisesRegex(ValueError, r"export.dtype='q4_0': expected one of "

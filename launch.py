@@ -29,7 +29,7 @@ _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "experiments" / "configs" / "m
 _CONFIG = flags.DEFINE_string("config", str(_DEFAULT_CONFIG),
                               "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/ml100k_smollm2", "Where every stage writes.")
-_STAGES = flags.DEFINE_list("stages", None, "Stages to run, in order (default: all).")
+_STAGES = flags.DEFINE_list("stages", None, "Stages to run, in order (default: all but export).")
 _SET = flags.DEFINE_multi_string(
     "set", [], "Config override key.sub=value; repeatable. preset=NAME picks the config file's "
     "preset (e.g. quick, full) before the other overrides apply.")
@@ -64,7 +64,7 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   multihost.write_text(workdir / "config.json", config_lib.to_json(cfg))
-  stages = _STAGES.value or list(pipeline.STAGES)
+  stages = _STAGES.value or list(pipeline.DEFAULT_STAGES)
   pipeline.run(cfg, workdir, stages)
   logging.info("done: %s in %s", ",".join(stages), workdir)
 

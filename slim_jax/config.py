@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from slim_jax import layout
 from slim_jax.data.preprocess import DataConfig
 from slim_jax.embed import EncoderConfig
+from slim_jax.export import ExportConfig
 from slim_jax.models.recommender import RecConfig
 from slim_jax.models.slim import SlimConfig
 from slim_jax.parallel import MeshConfig
@@ -50,6 +51,7 @@ class Config:
   teacher: TeacherConfig = TeacherConfig()
   distill: DistillConfig = DistillConfig()
   student: StudentConfig = StudentConfig()
+  export: ExportConfig = ExportConfig()
   encoder: EncoderConfig = EncoderConfig()
   rec: RecConfig = RecConfig()
   slim: SlimConfig = SlimConfig()

@@ -11,6 +11,7 @@ PREPARE = "prepare"
 CONVERT = "convert"
 TEACHER = "teacher"
 DISTILL = "distill"
+EXPORT = "export"  # on request only: not among the stages a plain run runs
 GENERATE = "generate"
 ENCODE = "encode"
 TRAIN = "train"

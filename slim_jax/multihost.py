@@ -46,6 +46,12 @@ def temporary(path: pathlib.Path) -> pathlib.Path:
   return path.with_name(f".{path.stem}.p{jax.process_index()}.{os.getpid()}.tmp{path.suffix}")
 
 
+def leftover_temporaries(path: pathlib.Path) -> list[pathlib.Path]:
+  """The temporary names of `path` (any process's) that a write killed outright left behind:
+  no rename ever reads them, so a rerun may delete them."""
+  return sorted(path.parent.glob(f".{path.stem}.p*.tmp{path.suffix}"))
+
+
 def write(path: str | pathlib.Path, save: Callable[[pathlib.Path], object]) -> None:
   """On the writer, `save(temporary name)` and then a rename to `path`; elsewhere nothing."""
   if not is_writer():

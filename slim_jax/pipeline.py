@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 from absl import logging
 
-from slim_jax import (assets, checkpoints, embed, encode, layout, multihost, parallel, report,
-                      student, teacher)
+from slim_jax import (assets, checkpoints, embed, encode, export, layout, multihost, parallel,
+                      report, student, teacher)
 from slim_jax.config import Config
 from slim_jax.data import formats, preprocess
 from slim_jax.models import bert, slim
@@ -44,6 +44,7 @@ class Stage:
   # The version of what the stage writes: raising it runs the stage again in work directories
   # whose DONE an older layout of its files wrote (0, the first layout, is left out of DONE).
   artifacts: int = 0
+  default: bool = True  # whether a run without --stages runs it (DEFAULT_STAGES)
 
 
 def _fetch(cfg: Config, out: pathlib.Path) -> dict:
@@ -102,6 +103,14 @@ def _generate(cfg: Config, out: pathlib.Path) -> dict:
                 else cfg.distill.checkpoint)
   return student.run_student(cfg.student, cfg.student_prompt, load_prepared(out.parent),
                              checkpoint, out, mesh=_mesh(cfg))
+
+
+def _export(cfg: Config, out: pathlib.Path) -> dict:
+  if _done(out.parent / layout.DISTILL) is None:
+    raise FileNotFoundError(f"{out.parent / layout.DISTILL} is not complete: run --stages=distill "
+                            "first")
+  return export.export_gguf(out.parent / layout.DISTILL / layout.ADAPTER,
+                            out / f"{cfg.name}.gguf", cfg.export.dtype, cfg.name)
 
 
 def rationale_paths(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -169,6 +178,8 @@ STAGES: dict[str, Stage] = {
         Stage(layout.TEACHER, _teacher, ("data", "prompt", "teacher"),
               everywhere=lambda cfg: cfg.teacher.kind != "openai"),
         Stage(layout.DISTILL, _distill, _UPSTREAM_OF_STUDENT),
+        Stage(layout.EXPORT, _export, (*_UPSTREAM_OF_STUDENT, "export"),
+              everywhere=_NOWHERE_ELSE, default=False),
         Stage(layout.GENERATE, _generate, (*_UPSTREAM_OF_STUDENT, "student")),
         Stage(layout.ENCODE, _encode, (*_UPSTREAM_OF_STUDENT, "student", "encoder"),
               artifacts=1),  # 1: rationale vectors keyed by user id, the teacher's too
@@ -177,6 +188,7 @@ STAGES: dict[str, Stage] = {
               everywhere=_NOWHERE_ELSE),
     )
 }
+DEFAULT_STAGES = tuple(name for name, stage in STAGES.items() if stage.default)
 
 
 def _fingerprint(cfg: Config, stage: Stage) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -86,3 +87,28 @@ def load_peft(directory, scan_layers: bool = False):
     return traverse_util.unflatten_dict(stacked), config
   return traverse_util.unflatten_dict(
       {(f"layers_{path[0]}", *path[1:]): v for path, v in flat.items()}), config
+
+
+def check_adapter(lora, config: LoraConfig, kernels: Mapping[tuple[str, ...], tuple[int, int]],
+                  source) -> None:
+  """That a per-layer adapter (load_peft's tree) fits the base whose kernel shapes [in, out] are
+  `kernels` (by module path, e.g. ("layers_0", "self_attn", "q_proj")): every adapted module
+  exists there, the modules adapted are the config's targets, and A, B are [in, r], [r, out] at
+  the config's r. Merging a mismatch would fail deep in a matmul, or silently adapt something
+  else; this names the file and the module before anything is merged or written."""
+  modules = {}
+  for path, value in traverse_util.flatten_dict(lora).items():
+    modules.setdefault(path[:-1], {})[path[-1]] = np.shape(value)
+  adapted = sorted({path[-1] for path in modules})
+  if adapted != sorted(config.targets):
+    raise ValueError(f"{source}: target_modules {sorted(config.targets)} but the weights adapt "
+                     f"{adapted}")
+  for module, factors in sorted(modules.items()):
+    name = ".".join(module)
+    if module not in kernels:
+      raise ValueError(f"{source}: {name} has no kernel in the base model")
+    fan_in, fan_out = kernels[module]
+    expected = {"lora_a": (fan_in, config.rank), "lora_b": (config.rank, fan_out)}
+    if factors != expected:
+      raise ValueError(f"{source}: {name} has LoRA factors {factors}; the base kernel "
+                       f"[{fan_in}, {fan_out}] at r={config.rank} needs {expected}")

@@ -5,10 +5,13 @@ merges, and the pre-tokenizer the merges were learned with in `tokenizer.ggml.pr
 SentencePiece BPE with byte fallback ("llama": pieces and their scores, no merges). The
 `tokenizers` library rebuilds the fast tokenizer and transformers wraps it (no model code, hence
 no torch). Both share the special tokens: token types, bos/eos/unk/pad roles, chat template.
+`gguf_fields` goes the other way for byte-level BPE: a fast tokenizer's GGUF metadata, as
+llama.cpp's convert_hf_to_gguf writes it, for the export stage.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
@@ -19,7 +22,7 @@ from transformers.convert_slow_tokenizer import generate_merges
 from slim_jax.checkpoints.gguf import read_metadata
 
 # llama.cpp's token types (tokenizer.ggml.token_type)
-_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 _ROLES = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -46,6 +49,20 @@ def _pre_tokenizer(name: str, source: str):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   raise ValueError(f"{source}: tokenizer.ggml.pre={name!r} is not supported "
                    f"(gpt2, default, smollm, starcoder, refact, llama-bpe)")
+
+
+# One name for each distinct split _pre_tokenizer builds (its other names are aliases).
+_PRE_NAMES = ("gpt2", "smollm", "llama-bpe")
+
+
+def _pre_tokenizer_name(tokenizer: Tokenizer, source: str) -> str:
+  """The tokenizer.ggml.pre whose pre-tokenizer (_pre_tokenizer) is exactly `tokenizer`'s."""
+  state = json.loads(tokenizer.to_str())["pre_tokenizer"]
+  for name in _PRE_NAMES:
+    if json.loads(_pre_tokenizer(name, source).__getstate__()) == state:
+      return name
+  raise ValueError(f"{source}: the pre-tokenizer {json.dumps(state)} has no llama.cpp name "
+                   f"(known: the splits of {', '.join(_PRE_NAMES)})")
 
 
 def _byte_level_bpe(fields, tokens, roles, source: str) -> Tokenizer:
@@ -137,3 +154,47 @@ def load_tokenizer(path):
   if path.suffix == ".gguf":
     return tokenizer_from_gguf(read_metadata(path), str(path))
   return AutoTokenizer.from_pretrained(path)
+
+
+def gguf_fields(tokenizer: PreTrainedTokenizerFast, vocab_size: int, source: str) -> dict:
+  """The tokenizer.* metadata of a byte-level BPE fast tokenizer, as convert_hf_to_gguf writes it
+  and tokenizer_from_gguf reads it back: every id below the model's `vocab_size` with its token
+  (an id without one is "[PAD<id>]", user-defined) and type (added special tokens control, other
+  added tokens user-defined), the merges, the pre-tokenizer's name, the special ids, whether
+  encoding adds bos/eos (from what the tokenizer does), and the chat template.
+
+  SentencePiece tokenizers (LLaMA-2's) are refused: their scores are not in a fast tokenizer."""
+  backend = tokenizer.backend_tokenizer
+  state = json.loads(backend.to_str())
+  model, decoder = state["model"], state.get("decoder") or {}
+  if (model["type"] != "BPE" or model.get("byte_fallback") or state.get("normalizer")
+      or decoder.get("type") != "ByteLevel"):
+    raise ValueError(f"{source}: only byte-level BPE tokenizers (tokenizer.ggml.model='gpt2') "
+                     f"are written to GGUF; this one is {model['type']} with normalizer "
+                     f"{(state.get('normalizer') or {}).get('type')} and decoder "
+                     f"{decoder.get('type')}")
+  by_id = {index: token for token, index in backend.get_vocab(with_added_tokens=True).items()}
+  if max(by_id) >= vocab_size:
+    raise ValueError(f"{source}: token id {max(by_id)} is past the model's vocab_size "
+                     f"{vocab_size}")
+  added = tokenizer.added_tokens_decoder
+  kind = lambda i: (_USER_DEFINED if i not in by_id else
+                    (_CONTROL if added[i].special else _USER_DEFINED) if i in added else _NORMAL)
+  merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in model["merges"]]
+  sample = tokenizer("a")["input_ids"]
+  fields = {
+      "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(backend, source),
+      "tokenizer.ggml.tokens": [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)],
+      "tokenizer.ggml.token_type": [kind(i) for i in range(vocab_size)],
+      "tokenizer.ggml.merges": merges,
+      "tokenizer.ggml.add_bos_token": tokenizer.bos_token_id is not None
+                                      and sample[0] == tokenizer.bos_token_id,
+      "tokenizer.ggml.add_eos_token": tokenizer.eos_token_id is not None
+                                      and sample[-1] == tokenizer.eos_token_id,
+  }
+  for role, name in _ROLES.items():
+    if getattr(tokenizer, f"{name}_id") is not None:
+      fields[f"tokenizer.ggml.{role}_token_id"] = getattr(tokenizer, f"{name}_id")
+  if isinstance(tokenizer.chat_template, str):
+    fields["tokenizer.chat_template"] = tokenizer.chat_template
+  return fields

@@ -53,14 +53,20 @@ def lora_delta(x, a, b, config: LoraConfig, dropout_key=None):
   return ((x @ a.astype(x.dtype)) * jnp.asarray(config.scale, x.dtype)) @ b.astype(x.dtype)
 
 
+def merged_kernel(kernel, a, b, config: LoraConfig):
+  """One adapted kernel [in, out] (or a stack of them) with A @ B * scale folded in, summed in
+  fp32 and returned in the kernel's dtype: the one merge that `merge` (a whole tree) and the
+  GGUF export (a tensor at a time) share."""
+  delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+  return (kernel.astype(jnp.float32) + delta * config.scale).astype(kernel.dtype)
+
+
 def merge(params, lora, config: LoraConfig):
-  """Base params with A @ B * scale folded into every adapted kernel (export, fast decoding)."""
+  """Base params with A @ B * scale folded into every adapted kernel (fast decoding)."""
   flat, adapters = traverse_util.flatten_dict(params), traverse_util.flatten_dict(lora)
   for path, a in adapters.items():
     if path[-1] == "lora_a":
       module = path[:-1]
-      kernel = flat[module + ("kernel",)]
-      delta = jnp.matmul(a.astype(jnp.float32), adapters[module + ("lora_b",)].astype(jnp.float32))
-      flat[module + ("kernel",)] = (kernel.astype(jnp.float32) + delta * config.scale).astype(
-          kernel.dtype)
+      flat[module + ("kernel",)] = merged_kernel(flat[module + ("kernel",)], a,
+                                                 adapters[module + ("lora_b",)], config)
   return traverse_util.unflatten_dict(flat)

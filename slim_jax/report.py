@@ -34,7 +34,9 @@ from slim_jax.train import recommend
 KS = (10, 20)
 ACCURACY = [f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr")]
 SAMPLED = ["ndcg@10", "hr@10", "hr@20"]  # of the sampled protocol, the paper's metrics
-BIAS = [f"{m}@{k}" for k in KS for m in ("mean_popularity", "long_tail", "coverage")]
+# Popularity bias, and how much of a top-10 recommends items the user already interacted with.
+BIAS = [f"{m}@{k}" for k in KS for m in ("mean_popularity", "long_tail", "coverage")] + [
+    "history_share@10"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -138,7 +140,8 @@ def popularity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:
              "coverage@10": [v["test"]["coverage@10"] for v in variants.values()]},
             "Popularity bias of the test top-10 lists")
   return (markdown_table(["model", *BIAS], rows) + "\n\nLong tail: items outside the 20% most "
-          "popular in training. ![popularity bias](popularity.png)")
+          "popular in training; history share: of the top 10, items the user had interacted with "
+          "before the test item. ![popularity bias](popularity.png)")
 
 
 def sparsity_section(variants: Mapping[str, dict], out: pathlib.Path) -> str:

@@ -53,7 +53,7 @@ class RecommenderTrainingTest(parameterized.TestCase):
     written = json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
     self.assertEqual(written["test"]["ndcg@10"], summary["test"]["ndcg@10"])
     self.assertLen(written["test"]["groups"], 5)
-    self.assertIn("sampled20_uniform", written["test"])
+    self.assertIn("sampled10_uniform", written["test"])
 
   @parameterized.named_parameters(("next_item", 1.0, 0.2), ("every_item", 0.0, 1.0))
   def test_bert4rec_step_scores_its_masked_task(self, last_ratio, mask_ratio):

@@ -55,13 +55,14 @@ class PipelineTest(TinyPipelineTest):
     self.assertLen((whole / "generate" / "rationales.jsonl").read_text().splitlines(),
                    len(list(histories)))
     trained = json.loads((whole / "train" / "metrics.json").read_text())
-    self.assertEqual(list(trained), ["gru4rec_plain", "gru4rec_item_text", "gru4rec_id_based",
-                                     "gru4rec_shuffled", "gru4rec_teacher_rationales",
-                                     "id_agnostic", "zero_shot", "popularity"])
+    self.assertEqual(list(trained), [
+        "gru4rec_plain", "gru4rec_item_text", "gru4rec_item_text_permuted", "gru4rec_id_based",
+        "gru4rec_shuffled", "gru4rec_constant_rationale", "gru4rec_history_text",
+        "gru4rec_teacher_rationales", "id_agnostic", "zero_shot", "popularity"])
     report = (whole / "report" / "report.md").read_text()
     for heading in ("## Accuracy", "## Paired tests", "## Popularity bias",
-                    "## User sparsity groups", "## Cost", "## Example users", "gru4rec_id_based",
-                    "zero_shot"):
+                    "## User sparsity groups", "## Leak audit", "## Cost", "## Example users",
+                    "gru4rec_id_based", "zero_shot"):
       self.assertIn(heading, report)
     accuracy = report.split("## Accuracy (test)\n\n")[1].splitlines()[0]
     self.assertLessEqual(accuracy.count("|") - 1, 10)  # metrics only; the tests have a table

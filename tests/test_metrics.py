@@ -60,6 +60,19 @@ class SampledTest(absltest.TestCase):
       self.assertNotIn(target, row)
       self.assertNotIn(0, row)
 
+  def test_candidates_leave_out_the_users_own_items(self):
+    targets = jnp.arange(1, 9, dtype=jnp.int32)
+    keys = jax.vmap(lambda u: jax.random.fold_in(jax.random.key(0), u))(targets)
+    own = np.stack([np.arange(t, t + 8) % 20 for t in range(1, 9)]).astype(np.int32)  # 0 = none
+    negatives = np.asarray(metrics.sample_candidates(keys, targets, 20, 11, exclude=own))
+    for target, row, seen in zip(np.asarray(targets), negatives, own):
+      self.assertLen(set(row.tolist()), 11)  # 20 items less up to 8 own ones: 12 or 13 left
+      self.assertEmpty(set(row.tolist()) & set(seen.tolist()) | {0, int(target)} & set(row))
+    with self.assertRaisesRegex(ValueError, "sampled_negatives=13: user row 1 .* all but 12"):
+      metrics.check_negatives(np.array([[1, 2, 3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 5, 6, 7, 8]]), 20,
+                              13)
+    metrics.check_negatives(np.array([[1, 2, 3, 4, 5, 6, 7, 8]]), 20, 12)
+
   def test_popularity_sampling_follows_popularity(self):
     popularity = np.zeros(11)
     popularity[[2, 5, 7]] = [1, 100, 10]

@@ -36,6 +36,7 @@ class OverrideTest(absltest.TestCase):
         "encoder": ("encoder.postprocess=pca", "encoder.postprocess='pca'"),
         "rec": ("rec.schedule=linear", "rec.schedule='linear'"),
         "slim": ("slim.modes=plain,backbone_plus", "slim.modes='backbone_plus'"),
+        "export": ("export.dtype=q4_0", "export.dtype='q4_0'"),
     }
     sections = [f.name for f in dataclasses.fields(config.Config)
                 if dataclasses.is_dataclass(getattr(config.Config(), f.name))]

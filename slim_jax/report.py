@@ -67,7 +67,8 @@ def accuracy_section(variants: Mapping[str, dict]) -> str:
   header = ["model", *[m.upper() for m in ACCURACY], *[f"sampled {m.upper()}" for m in SAMPLED]]
   config = next(iter(variants.values()))["config"]
   notes = [f"Sampled: each test target among {config['sampled_negatives']} "
-           f"{config['sampled_eval']} negatives."]
+           f"{config['sampled_eval']} negatives drawn from the items the user never interacted "
+           "with."]
   notes += [f"{label(v)}: {count} users read the teacher's rationale instead of the student's "
             f"({split} split)." for v in variants.values()
             for split, count in v.get("users_with_teacher_rationale", {}).items()]

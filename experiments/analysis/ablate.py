@@ -617,7 +617,7 @@ def main(argv):
               if any(configs[run].slim.finetune_encoder for run in runs) else None)
     for run in runs:
       execute(run, configs[run], directories[run], workdir, prepared, encoded, minilm, mesh)
-  negatives = f"{cfg.rec.sampled_negatives} {cfg.rec.sampled_eval} negatives"
+  negatives = f"{cfg.rec.sampled_negatives} {cfg.rec.sampled_eval} unseen negatives"
   print(write_tables(root, runs, directories, main_,
                      np.diff(prepared.split("test").history_offsets), negatives))
 

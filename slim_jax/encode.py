@@ -189,7 +189,7 @@ def fit_splits(rationales: Rationales) -> list[str]:
 
 def postprocessed(encoded: Encoded, kind: str) -> Encoded:
   """`encoded` with item vectors `kind`-processed by statistics of the items that have text, and
-  every rationale (the teacher's too) by those of the rationales training rows read (`fit_split`):
+  every rationale (the teacher's too) by those of the rationales training rows read (`fit_splits`):
   never of what only validation or test read."""
   checks.one_of("encoder.postprocess", kind, embed.POSTPROCESS)
   if kind == "none":

@@ -15,7 +15,9 @@ import dataclasses
 import numpy as np
 
 from slim_jax import prompts
+from slim_jax.data import loader
 from slim_jax.encode import Encoded
+from slim_jax.models import slim
 from slim_jax.models.slim import NEVER, SlimConfig
 
 SPLITS = ("train", "valid", "test")
@@ -145,16 +147,15 @@ def constant(side: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def history_summaries(item_vectors: np.ndarray, prepared, split: str, items: int) -> dict:
-  """history_text under the paper's schedule: per user, the L2-normalised mean item-text vector
-  of the last `items` items of `split`'s history, as one slot that every row reads."""
+  """history_text under the paper's schedule: per user, the summary the step computes under the
+  causal one (`slim.history_summary`) of the last `items` items of `split`'s history, as one
+  slot that every row reads."""
   data = prepared.split(split)
-  vectors = np.zeros((prepared.num_users, item_vectors.shape[1]), np.float32)
-  has = np.diff(data.history_offsets) > 0
-  for row in np.flatnonzero(has):
-    mean = item_vectors[data.history(row)[-items:]].mean(0)
-    vectors[row] = mean / max(np.linalg.norm(mean), 1e-12)
-  return {"rationale": vectors[:, None], "rationale_cutoff": np.where(has, 0, NEVER)[:, None]
-          .astype(np.int32)}
+  history = loader.Sequences.from_offsets(data.history_items, data.history_offsets)
+  inputs = loader.gather_left_padded(history.items, history.starts, history.ends, items)
+  vectors, has = slim.history_summary(inputs, item_vectors, prepared.num_items, items)
+  return {"rationale": np.asarray(vectors[:, -1:], np.float32),
+          "rationale_cutoff": np.where(np.asarray(has[:, -1:]), 0, NEVER).astype(np.int32)}
 
 
 def side_inputs(encoded: Encoded | None, prepared, rows: int, cfg: SlimConfig, mode: str,

@@ -266,6 +266,9 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   table_multiple = mesh.shape[cfg.table_axis] if cfg.table_axis else 1
   model = build_model(cfg, prepared.num_items, table_multiple, mode, slim_cfg, encoder)
   popularity = prepared.item_popularity()
+  sequences = loader.padded_sequences(prepared)
+  # Before training: a catalogue too small for the negatives fails now, not after the last epoch.
+  metrics.check_negatives(sequences, prepared.num_items, cfg.sampled_negatives)
   sides = device_sides(side_inputs.side_inputs(encoded, prepared, model.rows, slim_cfg, mode,
                                                cfg.seed), mesh)
   training_data = lambda phase: loader.next_item_training(
@@ -277,7 +280,7 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
   tx = optimizer(cfg, cfg.epochs * first_data[1])
   state, shardings = init_state(model, tx, cfg, mesh, sides["train"],
                                 encoder and encoder.params)
-  eval_step = make_eval_step(model, cfg)
+  eval_step = make_eval_step(model, cfg, sequences=sequences)  # the same history exclusion
   batches = lambda split: loader.next_item_eval(prepared, split, max_len=cfg.max_len,
                                                 batch_size=cfg.eval_batch, mesh=mesh)
 
@@ -314,8 +317,6 @@ def train_recommender(cfg: RecConfig, prepared, workdir: str | pathlib.Path,
       chosen, steps_per_epoch, result = index, phase_steps, phase_result
   train_seconds = time.perf_counter() - start
   results = {}
-  sequences = loader.padded_sequences(prepared)
-  metrics.check_negatives(sequences, prepared.num_items, cfg.sampled_negatives)
   analyse = make_eval_step(model, cfg, popularity, sequences)
   for split in ("valid", "test"):
     data = prepared.split(split)

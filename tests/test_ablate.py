@@ -170,6 +170,16 @@ class CacheTest(absltest.TestCase):
     self.assertEqual(ablate.run_directory(runs_root, self.run.name, digest), directory)
     self.assertEqual(ablate.run_directory(runs_root, self.run.name, other), fresh)
 
+  def test_a_finished_run_of_another_sweep_is_found_by_its_hash(self):
+    digest = ablate.config_hash(self.cfg, "item_text")
+    elsewhere = ablate.run_directory(self.root / "main_sweep" / "runs", self.run.name, digest)
+    self.assertEqual(ablate.finished_runs(self.root), {})  # no run yet
+    elsewhere.mkdir(parents=True)
+    (elsewhere / ablate.CONFIG_HASH).write_text(digest + "\n")
+    self.assertEqual(ablate.finished_runs(self.root), {})  # started, not finished
+    _write_run(elsewhere, {"test": {"ndcg@10": 0.5}}, np.zeros(3))
+    self.assertEqual(ablate.finished_runs(self.root), {digest: elsewhere})
+
   def test_a_run_without_a_recorded_hash_is_not_reused(self):
     legacy = self.root / "runs" / self.run.name
     _write_run(legacy, {"test": {"ndcg@10": 0.5}}, np.zeros(3))  # from before config hashes

@@ -38,8 +38,9 @@ sweep holds complete seeds; group, every seed of a variant before the next varia
 runs of the primary contrasts at the main settings come first.
 
 Each run lands in <workdir>/<out>/runs/<name>/ beside a `config_hash` file: the sha256 of its
-resolved config and mode. A run is reused only when its directory holds the same hash and its
-metrics.json; a directory of another config is left as it is and the run trains into
+resolved config and mode. A run is reused only when a directory holds the same hash and its
+metrics.json, in this sweep or another of the same work directory (the encoder ablation reads the
+main sweep's MiniLM runs); a directory of another config is left as it is and the run trains into
 <name>_<hash prefix>/, so a changed setting never reuses a stale result and an interrupted sweep
 resumes.
 
@@ -285,6 +286,16 @@ def run_directory(runs_root: pathlib.Path, name: str, digest: str) -> pathlib.Pa
 def is_complete(directory: pathlib.Path) -> bool:
   """Whether a run directory holds a finished run: its metrics and its ranked test users."""
   return (directory / layout.METRICS).is_file() and (directory / layout.RANKED_TEST).is_file()
+
+
+def finished_runs(workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Every finished run of any sweep in `workdir` (<out>/runs/<run>/), by config hash: a run that
+  another sweep already trained with the same config is read from there, not trained twice."""
+  found = {}
+  for path in sorted(workdir.glob(f"*/runs/*/{CONFIG_HASH}")):
+    if is_complete(path.parent):
+      found.setdefault(path.read_text().strip(), path.parent)
+  return found
 
 
 def execute(run: Run, cfg: config_lib.Config, directory: pathlib.Path, workdir: pathlib.Path,
@@ -595,7 +606,10 @@ def main(argv):
   configs = {run: run_config(run, cfg) for run in runs}
   for config in configs.values():
     config.checked()
-  directories = {run: run_directory(root / "runs", run.name, config_hash(configs[run], run.mode))
+  digests = {run: config_hash(configs[run], run.mode) for run in runs}
+  finished = finished_runs(workdir)
+  directories = {run: finished.get(digests[run]) or run_directory(root / "runs", run.name,
+                                                                   digests[run])
                  for run in runs}
   prepared = pipeline.load_prepared(workdir)
   if not _TABLE_ONLY.value:

@@ -29,7 +29,9 @@ from slim_jax.models import bert, llama
 
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
-KINDS = ("minilm", "llm_pooled", "none")  # none: no text vectors, the modes that need none
+# minilm_aligned: MiniLM aligned on the student's rationales by the encode stage (train/align.py)
+# before it encodes; none: no text vectors, the modes that need none
+KINDS = ("minilm", "minilm_aligned", "llm_pooled", "none")
 # How the encode stage treats the vectors it hands to the recommenders (encode.postprocessed).
 POSTPROCESS = ("none", "center", "whiten")
 
@@ -88,7 +90,8 @@ def make_embedder(cfg: EncoderConfig) -> Embedder:
   if cfg.kind == "llm_pooled":
     return llm_pooled_embedder(cfg)
   raise ValueError(f"encoder kind {cfg.kind!r} has no embedder (kinds that encode: minilm, "
-                   "llm_pooled; 'none' means no rationale vectors)")
+                   "llm_pooled; minilm_aligned is a minilm the encode stage aligns first; 'none' "
+                   "means no rationale vectors)")
 
 
 def minilm_embedder(cfg: EncoderConfig) -> Embedder:

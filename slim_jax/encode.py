@@ -5,7 +5,9 @@ It writes under workdir/encode/:
 - rationales_<writer>.npz, for the student and the teacher (when it wrote any): a row per
   accepted rationale, keyed by raw user id and split (`user_ids`, `splits`), its vector
   (`vectors`) and, for a MiniLM encoder, its token ids (`token_ids`, `lengths`), so that a
-  recommender can fine-tune the encoder (`slim.finetune_encoder`).
+  recommender can fine-tune the encoder (`slim.finetune_encoder`);
+- aligned_minilm/ for encoder.kind=minilm_aligned: MiniLM aligned on the student's cut-off
+  rationales first (`train/align.py`), the encoder of everything above.
 The train stage, the report and the ablation runner only load these: `load_encoded` joins the
 rows onto the prepared users by raw id (never by a row index, which shifts whenever the data is
 prepared with another filter) and postprocesses them (`encoder.postprocess`).
@@ -24,6 +26,7 @@ from absl import logging
 
 from slim_jax import checks, embed, layout, multihost, prompts, rationales
 from slim_jax.embed import EncoderConfig
+from slim_jax.train import align
 
 # Who wrote a rationales.jsonl, and the stage directory that holds it.
 WRITERS = {"student": layout.GENERATE, "teacher": layout.TEACHER}
@@ -76,6 +79,12 @@ def encode_stage(cfg: EncoderConfig, prepared, rationale_paths: Mapping[str, pat
   if cfg.kind == "none":
     return {"kind": "none"}
   out = pathlib.Path(out)
+  aligned = None
+  if cfg.kind == "minilm_aligned":
+    student = pathlib.Path(rationale_paths.get("student", ""))
+    rows = rationales.read_rationales(student) if student.is_file() else []
+    aligned = align.align(cfg, prepared, rows, out, mesh)
+    cfg = dataclasses.replace(cfg, kind="minilm", checkpoint=str(out / align.ALIGNED))
   embedder = functools.cache(functools.partial(embed.make_embedder, cfg))
   items, without_text = item_vectors(cfg, prepared.item_text, out / "items", mesh, embedder)
   multihost.write(out / layout.ITEM_VECTORS, lambda staged: np.save(staged, items))
@@ -83,6 +92,9 @@ def encode_stage(cfg: EncoderConfig, prepared, rationale_paths: Mapping[str, pat
     logging.warning("encode: %d items have no text; their text vector is zero", without_text)
   summary = {"kind": cfg.kind, "items": len(items) - 1, "items_without_text": without_text,
              "dim": int(items.shape[1])}
+  if aligned is not None:
+    summary |= {"kind": "minilm_aligned", **{f"aligned_{k}": aligned[k] for k in (
+        "train_pairs", "steps", "chosen_step", "valid_ndcg@10_unaligned", "valid_ndcg@10")}}
   for writer, path in rationale_paths.items():
     path = pathlib.Path(path)
     rows = rationales.read_rationales(path) if path.is_file() else []
@@ -148,7 +160,7 @@ def load_encoded(out: pathlib.Path, prepared, postprocess: str = "none") -> Enco
   out = pathlib.Path(out)
   if not (out / layout.ITEM_VECTORS).is_file():
     raise FileNotFoundError(f"{out / layout.ITEM_VECTORS} is missing: run --stages=encode with "
-                            "an encoder.kind that encodes (minilm, llm_pooled)")
+                            "an encoder.kind that encodes (minilm, minilm_aligned, llm_pooled)")
   tables = {writer: user_tables(stored, prepared) if stored is not None else ({}, {})
             for writer in WRITERS for stored in [load_rationales(out, writer)]}
   encoded = Encoded(np.load(out / layout.ITEM_VECTORS), *tables["student"], *tables["teacher"])

@@ -76,6 +76,8 @@ class PlanTest(absltest.TestCase):
     self.assertEqual(ablate.encoder_setting("minilm_whiten"), ("minilm", "whiten", False))
     self.assertEqual(ablate.encoder_setting("llm_pooled"), ("llm_pooled", "none", False))
     self.assertEqual(ablate.encoder_setting("minilm_finetuned"), ("minilm", "none", True))
+    self.assertEqual(ablate.encoder_setting("minilm_aligned_whiten"),
+                     ("minilm_aligned", "whiten", False))
 
   def test_run_config_carries_every_setting(self):
     cfg = config_lib.Config()

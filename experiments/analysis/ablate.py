@@ -30,8 +30,9 @@ other fused variants with the first. Per encoder and seed the ID-agnostic ranker
 popularity, deterministic, once. The first value of each list is the sweep's main setting: the
 primary contrasts are taken there. --encoders names an encoder kind and, after "_center" or
 "_whiten", the postprocessing of its vectors (`encoder.postprocess`; none without a suffix):
-minilm, minilm_center, minilm_whiten, llm_pooled, minilm_finetuned (MiniLM trained with the
-recommender).
+minilm, minilm_center, minilm_whiten, minilm_aligned (MiniLM aligned on the student's cut-off
+rationales before it encodes: `slim_jax/train/align.py`), llm_pooled, minilm_finetuned (MiniLM
+trained with the recommender: on an accelerator, far beyond a CPU's budget).
 
 In what order (--order): seed, every run of seed 0 before seed 1 and so on, so an interrupted
 sweep holds complete seeds; group, every seed of a variant before the next variant. Either way the
@@ -83,9 +84,10 @@ _SET = flags.DEFINE_multi_string("set", [], "Config overrides, as launch.py's --
 _BACKBONES = flags.DEFINE_list("backbones", ["gru4rec", "sasrec", "srgnn"], "Backbones.")
 _VARIANTS = flags.DEFINE_list("variants", list(slim.MODES), "Variants (slim.MODES).")
 _ENCODERS = flags.DEFINE_list(
-    "encoders", ["minilm"], "Encoders, the first the main one: minilm (frozen vectors),  "
-    "minilm_finetuned (trained with the recommender), llm_pooled (the student's pooled hidden "
-    "states), each with _center or _whiten for that encoder.postprocess (none without).")
+    "encoders", ["minilm"], "Encoders, the first the main one: minilm (frozen vectors), "
+    "minilm_aligned (aligned before it encodes), minilm_finetuned (trained with the "
+    "recommender), llm_pooled (the student's pooled hidden states), each with _center or "
+    "_whiten for that encoder.postprocess (none without).")
 _FUSIONS = flags.DEFINE_list("fusions", ["paper"], "ID-based user-side fusions (slim.FUSIONS), "
                              "the first the main one; the controls use it.")
 _SCHEDULES = flags.DEFINE_list(
@@ -109,7 +111,7 @@ HISTORY_SHARE = "history_share@10"  # metrics.json's test split, in runs that re
 NONE = "-"  # a Run field that does not apply
 CONFIG_HASH = "config_hash"  # in each run's directory: the config it trained with
 POSTPROCESS_SUFFIXES = ("center", "whiten")  # of an --encoders name: its encoder.postprocess
-ENCODER_KINDS = ("minilm", "llm_pooled", "minilm_finetuned")  # the rest of the name
+ENCODER_KINDS = ("minilm", "minilm_aligned", "llm_pooled", "minilm_finetuned")  # the rest
 SCHEDULED = ("id_based", "history_text")  # every --schedules value; other readers the first
 READERS = ("id_based", "shuffled", "constant_rationale", "history_text", "teacher_rationales",
            "id_agnostic")  # trained reading a rationale (or history) vector per row: a schedule

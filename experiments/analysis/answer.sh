@@ -17,8 +17,10 @@ ablate --backbones=sasrec --seeds=0,1,2,3,4,5,6,7,8,9 --out=answer_sasrec --sche
 ablate --backbones=srgnn --seeds=0,1,2,3,4 --out=answer_srgnn --schedules=causal,paper \
   --variants=plain,item_text,id_based,shuffled,history_text
 # The encoder ablation on SASRec, five seeds, causal schedule (its MiniLM runs are the sweep's above).
+# The fine-tuned MiniLM is minilm_aligned, aligned once before it encodes: minilm_finetuned runs
+# every rationale slot of every batch user through MiniLM at each step, an accelerator's run.
 ablate --backbones=sasrec --seeds=0,1,2,3,4 --out=answer_encoders --variants=item_text,id_based \
-  --schedules=causal --encoders=minilm,minilm_center,minilm_whiten,llm_pooled,minilm_finetuned
+  --schedules=causal --encoders=minilm,minilm_center,minilm_whiten,minilm_aligned,llm_pooled
 # Item text in the sequence encoder's input too (slim.item_text_input), frozen MiniLM.
 ablate --backbones=sasrec --seeds=0,1,2,3,4 --out=answer_item_text_input --schedules=causal \
   --variants=item_text,id_based --item_text_inputs=false,true

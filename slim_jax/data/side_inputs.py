@@ -17,8 +17,7 @@ import numpy as np
 from slim_jax import prompts
 from slim_jax.data import loader
 from slim_jax.encode import Encoded
-from slim_jax.models import slim
-from slim_jax.models.slim import NEVER, SlimConfig
+from slim_jax.models.slim import NEVER, SlimConfig, history_summary
 
 SPLITS = ("train", "valid", "test")
 
@@ -153,7 +152,7 @@ def history_summaries(item_vectors: np.ndarray, prepared, split: str, items: int
   data = prepared.split(split)
   history = loader.Sequences.from_offsets(data.history_items, data.history_offsets)
   inputs = loader.gather_left_padded(history.items, history.starts, history.ends, items)
-  vectors, has = slim.history_summary(inputs, item_vectors, prepared.num_items, items)
+  vectors, has = history_summary(inputs, item_vectors, prepared.num_items, items)
   return {"rationale": np.asarray(vectors[:, -1:], np.float32),
           "rationale_cutoff": np.where(np.asarray(has[:, -1:]), 0, NEVER).astype(np.int32)}
 

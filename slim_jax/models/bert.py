@@ -235,6 +235,36 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: BertConfig,
   return traverse_util.unflatten_dict(params)
 
 
+def params_to_hf(params) -> dict[str, np.ndarray]:
+  """BertModel's tensors (fp32, no "bert." prefix, weight/bias spelling) of a params tree: the
+  inverse of `params_from_hf`."""
+  tensors = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    names, transposed = hf_names(path)
+    value = np.asarray(value, np.float32)
+    tensors[names[0]] = np.ascontiguousarray(value.T if transposed else value)
+  return tensors
+
+
+WEIGHT_FILES = (WEIGHTS, INDEX, "model-*.safetensors", "pytorch_model*.bin", "*.h5", "*.onnx",
+                "*.msgpack")
+
+
+def save(directory: pathlib.Path, params, source: pathlib.Path) -> None:
+  """A Hugging Face (sentence-transformers) directory of `params` into the new `directory`:
+  every file of the directory `source` it was loaded from (config, tokenizer, pooling), less its
+  weights, and model.safetensors of `params`."""
+  import shutil
+
+  import safetensors.numpy
+  source = pathlib.Path(source)
+  ignore = shutil.ignore_patterns(*WEIGHT_FILES)
+  shutil.copytree(source, directory, ignore=lambda d, names: ignore(d, names) if
+                  pathlib.Path(d) == source else set())
+  safetensors.numpy.save_file(params_to_hf(params), str(pathlib.Path(directory) / WEIGHTS),
+                              metadata={"format": "pt"})
+
+
 def pooling_from_dir(directory: pathlib.Path) -> Pooling:
   """The Pooling and Normalize modules listed in modules.json; a plain HF directory (no
   modules.json) gets sentence-transformers' default for it: mean pooling, and we normalise."""

@@ -95,9 +95,20 @@ def make_embedder(cfg: EncoderConfig) -> Embedder:
 
 
 def minilm_embedder(cfg: EncoderConfig) -> Embedder:
-  model = bert.load(checkpoint_dir(cfg), cfg.max_len)
+  return sentence_embedder(bert.load(checkpoint_dir(cfg), cfg.max_len))
+
+
+def sentence_embedder(model: bert.SentenceEncoder) -> Embedder:
+  """The Embedder of a loaded BERT-family sentence encoder."""
   return Embedder(model.tokenize, bert_embed(model.config, model.pooling), model.params,
                   bert.PARTITION_RULES, model.pad_id, model.max_len)
+
+
+def items_with_text(item_text: Sequence[str]) -> np.ndarray:
+  """bool [I+1]: the items (row 0, padding, never) whose text is not blank: the ones encoded."""
+  has_text = np.array([bool(text.strip()) for text in item_text])
+  has_text[0] = False
+  return has_text
 
 
 @functools.cache

@@ -42,8 +42,7 @@ def item_vectors(cfg: EncoderConfig, item_text: Sequence[str], cache_dir: pathli
   """([I+1, D] vectors of `item_text`, how many items have none): padding and items without
   text get a zero vector, which no encoder would write for them (it encodes an empty string
   like any other), so that a recommender reads "no text" and not a shared pseudo-text."""
-  has_text = np.array([bool(text.strip()) for text in item_text])
-  has_text[0] = False
+  has_text = embed.items_with_text(item_text)
   vectors = embed.encode([item_text[i] for i in np.flatnonzero(has_text)], cfg, cache_dir,
                          mesh=mesh, embedder=embedder)
   table = np.zeros((len(item_text), vectors.shape[1]), np.float32)
@@ -78,30 +77,28 @@ def encode_stage(cfg: EncoderConfig, prepared, rationale_paths: Mapping[str, pat
   rationales only the item vectors are written (enough for the plain and item_text modes)."""
   if cfg.kind == "none":
     return {"kind": "none"}
-  out = pathlib.Path(out)
+  out, kind = pathlib.Path(out), cfg.kind
+  written = {writer: rationales.read_rationales(pathlib.Path(path))
+             if pathlib.Path(path).is_file() else [] for writer, path in rationale_paths.items()}
   aligned = None
-  if cfg.kind == "minilm_aligned":
-    student = pathlib.Path(rationale_paths.get("student", ""))
-    rows = rationales.read_rationales(student) if student.is_file() else []
-    aligned = align.align(cfg, prepared, rows, out, mesh)
+  if kind == "minilm_aligned":
+    aligned = align.align(cfg, prepared, written.get("student", []), out, mesh)
     cfg = dataclasses.replace(cfg, kind="minilm", checkpoint=str(out / align.ALIGNED))
   embedder = functools.cache(functools.partial(embed.make_embedder, cfg))
   items, without_text = item_vectors(cfg, prepared.item_text, out / "items", mesh, embedder)
   multihost.write(out / layout.ITEM_VECTORS, lambda staged: np.save(staged, items))
   if without_text:
     logging.warning("encode: %d items have no text; their text vector is zero", without_text)
-  summary = {"kind": cfg.kind, "items": len(items) - 1, "items_without_text": without_text,
+  summary = {"kind": kind, "items": len(items) - 1, "items_without_text": without_text,
              "dim": int(items.shape[1])}
   if aligned is not None:
-    summary |= {"kind": "minilm_aligned", **{f"aligned_{k}": aligned[k] for k in (
-        "train_pairs", "steps", "chosen_step", "valid_ndcg@10_unaligned", "valid_ndcg@10")}}
-  for writer, path in rationale_paths.items():
-    path = pathlib.Path(path)
-    rows = rationales.read_rationales(path) if path.is_file() else []
+    summary |= {f"aligned_{k}": aligned[k] for k in (
+        "train_pairs", "steps", "chosen_step", "valid_ndcg@10_unaligned", "valid_ndcg@10")}
+  for writer, rows in written.items():
     summary[f"{writer}_rationales"] = len(rows)
     if not rows:
       logging.warning("encode: no %s rationales in %s; the modes that read them need the stage "
-                      "that writes them first", writer, path)
+                      "that writes them first", writer, rationale_paths[writer])
       continue
     stored = encode_rationales(cfg, rows, out / writer, mesh, embedder)
     multihost.write(rationales_file(out, writer), lambda staged: np.savez(staged, **stored))

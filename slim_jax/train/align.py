@@ -88,13 +88,12 @@ def split_pairs(rows: Sequence[Mapping], prepared) -> dict[str, Pairs]:
   """{"train": the cut-off rationales' pairs, "valid": the validation rationale's}, each pair's
   item a prepared one with text. Test rows never enter."""
   items = next_items(rows, prepared)
-  has_text = np.array([bool(text.strip()) for text in prepared.item_text])
+  has_text = embed.items_with_text(prepared.item_text)
   chosen = {"train": lambda split: split.startswith(prompts.CUTOFF),
             "valid": lambda split: split == "valid"}
   out = {}
   for name, wanted in chosen.items():
-    keep = [i for i, row in enumerate(rows) if wanted(row["split"]) and has_text[items[i]]
-            and items[i] > 0]
+    keep = [i for i, row in enumerate(rows) if wanted(row["split"]) and has_text[items[i]]]
     out[name] = Pairs([rows[i]["text"] for i in keep], items[keep])
   if not len(out["train"].items) or not len(out["valid"].items):
     raise ValueError(
@@ -154,14 +153,12 @@ def training_batches(pairs: Pairs, encoder: bert.SentenceEncoder, item_texts: Se
 def validation(encoder: bert.SentenceEncoder, valid: Pairs, item_texts: Sequence[str],
                encoder_cfg: embed.EncoderConfig, mesh: jax.sharding.Mesh):
   """evaluate(state) -> {VALID_METRIC}: each validation rationale ranks every item with text."""
-  embedder = embed.Embedder(encoder.tokenize, embed.bert_embed(encoder.config, encoder.pooling),
-                            encoder.params, bert.PARTITION_RULES, encoder.pad_id, encoder.max_len)
+  embedder = embed.sentence_embedder(encoder)
   step, _ = embed.embed_step(embedder, mesh)
   embed_with = lambda params, texts: embed.embed_texts(
       texts, embedder, step, params, batch_size=encoder_cfg.batch_size,
       buckets=encoder_cfg.buckets, mesh=mesh)
-  with_text = np.flatnonzero([bool(text.strip()) for text in item_texts])
-  with_text = with_text[with_text > 0]
+  with_text = np.flatnonzero(embed.items_with_text(item_texts))
   texts = [item_texts[i] for i in with_text]
   column = np.full(len(item_texts), -1)
   column[with_text] = np.arange(len(with_text))
@@ -169,8 +166,7 @@ def validation(encoder: bert.SentenceEncoder, valid: Pairs, item_texts: Sequence
 
   def evaluate(state: AlignState) -> dict[str, float]:
     scores = embed_with(state.params, valid.rationales) @ embed_with(state.params, texts).T
-    target_scores = scores[np.arange(len(targets)), targets]
-    ranks = (scores > target_scores[:, None]).sum(1)
+    ranks = np.asarray(metrics.target_ranks(scores, targets))
     return {VALID_METRIC: metrics.ranking_metrics(ranks, (10,))["ndcg@10"]}
 
   return evaluate

@@ -352,6 +352,28 @@ class TableTest(absltest.TestCase):
     # Each contrast once: the primary pairs are not repeated among the controls.
     self.assertLen(self.by_key, len(self.compared))
 
+  def test_each_other_encoder_against_the_main_one(self):
+    """An encoder ablation: each variant under another encoder meets the same variant under the
+    main encoder among the controls; the primary family stays at the main encoder."""
+    encoders = ["minilm", "minilm_whiten"]
+    main = ablate.main_settings(encoders, ["paper"], ["causal"], ["false"])
+    runs = ablate.plan(["sasrec"], encoders, ["paper"], range(3), ["plain", "item_text", "id_based"])
+    rng = np.random.default_rng(3)
+    results, users = [], []
+    for run in runs:
+      hits = rng.random(500) < (0.4 if run.encoder == "minilm_whiten" else 0.2)
+      values = dict(enumerate(np.where(hits, 0.5, 0.0)))
+      results.append(_result(float(np.mean(list(values.values())))))
+      users.append({"full": values, "sampled": values})
+    rows = ablate.summarize(runs, results)
+    compared = ablate.comparisons(runs, rows, users, main)
+    by_key = {(c["variant"], c["encoder"], c["against"], c["protocol"]): c for c in compared}
+    for variant in ("item_text", "id_based"):
+      whiten = by_key[variant, "minilm_whiten", "encoder minilm", "full"]
+      self.assertFalse(whiten["primary"])
+      self.assertGreater(whiten["low"], 0.0)
+    self.assertTrue(all(c["encoder"] in (NONE, "minilm") for c in compared if c["primary"]))
+
   def test_markdown(self):
     table = ablate.markdown(self.rows, self.compared, [], "100 uniform negatives", MAIN)
     self.assertIn("Primary contrasts of NDCG@10 at encoder minilm, fusion paper, schedule causal, "

@@ -53,10 +53,10 @@ mean NDCG@10, the mean per-user difference with its 95% interval, the minimum ef
 interval could detect, the p over seeds (paired t) and over users (Wilcoxon), Holm-corrected
 within the backbone's family; (iii) the controls: each variant against plain and shuffled, the
 primary contrasts at the other settings, the `stats.CONTROL_CONTRASTS`, each run under another
-schedule or item-text input against the same under the main one, Benjamini-Hochberg adjusted;
-(iv) the NDCG@10 gain over plain per quintile of user history length with its 95% interval,
-also plotted in quintiles.png; (v) the runs not in the table: a group enters it only when its
-run exists for every seed. table.json holds the same rows.
+encoder, fusion, schedule or item-text input against the same under the main one,
+Benjamini-Hochberg adjusted; (iv) the NDCG@10 gain over plain per quintile of user history length
+with its 95% interval, also plotted in quintiles.png; (v) the runs not in the table: a group
+enters it only when its run exists for every seed. table.json holds the same rows.
 """
 
 from __future__ import annotations
@@ -380,12 +380,12 @@ def reference(rows: Sequence[dict], row: Mapping, against: str) -> dict | None:
 
 
 def setting_pairs(rows: Sequence[dict], main: Mapping[str, str]) -> list[tuple[dict, dict]]:
-  """(row, base): each row under another schedule or item-text input than the main one against
-  the same row under the main one: what the paper's leaky schedule buys, what the encoder input
-  does."""
+  """(row, base): each row under another encoder, fusion, schedule or item-text input than the
+  main one against the same row under the main one: what another encoder or fusion changes, what
+  the paper's leaky schedule buys, what the encoder input does."""
   pairs = []
   for row in rows:
-    for name in ("schedule", "item_text_input"):
+    for name in MAIN:
       if row[name] not in (NONE, main[name]):
         pairs += [(row, base) for base in rows if base[name] == main[name] and all(
             base[other] == row[other] for other in GROUP_FIELDS if other != name)][:1]
